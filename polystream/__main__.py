@@ -1,0 +1,5 @@
+"""``python -m polystream``: same as the ``polystream`` command."""
+
+from polystream.cli import main
+
+main()

@@ -1,0 +1,143 @@
+"""
+``run(config, dsn)``: the one place where polystream's parts are built and
+wired, in one nursery. Nothing is created at import time.
+
+::
+
+    Reconciler --set_assets--> FeedPool --events--> Router --touch--> MarketWriter
+        ^  (LISTEN wakes it)                          |                PositionWriter
+        '----------------- PostgreSQL <---------------'----------------'
+
+Cancelling the nursery (SIGTERM/SIGINT in the CLI) stops intake; the writers'
+``finally`` blocks flush the coalesced state within a bound.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import attrs
+import structlog
+import trio
+
+from polystream.book import AssetBook
+from polystream.config import Config
+from polystream.feed import FeedPool
+from polystream.health import serve_health
+from polystream.pipeline import (
+    Catalog,
+    MarketWriter,
+    PositionWriter,
+    Router,
+    write_markets,
+    write_positions,
+)
+from polystream.protocol import FeedEvent
+from polystream.reconciler import DbLink, Reconciler, run_listener
+from polystream.stats import Stats
+
+__all__ = ["App", "run"]
+
+logger = structlog.get_logger(__name__)
+
+
+@attrs.define(eq=False)
+class App:
+    """
+    Handles on a running daemon, given to ``task_status.started`` (tests and
+    the demo use them; production only cancels).
+    """
+
+    stats: Stats
+    books: dict[str, AssetBook]
+    catalog: Catalog
+    pool: FeedPool
+    reconciler: Reconciler
+    markets: MarketWriter
+    positions: PositionWriter
+    health_urls: list[str]
+    cancel_scope: trio.CancelScope
+
+    def stop(self) -> None:
+        """Stop the daemon: intake ends, writers flush, ``run`` returns."""
+        self.cancel_scope.cancel()
+
+
+async def run(
+    config: Config,
+    dsn: str,
+    *,
+    task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    Run the daemon until cancelled.
+
+    Args:
+        config: the validated configuration.
+        dsn: the database to use (``database.dsn`` or the embedded server's).
+
+    Raises:
+        OSError: ``health.listen`` cannot be bound.
+    """
+    stats = Stats()
+    books: dict[str, AssetBook] = {}
+    catalog = Catalog()
+    pipeline = config.pipeline
+    timeout = config.database.statement_timeout
+    market_link = DbLink(dsn, "markets", stats, timeout)
+    position_link = DbLink(dsn, "positions", stats, timeout)
+    reconcile_link = DbLink(dsn, "reconciler", stats, timeout)
+    send, receive = trio.open_memory_channel[list[FeedEvent]](pipeline.queue_size)
+    markets = MarketWriter(
+        books, catalog, stats,
+        sink=lambda rows: market_link.call(write_markets, rows),
+        interval=pipeline.market_flush_interval,
+        retry_max=config.database.retry_max,
+    )
+    positions = PositionWriter(
+        books, catalog, stats,
+        sink=lambda prices: position_link.call(write_positions, prices),
+        mark=config.positions.mark,
+        debounce=pipeline.debounce,
+        rate=pipeline.positions_per_second,
+        retry_max=config.database.retry_max,
+    )
+    router = Router(books, catalog, markets, positions)
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                async with send:
+                    pool = FeedPool(config.feed, send.clone(), stats)
+                reconciler = Reconciler(
+                    reconcile_link, pool, catalog, stats, config.feed.watch,
+                    config.feed.reconcile_interval,
+                )
+                # Writers first: they must outlive intake to flush at shutdown.
+                await nursery.start(markets.run)
+                await nursery.start(positions.run)
+                nursery.start_soon(router.run, receive)
+                await nursery.start(pool.run)
+                await nursery.start(reconciler.run)
+                await nursery.start(
+                    partial(run_listener, dsn, reconciler.wake, retry_max=config.database.retry_max)
+                )
+                urls: list[str] = await nursery.start(serve_health, stats, config.health.listen)
+                logger.info(
+                    "daemon_started",
+                    feed_url=config.feed.url,
+                    health=urls,
+                    assets=stats.desired_assets,
+                    mark=config.positions.mark,
+                )
+                task_status.started(
+                    App(stats, books, catalog, pool, reconciler, markets, positions, urls, scope)
+                )
+    finally:
+        for link in (market_link, position_link, reconcile_link):
+            link.close()
+        logger.info(
+            "daemon_stopped",
+            frames=stats.frames,
+            rows_markets=stats.rows_written["markets"],
+            rows_positions=stats.rows_written["positions"],
+        )

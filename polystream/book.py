@@ -1,0 +1,203 @@
+"""
+Top of book per asset, from ``book`` snapshots and ``price_change`` entries.
+
+Level order is not trusted (REST books list bids ascending and asks
+descending, documentation examples differ: ../shared/protocol.md, section 6):
+the best bid is the highest bid price with size > 0, the best ask the lowest
+ask price. An empty side has no best price (the wire says ``"0"``/``"1"`` or
+``""`` there).
+
+The display price is Polymarket's: the midpoint when both sides exist and the
+spread is at most 0.10, otherwise the last trade price; the midpoint when
+nothing has traded yet (protocol.md, section 8, "Displayed-price rule";
+../shared/data/replay/README.md).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import attrs
+
+from polystream.protocol import (
+    BestBidAsk,
+    BookSnapshot,
+    FeedEvent,
+    LastTradePrice,
+    LevelChange,
+    PriceChange,
+    TickSizeChange,
+)
+
+__all__ = ["DISPLAY_SPREAD_LIMIT", "AssetBook", "TopOfBook", "display_price"]
+
+DISPLAY_SPREAD_LIMIT = Decimal("0.10")
+_TWO = Decimal(2)
+
+
+def display_price(
+    best_bid: Decimal | None, best_ask: Decimal | None, last_trade: Decimal | None
+) -> Decimal | None:
+    """
+    Polymarket's displayed price, a probability in [0, 1], or None if unknown.
+
+    Midpoint when both sides exist and ``ask - bid <= 0.10`` (or nothing has
+    traded yet); otherwise the last trade price.
+    """
+    if best_bid is not None and best_ask is not None:
+        if best_ask - best_bid <= DISPLAY_SPREAD_LIMIT or last_trade is None:
+            return (best_bid + best_ask) / _TWO
+    return last_trade
+
+
+@attrs.frozen(slots=True)
+class TopOfBook:
+    """
+    What is known of one asset's market: prices are probabilities in [0, 1].
+
+    ``best_bid``/``best_ask`` are None for an empty or unknown side;
+    ``has_book`` says whether any book information (snapshot or level change)
+    has been seen, so that a trades-only asset does not erase stored quotes.
+    """
+
+    asset_id: str
+    best_bid: Decimal | None
+    best_ask: Decimal | None
+    last_trade_price: Decimal | None
+    tick_size: Decimal | None
+    has_book: bool
+    timestamp_ms: int
+
+    @property
+    def midpoint(self) -> Decimal | None:
+        """``(best_bid + best_ask) / 2``, or None when a side is empty."""
+        if self.best_bid is None or self.best_ask is None:
+            return None
+        return (self.best_bid + self.best_ask) / _TWO
+
+    @property
+    def spread(self) -> Decimal | None:
+        """``best_ask - best_bid``, or None when a side is empty."""
+        if self.best_bid is None or self.best_ask is None:
+            return None
+        return self.best_ask - self.best_bid
+
+    @property
+    def display(self) -> Decimal | None:
+        """The displayed price (see :func:`display_price`)."""
+        return display_price(self.best_bid, self.best_ask, self.last_trade_price)
+
+
+class _Side:
+    """Aggregated levels of one side: price -> size (shares), best cached."""
+
+    __slots__ = ("_best", "_higher_is_better", "levels")
+
+    def __init__(self, higher_is_better: bool) -> None:
+        self.levels: dict[Decimal, Decimal] = {}
+        self._higher_is_better = higher_is_better
+        self._best: Decimal | None = None
+
+    def replace(self, levels: dict[Decimal, Decimal]) -> None:
+        self.levels = levels
+        self._recompute()
+
+    def set(self, price: Decimal, size: Decimal) -> None:
+        if size > 0:
+            self.levels[price] = size
+            best = self._best
+            if best is None or (price > best if self._higher_is_better else price < best):
+                self._best = price
+        elif self.levels.pop(price, None) is not None and price == self._best:
+            self._recompute()
+
+    def _recompute(self) -> None:
+        if not self.levels:
+            self._best = None
+        elif self._higher_is_better:
+            self._best = max(self.levels)
+        else:
+            self._best = min(self.levels)
+
+    @property
+    def best(self) -> Decimal | None:
+        return self._best
+
+
+class AssetBook:
+    """
+    The L2 book of one asset, kept from the feed.
+
+    Not thread-safe; owned by the router task. ``apply`` takes any
+    :data:`~polystream.protocol.FeedEvent` concerning this asset.
+    """
+
+    __slots__ = ("asset_id", "asks", "bids", "has_book", "last_trade_price", "tick_size", "ts")
+
+    def __init__(self, asset_id: str) -> None:
+        self.asset_id = asset_id
+        self.bids = _Side(higher_is_better=True)
+        self.asks = _Side(higher_is_better=False)
+        self.last_trade_price: Decimal | None = None
+        self.tick_size: Decimal | None = None
+        self.has_book = False
+        self.ts = 0
+
+    def apply_snapshot(self, book: BookSnapshot) -> None:
+        """Replace both sides with the snapshot's levels (size 0 levels dropped)."""
+        self.bids.replace({level.price: level.size for level in book.bids if level.size > 0})
+        self.asks.replace({level.price: level.size for level in book.asks if level.size > 0})
+        if book.tick_size is not None:
+            self.tick_size = book.tick_size
+        if book.last_trade_price is not None:
+            self.last_trade_price = book.last_trade_price
+        self.has_book = True
+        self.ts = max(self.ts, book.timestamp_ms)
+
+    def apply_change(self, change: LevelChange, timestamp_ms: int) -> None:
+        """Set (or with size 0 remove) one level."""
+        side = self.bids if change.side == "BUY" else self.asks
+        side.set(change.price, change.size)
+        self.has_book = True
+        self.ts = max(self.ts, timestamp_ms)
+
+    def apply(self, event: FeedEvent) -> None:
+        """Apply an event of this asset (a ``PriceChange`` applies only its entries for it)."""
+        if isinstance(event, BookSnapshot):
+            self.apply_snapshot(event)
+        elif isinstance(event, PriceChange):
+            for change in event.changes:
+                if change.asset_id == self.asset_id:
+                    self.apply_change(change, event.timestamp_ms)
+        elif isinstance(event, LastTradePrice):
+            self.last_trade_price = event.price
+            self.ts = max(self.ts, event.timestamp_ms)
+        elif isinstance(event, TickSizeChange):
+            self.tick_size = event.new_tick_size
+            self.ts = max(self.ts, event.timestamp_ms)
+        elif isinstance(event, BestBidAsk) and not self.has_book:
+            # Only when no book is kept: the book itself is the better source.
+            self.bids.replace({} if event.best_bid is None else {event.best_bid: Decimal(1)})
+            self.asks.replace({} if event.best_ask is None else {event.best_ask: Decimal(1)})
+
+    @property
+    def best_bid(self) -> Decimal | None:
+        """Highest bid price with size > 0, or None."""
+        return self.bids.best
+
+    @property
+    def best_ask(self) -> Decimal | None:
+        """Lowest ask price with size > 0, or None."""
+        return self.asks.best
+
+    def top(self) -> TopOfBook:
+        """A frozen copy of the top of book."""
+        return TopOfBook(
+            asset_id=self.asset_id,
+            best_bid=self.bids.best,
+            best_ask=self.asks.best,
+            last_trade_price=self.last_trade_price,
+            tick_size=self.tick_size,
+            has_book=self.has_book,
+            timestamp_ms=self.ts,
+        )

@@ -1,0 +1,254 @@
+"""
+The ``polystream`` command line (typer).
+
+Every command takes ``--config PATH`` (or ``POLYSTREAM_CONFIG``); any key can
+be overridden with ``POLYSTREAM_<SECTION>__<KEY>``. Logging is configured
+here, once, before ``trio.run``.
+
+Exit codes: 0 success; 1 runtime failure (database unreachable, port in
+use, ...); 2 bad configuration or usage. ``status`` has its own codes (see
+:func:`status`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import structlog
+import trio
+import typer
+
+from polystream.config import Config, load_config
+from polystream.errors import ConfigError, PolystreamError
+from polystream.logs import configure_logging
+
+__all__ = ["app", "main"]
+
+logger = structlog.get_logger(__name__)
+
+app = typer.Typer(
+    name="polystream",
+    help="Keep PostgreSQL in step with Polymarket's live market feed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+markets_app = typer.Typer(help="Market metadata.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(markets_app, name="markets")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", envvar="POLYSTREAM_CONFIG", help="TOML configuration file.",
+        exists=False, dir_okay=False,
+    ),
+]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"polystream: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _setup(config_path: Path | None) -> Config:
+    """Load the configuration and configure logging; exit 2 on a bad value."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", 2)
+    configure_logging(config.log.level, config.log.format)
+    return config
+
+
+@contextmanager
+def _database(config: Config) -> Iterator[str]:
+    """The DSN to use: ``database.dsn``, or an embedded server's (started here)."""
+    from polystream.embedded import database_dsn
+
+    with database_dsn(config.database.dsn, config.state.path()) as dsn:
+        yield dsn
+
+
+def _migrate(dsn: str) -> list[str]:
+    from polystream import db
+
+    with db.connect(dsn, application_name="polystream-migrate") as conn:
+        return db.migrate(conn)
+
+
+@app.command()
+def run(config_path: ConfigOption = None) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (a second signal exits at once)."""
+    config = _setup(config_path)
+    try:
+        with _database(config) as dsn:
+            if not config.database.dsn:
+                _migrate(dsn)
+            _check_schema(dsn)
+            trio.run(_serve_until_signal, config, dsn)
+    except PolystreamError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot start: {exc}")
+
+
+def _check_schema(dsn: str) -> None:
+    from polystream import db
+
+    with db.connect(dsn, application_name="polystream-check") as conn:
+        pending = db.pending_migrations(conn)
+    if pending:
+        raise PolystreamError(
+            f"database schema is not up to date ({len(pending)} migration(s) pending): "
+            "run `polystream db migrate` first"
+        )
+
+
+async def _serve_until_signal(config: Config, dsn: str) -> None:
+    from polystream.app import App
+    from polystream.app import run as run_daemon
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def daemon(task_status: trio.TaskStatus[App]) -> None:
+                try:
+                    await run_daemon(config, dsn, task_status=task_status)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            handle: App = await nursery.start(daemon)
+            async for signum in signals:
+                if handle.cancel_scope.cancel_called:
+                    logger.warning("shutdown_forced", signal=signal.Signals(signum).name)
+                    os._exit(1)
+                logger.info("shutdown_requested", signal=signal.Signals(signum).name)
+                handle.stop()
+
+
+@db_app.command("migrate")
+def db_migrate(config_path: ConfigOption = None) -> None:
+    """Apply pending schema migrations (safe to run twice)."""
+    config = _setup(config_path)
+    try:
+        with _database(config) as dsn:
+            applied = _migrate(dsn)
+    except PolystreamError as exc:
+        _fail(str(exc))
+    typer.echo(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+
+
+@markets_app.command("import")
+def markets_import(
+    paths: Annotated[list[Path], typer.Argument(help="Gamma market JSON: object, array or JSON lines.")],
+    config_path: ConfigOption = None,
+) -> None:
+    """Load Gamma market objects into ``markets`` (metadata; live prices are kept)."""
+    from polystream import db
+    from polystream.markets import import_markets_file
+
+    config = _setup(config_path)
+    total = 0
+    try:
+        with _database(config) as dsn, db.connect(dsn, application_name="polystream-import") as conn:
+            for path in paths:
+                count = import_markets_file(conn, path)
+                conn.commit()
+                typer.echo(f"{path}: {count} market(s)")
+                total += count
+    except (PolystreamError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"imported {total} market(s)")
+
+
+@app.command()
+def replay(
+    paths: Annotated[list[Path], typer.Argument(help="Capture files (.jsonl or .jsonl.gz).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 = any free port).")] = 8765,
+    speed: Annotated[float, typer.Option(help="Playback speed: 2 = twice recorded pace.")] = 1.0,
+    max_speed: Annotated[bool, typer.Option("--max-speed", help="Send as fast as clients read.")] = False,
+    loop: Annotated[bool, typer.Option("--loop", help="Start again at the end.")] = False,
+    exit_at_end: Annotated[bool, typer.Option("--exit-at-end", help="Stop after the last frame.")] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Serve recorded frames as Polymarket's market channel, on ws://HOST:PORT/ws/market."""
+    from polystream.replay import run_replay_cli
+
+    _setup(config_path)
+    if speed <= 0:
+        _fail(f"--speed {speed}: expected a number > 0", 2)
+    try:
+        run_replay_cli(paths, host, port, speed, max_speed, loop, exit_at_end=exit_at_end)
+    except (PolystreamError, OSError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the raw health JSON.")] = False,
+    url: Annotated[str | None, typer.Option(help="Health URL (default: from health.listen).")] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """
+    Show the running daemon's state, read from its health endpoint.
+
+    Exit codes: 0 healthy; 1 running but unhealthy; 3 not running
+    (endpoint unreachable); 2 bad configuration.
+    """
+    from polystream.status import fetch_health, render_health
+
+    config = _setup(config_path)
+    target = url or f"http://{config.health.listen}/health"
+    code, document, error = fetch_health(target)
+    if json_output:
+        typer.echo(_json({"url": target, "reachable": document is not None, "error": error}
+                         if document is None else document))
+    elif document is None:
+        typer.echo(f"polystream is not running: {target} unreachable ({error})")
+    else:
+        typer.echo(render_health(document))
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    speed: Annotated[float, typer.Option(help="Replay speed (the capture spans 15 minutes).")] = 30.0,
+    config_path: ConfigOption = None,
+) -> None:
+    """Run the main job on the recorded demo capture and print the result."""
+    from polystream.demo import run_demo
+
+    config = _setup(config_path)
+    try:
+        with _database(config) as dsn:
+            code = run_demo(config, dsn, speed=speed, config_path=config_path)
+    except (PolystreamError, OSError) as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+def _json(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except PolystreamError as exc:
+        typer.echo(f"polystream: {exc}", err=True)
+        sys.exit(1)
+

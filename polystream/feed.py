@@ -1,0 +1,324 @@
+"""
+The WebSocket feed: shards of at most ``feed.max_assets_per_connection``
+assets, each one trio-websocket connection with its own reconnect loop.
+
+Per connection (../shared/protocol.md, sections 2 to 5):
+
+* the first message is ``{"assets_ids": [...], "type": "market"}``, sent at
+  once, in frames of at most ``feed.max_subscribe_bytes``: the first frame
+  carries ``type``, the rest use ``operation: subscribe`` (a second ``type``
+  message is answered ``INVALID OPERATION``);
+* later changes are ``{"operation": "subscribe" | "unsubscribe", ...}``;
+* text ``PING`` every ``feed.ping_interval`` seconds, answered ``PONG``;
+* ``max_message_size`` is raised: an initial book dump can exceed 1 MiB.
+
+The reader task only parses and hands events to the router over a bounded
+channel; it never waits on the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import attrs
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from trio_websocket import open_websocket_url
+
+from polystream.config import FeedConfig
+from polystream.errors import MalformedFrame
+from polystream.logs import RateLimitedLog
+from polystream.protocol import (
+    FeedEvent,
+    MarketResolved,
+    NewMarket,
+    PriceChange,
+    chunk_asset_ids,
+    encode_operation,
+    encode_subscribe,
+    parse_frame,
+)
+from polystream.stats import ShardStats, Stats
+from polystream.timing import Backoff
+
+__all__ = ["FeedPool", "Shard", "filter_events"]
+
+logger = structlog.get_logger(__name__)
+
+FEED_ERRORS = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError)
+_MESSAGE_QUEUE = 256  # frames trio-websocket buffers before it stops reading
+
+
+@attrs.define(eq=False)
+class Shard:
+    """
+    One connection's share of the assets.
+
+    ``assets`` is what the shard should be subscribed to; ``pending_subscribe``
+    and ``pending_unsubscribe`` are the changes not yet sent on the open
+    connection (a reconnect sends ``assets`` whole and clears them).
+    """
+
+    index: int
+    stats: ShardStats
+    assets: set[str] = attrs.field(factory=set)
+    pending_subscribe: set[str] = attrs.field(factory=set)
+    pending_unsubscribe: set[str] = attrs.field(factory=set)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+    cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+    def add(self, asset_ids: Iterable[str]) -> None:
+        """Subscribe ``asset_ids`` (sent on the open connection, or at connect)."""
+        for asset_id in asset_ids:
+            self.assets.add(asset_id)
+            self.pending_unsubscribe.discard(asset_id)
+            self.pending_subscribe.add(asset_id)
+        self.stats.assets = len(self.assets)
+        self.changed.set()
+
+    def remove(self, asset_ids: Iterable[str]) -> None:
+        """Unsubscribe ``asset_ids``; their events are dropped from now on."""
+        for asset_id in asset_ids:
+            self.assets.discard(asset_id)
+            self.stats.seen_assets.discard(asset_id)
+            self.pending_subscribe.discard(asset_id)
+            self.pending_unsubscribe.add(asset_id)
+        self.stats.assets = len(self.assets)
+        self.changed.set()
+
+    def take_initial(self) -> list[str]:
+        """The full asset list for a new connection; clears pending changes."""
+        self.pending_subscribe.clear()
+        self.pending_unsubscribe.clear()
+        self.changed = trio.Event()
+        return sorted(self.assets)
+
+
+def filter_events(events: list[FeedEvent], assets: set[str]) -> tuple[list[FeedEvent], int]:
+    """
+    Keep the events of ``assets``; inside a ``price_change`` keep only their entries.
+
+    The server can push ids that were not subscribed (protocol.md, section 6).
+    ``new_market``/``market_resolved`` are venue-wide and kept.
+
+    Returns:
+        The kept events and the number of events or entries dropped.
+    """
+    kept: list[FeedEvent] = []
+    dropped = 0
+    for event in events:
+        if isinstance(event, PriceChange):
+            changes = tuple(c for c in event.changes if c.asset_id in assets)
+            if len(changes) == len(event.changes):
+                kept.append(event)
+            else:
+                dropped += len(event.changes) - len(changes)
+                if changes:
+                    kept.append(attrs.evolve(event, changes=changes))
+        elif isinstance(event, NewMarket | MarketResolved) or event.asset_id in assets:
+            kept.append(event)
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+@attrs.define(eq=False)
+class FeedPool:
+    """
+    All shards. :meth:`set_assets` (sync, from the reconciler) moves the
+    desired asset set; :meth:`run` starts new shards with a stagger and closes
+    emptied ones.
+
+    Assets stay in their shard while subscribed; new ones fill the
+    lowest-numbered shard with room, else a new shard.
+    """
+
+    config: FeedConfig
+    events: trio.MemorySendChannel[list[FeedEvent]]
+    stats: Stats
+    shards: dict[int, Shard] = attrs.field(factory=dict)
+    asset_shard: dict[str, int] = attrs.field(factory=dict)
+    _to_start: list[Shard] = attrs.field(factory=list)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _next_index: int = 0
+    _bad_frames: RateLimitedLog = attrs.field(factory=RateLimitedLog)
+
+    def set_assets(self, desired: set[str]) -> None:
+        """Make the subscribed set equal ``desired`` (asset ids)."""
+        removed = [a for a in self.asset_shard if a not in desired]
+        by_shard: dict[int, list[str]] = {}
+        for asset_id in removed:
+            by_shard.setdefault(self.asset_shard.pop(asset_id), []).append(asset_id)
+        for index, ids in by_shard.items():
+            self.shards[index].remove(ids)
+        added = sorted(a for a in desired if a not in self.asset_shard)
+        cap = self.config.max_assets_per_connection
+        for shard in sorted(self.shards.values(), key=lambda s: s.index):
+            room = cap - len(shard.assets)
+            if room > 0 and added:
+                self._assign(shard, added[:room])
+                added = added[room:]
+        while added:
+            shard = Shard(self._next_index, self.stats.shard(self._next_index))
+            self._next_index += 1
+            self.shards[shard.index] = shard
+            self._assign(shard, added[:cap])
+            added = added[cap:]
+            self._to_start.append(shard)
+        for shard in [s for s in self.shards.values() if not s.assets]:
+            shard.cancel_scope.cancel()
+            del self.shards[shard.index]
+            self.stats.shards.pop(shard.index, None)
+        self._wake.set()
+
+    def _assign(self, shard: Shard, asset_ids: list[str]) -> None:
+        for asset_id in asset_ids:
+            self.asset_shard[asset_id] = shard.index
+        shard.add(asset_ids)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start shards as they appear, ``feed.connect_stagger`` s apart; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._to_start:
+                    shard = self._to_start.pop(0)
+                    if shard.index in self.shards:
+                        nursery.start_soon(self._supervise, shard)
+                        await trio.sleep(self.config.connect_stagger)
+
+    async def _supervise(self, shard: Shard) -> None:
+        """Connect, serve, and reconnect with backoff until the shard is closed."""
+        log = logger.bind(shard=shard.index)
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        with shard.cancel_scope:
+            while True:
+                shard.stats.state = "connecting"
+                try:
+                    await self._serve(shard, backoff)
+                except* FEED_ERRORS as group:
+                    reason = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+                    shard.stats.last_error = reason[:300]
+                    log.warning("feed_disconnected", reason=shard.stats.last_error)
+                shard.stats.state = "backoff"
+                shard.stats.connected_at = None
+                delay = backoff.next_delay()
+                shard.stats.reconnects += 1
+                log.info("feed_reconnect_scheduled", backoff_s=round(delay, 3))
+                await trio.sleep(delay)
+
+    async def _serve(self, shard: Shard, backoff: Backoff) -> None:
+        async with open_websocket_url(
+            self.config.url,
+            max_message_size=self.config.max_message_size,
+            message_queue_size=_MESSAGE_QUEUE,
+            connect_timeout=10,
+            disconnect_timeout=2,
+        ) as ws:
+            initial = shard.take_initial()
+            chunks = chunk_asset_ids(initial, self.config.max_subscribe_bytes)
+            custom = self.config.custom_feature_enabled
+            await ws.send_message(
+                encode_subscribe(chunks[0] if chunks else [], custom_feature_enabled=custom)
+            )
+            for chunk in chunks[1:]:
+                await ws.send_message(
+                    encode_operation("subscribe", chunk, custom_feature_enabled=custom)
+                )
+            shard.stats.state = "connected"
+            shard.stats.connected_at = time.monotonic()
+            logger.info("feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks))
+            ping_sent: list[float] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ping, ws, ping_sent)
+                nursery.start_soon(self._send_changes, ws, shard)
+                nursery.start_soon(self._reset_backoff_when_healthy, backoff)
+                await self._read(ws, shard, ping_sent)
+
+    async def _reset_backoff_when_healthy(self, backoff: Backoff) -> None:
+        await trio.sleep(self.config.backoff_max)
+        backoff.reset()
+
+    async def _ping(self, ws: WebSocketConnection, ping_sent: list[float]) -> None:
+        while True:
+            await trio.sleep(self.config.ping_interval)
+            ping_sent.append(time.monotonic())
+            del ping_sent[:-4]
+            await ws.send_message("PING")
+
+    async def _send_changes(self, ws: WebSocketConnection, shard: Shard) -> None:
+        custom = self.config.custom_feature_enabled
+        limit = self.config.max_subscribe_bytes
+        while True:
+            await shard.changed.wait()
+            shard.changed = trio.Event()
+            removed = sorted(shard.pending_unsubscribe)
+            added = sorted(shard.pending_subscribe)
+            shard.pending_unsubscribe.clear()
+            shard.pending_subscribe.clear()
+            for chunk in chunk_asset_ids(removed, limit):
+                await ws.send_message(encode_operation("unsubscribe", chunk))
+            for chunk in chunk_asset_ids(added, limit):
+                await ws.send_message(
+                    encode_operation("subscribe", chunk, custom_feature_enabled=custom)
+                )
+            if removed or added:
+                logger.info(
+                    "feed_subscription_changed",
+                    shard=shard.index, subscribed=len(added), unsubscribed=len(removed),
+                )
+
+    async def _read(self, ws: WebSocketConnection, shard: Shard, ping_sent: list[float]) -> None:
+        stats = self.stats
+        while True:
+            message = await ws.get_message()
+            now = time.monotonic()
+            shard.stats.frames += 1
+            shard.stats.last_frame_at = now
+            stats.frames += 1
+            try:
+                parsed = parse_frame(message)
+            except MalformedFrame as exc:
+                self._bad_frame(shard, exc, message, now)
+                continue
+            if parsed.control is not None:
+                stats.control[parsed.control] += 1
+                if parsed.control == "PONG":
+                    shard.stats.last_pong_at = now
+                    if ping_sent:
+                        shard.stats.ping_rtt = now - ping_sent[-1]
+                continue
+            for kind in parsed.event_types:
+                stats.events[kind] += 1
+            for problem in parsed.problems:
+                self._bad_frame(shard, problem, message, now)
+            events, dropped = filter_events(parsed.events, shard.assets)
+            stats.foreign_events += dropped
+            if events:
+                seen = shard.stats.seen_assets
+                for event in events:
+                    asset_id = getattr(event, "asset_id", None)
+                    if asset_id is not None:
+                        seen.add(asset_id)
+                    elif isinstance(event, PriceChange):
+                        seen.update(change.asset_id for change in event.changes)
+                await self.events.send(events)
+
+    def _bad_frame(
+        self, shard: Shard, exc: MalformedFrame, message: str | bytes, now: float
+    ) -> None:
+        self.stats.parse_errors[exc.kind] += 1
+        suppressed = self._bad_frames.allow(exc.kind, now)
+        if suppressed is not None:
+            logger.warning(
+                "feed_bad_frame",
+                shard=shard.index,
+                kind=exc.kind,
+                detail=exc.detail[:200],
+                frame=repr(message[:200]),
+                suppressed_since_last=suppressed,
+            )

@@ -1,0 +1,554 @@
+"""
+The Polymarket market channel: typed events, the frame parser, and the
+messages a client sends.
+
+Facts used here (../shared/protocol.md, sections 2, 3, 5 and 6; AsyncAPI spec
+at https://docs.polymarket.com/api-reference/wss/market):
+
+* A text frame is one JSON object or a JSON array of objects, each with
+  ``event_type``: ``book``, ``price_change``, ``last_trade_price``,
+  ``tick_size_change``, and with ``custom_feature_enabled`` also
+  ``best_bid_ask``, ``new_market`` and ``market_resolved``.
+* Numbers arrive as strings (``".48"``); timestamps are Unix milliseconds as
+  strings. Prices are probabilities in [0, 1] and are kept as ``Decimal``.
+* ``PONG``, ``INVALID OPERATION`` and ``NO NEW ASSETS`` are plain text.
+* Legacy shapes (before 2025-09-15) are accepted: ``price_change`` with a
+  top-level ``asset_id`` and ``changes[]``; ``book`` with ``buys``/``sells``;
+  objects without ``event_type`` whose shape is unambiguous (recorded in
+  ../shared/data/real/aaimek-polymarket-data-collection/book_message_example.json
+  and nautilus_trader/rust_test_data/ws_quotes.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import attrs
+import orjson
+
+from polystream.errors import MalformedFrame
+
+__all__ = [
+    "CONTROL_FRAMES",
+    "BestBidAsk",
+    "BookSnapshot",
+    "Control",
+    "FeedEvent",
+    "LastTradePrice",
+    "LevelChange",
+    "MarketResolved",
+    "NewMarket",
+    "ParsedFrame",
+    "PriceChange",
+    "Side",
+    "TickSizeChange",
+    "encode_operation",
+    "encode_subscribe",
+    "parse_frame",
+]
+
+Side = Literal["BUY", "SELL"]
+
+CONTROL_FRAMES = frozenset({"PONG", "INVALID OPERATION", "NO NEW ASSETS"})
+"""Non-JSON text frames the server sends (protocol.md, section 5)."""
+
+_ZERO = Decimal(0)
+_ONE = Decimal(1)
+
+
+@attrs.frozen(slots=True)
+class Level:
+    """One aggregated price level: ``price`` in [0, 1], ``size`` in shares."""
+
+    price: Decimal
+    size: Decimal
+
+
+@attrs.frozen(slots=True)
+class BookSnapshot:
+    """
+    ``book``: the full order book of one asset, replacing what was known.
+
+    ``bids``/``asks`` are in the order received (not trusted to be sorted).
+    ``tick_size`` and ``last_trade_price`` appear in initial dumps only.
+    """
+
+    asset_id: str
+    market: str
+    bids: tuple[Level, ...]
+    asks: tuple[Level, ...]
+    timestamp_ms: int
+    hash: str
+    tick_size: Decimal | None = None
+    last_trade_price: Decimal | None = None
+
+
+@attrs.frozen(slots=True)
+class LevelChange:
+    """
+    One ``price_changes[]`` entry: the new aggregate ``size`` (shares) at
+    ``price`` on ``side`` (``BUY`` = bid level, ``SELL`` = ask level); size 0
+    removes the level. ``best_bid``/``best_ask`` are the server's top of book
+    after the change, None when absent or empty (``""``).
+    """
+
+    asset_id: str
+    price: Decimal
+    size: Decimal
+    side: Side
+    best_bid: Decimal | None = None
+    best_ask: Decimal | None = None
+
+
+@attrs.frozen(slots=True)
+class PriceChange:
+    """``price_change``: level changes of one market, in order."""
+
+    market: str
+    timestamp_ms: int
+    changes: tuple[LevelChange, ...]
+
+
+@attrs.frozen(slots=True)
+class LastTradePrice:
+    """``last_trade_price``: a trade; ``side`` is the taker's, ``size`` in shares."""
+
+    asset_id: str
+    market: str
+    price: Decimal
+    size: Decimal
+    side: Side | None
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class TickSizeChange:
+    """``tick_size_change``: the asset's minimum price increment changed."""
+
+    asset_id: str
+    market: str
+    old_tick_size: Decimal | None
+    new_tick_size: Decimal
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class BestBidAsk:
+    """``best_bid_ask`` (custom feature): the top of book moved; None = empty side."""
+
+    asset_id: str
+    market: str
+    best_bid: Decimal | None
+    best_ask: Decimal | None
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class NewMarket:
+    """``new_market`` (custom feature, venue-wide): a market was listed."""
+
+    id: str
+    market: str
+    question: str
+    slug: str
+    assets_ids: tuple[str, ...]
+    outcomes: tuple[str, ...]
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class MarketResolved:
+    """``market_resolved`` (custom feature): the market's outcome is known."""
+
+    id: str
+    market: str
+    assets_ids: tuple[str, ...]
+    winning_asset_id: str
+    winning_outcome: str
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class Control:
+    """A non-JSON text frame: ``PONG``, ``INVALID OPERATION`` or ``NO NEW ASSETS``."""
+
+    text: str
+
+
+FeedEvent = (
+    BookSnapshot
+    | PriceChange
+    | LastTradePrice
+    | TickSizeChange
+    | BestBidAsk
+    | NewMarket
+    | MarketResolved
+)
+
+
+@attrs.frozen(slots=True)
+class ParsedFrame:
+    """
+    What one frame held.
+
+    Attributes:
+        events: the usable events, in frame order.
+        control: the control text when the frame was one (``PONG``...), else None.
+        problems: one :class:`MalformedFrame` per event that was skipped
+            (unknown type, missing or mistyped field, price outside [0, 1]).
+        event_types: the ``event_type`` of every object seen, skipped ones included.
+    """
+
+    events: list[FeedEvent]
+    control: str | None = None
+    problems: list[MalformedFrame] = attrs.field(factory=list)
+    event_types: list[str] = attrs.field(factory=list)
+
+
+# ------------------------------------------------------------------ fields
+
+
+def _field(obj: dict[str, Any], name: str) -> Any:
+    try:
+        return obj[name]
+    except KeyError:
+        raise MalformedFrame("missing_field", f"no {name!r}") from None
+
+
+def _text(obj: dict[str, Any], name: str) -> str:
+    value = _field(obj, name)
+    if not isinstance(value, str):
+        raise MalformedFrame("bad_field", f"{name!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _decimal(value: Any, name: str) -> Decimal:
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        try:
+            number = Decimal(value) if isinstance(value, str) else Decimal(str(value))
+        except InvalidOperation:
+            raise MalformedFrame("bad_number", f"{name!r} = {value!r}") from None
+        if number.is_finite():
+            return number
+    raise MalformedFrame("bad_number", f"{name!r} = {value!r}")
+
+
+def _price(value: Any, name: str) -> Decimal:
+    price = _decimal(value, name)
+    if not _ZERO <= price <= _ONE:
+        raise MalformedFrame("price_out_of_range", f"{name!r} = {value!r}")
+    return price
+
+
+def _optional_price(obj: dict[str, Any], name: str) -> Decimal | None:
+    value = obj.get(name)
+    if value is None or value == "":
+        return None
+    return _price(value, name)
+
+
+def _size(value: Any, name: str) -> Decimal:
+    size = _decimal(value, name)
+    if size < 0:
+        raise MalformedFrame("negative_size", f"{name!r} = {value!r}")
+    return size
+
+
+def _timestamp(obj: dict[str, Any]) -> int:
+    value = obj.get("timestamp")
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise MalformedFrame("bad_field", f"'timestamp' = {value!r}")
+
+
+def _side(value: Any) -> Side:
+    if isinstance(value, str):
+        upper = value.upper()
+        if upper == "BUY":
+            return "BUY"
+        if upper == "SELL":
+            return "SELL"
+    raise MalformedFrame("bad_field", f"'side' = {value!r}")
+
+
+def _ids(obj: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = obj.get(name) or ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise MalformedFrame("bad_field", f"{name!r} is not a list of strings")
+    return tuple(value)
+
+
+def _levels(value: Any, name: str) -> tuple[Level, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise MalformedFrame("bad_field", f"{name!r} is not a list")
+    levels = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise MalformedFrame("bad_field", f"{name!r} level is not an object")
+        levels.append(
+            Level(_price(_field(item, "price"), "price"), _size(_field(item, "size"), "size"))
+        )
+    return tuple(levels)
+
+
+# ------------------------------------------------------------------ events
+
+
+def _book(obj: dict[str, Any]) -> BookSnapshot:
+    bids = obj["bids"] if "bids" in obj else obj.get("buys")
+    asks = obj["asks"] if "asks" in obj else obj.get("sells")
+    tick = obj.get("tick_size")
+    return BookSnapshot(
+        asset_id=_text(obj, "asset_id"),
+        market=str(obj.get("market") or ""),
+        bids=_levels(bids, "bids"),
+        asks=_levels(asks, "asks"),
+        timestamp_ms=_timestamp(obj),
+        hash=str(obj.get("hash") or ""),
+        tick_size=None if tick in (None, "") else _price(tick, "tick_size"),
+        last_trade_price=_optional_price(obj, "last_trade_price"),
+    )
+
+
+def _change(entry: Any, asset_id: str | None) -> LevelChange:
+    if not isinstance(entry, dict):
+        raise MalformedFrame("bad_field", "price change entry is not an object")
+    return LevelChange(
+        asset_id=asset_id if asset_id is not None else _text(entry, "asset_id"),
+        price=_price(_field(entry, "price"), "price"),
+        size=_size(_field(entry, "size"), "size"),
+        side=_side(_field(entry, "side")),
+        best_bid=_optional_price(entry, "best_bid"),
+        best_ask=_optional_price(entry, "best_ask"),
+    )
+
+
+def _price_change(obj: dict[str, Any]) -> PriceChange:
+    if "price_changes" in obj:
+        entries, asset_id = obj["price_changes"], None
+    elif "changes" in obj:  # legacy: one asset, changes[]
+        entries, asset_id = obj["changes"], _text(obj, "asset_id")
+    elif "price" in obj and "side" in obj:  # legacy single-level message
+        entries, asset_id = [obj], _text(obj, "asset_id")
+    else:
+        raise MalformedFrame("missing_field", "no 'price_changes'")
+    if not isinstance(entries, list):
+        raise MalformedFrame("bad_field", "'price_changes' is not a list")
+    return PriceChange(
+        market=str(obj.get("market") or ""),
+        timestamp_ms=_timestamp(obj),
+        changes=tuple(_change(entry, asset_id) for entry in entries),
+    )
+
+
+def _last_trade(obj: dict[str, Any]) -> LastTradePrice:
+    side = obj.get("side")
+    return LastTradePrice(
+        asset_id=_text(obj, "asset_id"),
+        market=str(obj.get("market") or ""),
+        price=_price(_field(obj, "price"), "price"),
+        size=_size(obj.get("size", "0"), "size"),
+        side=None if side in (None, "") else _side(side),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _tick_size_change(obj: dict[str, Any]) -> TickSizeChange:
+    old = obj.get("old_tick_size")
+    return TickSizeChange(
+        asset_id=_text(obj, "asset_id"),
+        market=str(obj.get("market") or ""),
+        old_tick_size=None if old in (None, "") else _price(old, "old_tick_size"),
+        new_tick_size=_price(_field(obj, "new_tick_size"), "new_tick_size"),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _best_bid_ask(obj: dict[str, Any]) -> BestBidAsk:
+    return BestBidAsk(
+        asset_id=_text(obj, "asset_id"),
+        market=str(obj.get("market") or ""),
+        best_bid=_optional_price(obj, "best_bid"),
+        best_ask=_optional_price(obj, "best_ask"),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _new_market(obj: dict[str, Any]) -> NewMarket:
+    assets = _ids(obj, "assets_ids") or _ids(obj, "clob_token_ids")
+    return NewMarket(
+        id=str(_field(obj, "id")),
+        market=_text(obj, "market"),
+        question=str(obj.get("question") or ""),
+        slug=str(obj.get("slug") or ""),
+        assets_ids=assets,
+        outcomes=_ids(obj, "outcomes"),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _market_resolved(obj: dict[str, Any]) -> MarketResolved:
+    return MarketResolved(
+        id=str(_field(obj, "id")),
+        market=_text(obj, "market"),
+        assets_ids=_ids(obj, "assets_ids"),
+        winning_asset_id=_text(obj, "winning_asset_id"),
+        winning_outcome=str(obj.get("winning_outcome") or ""),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+_PARSERS = {
+    "book": _book,
+    "price_change": _price_change,
+    "last_trade_price": _last_trade,
+    "tick_size_change": _tick_size_change,
+    "best_bid_ask": _best_bid_ask,
+    "new_market": _new_market,
+    "market_resolved": _market_resolved,
+}
+
+
+def _event_type(obj: dict[str, Any]) -> str:
+    """The object's ``event_type``, inferred for legacy objects that lack it."""
+    kind = obj.get("event_type")
+    if isinstance(kind, str):
+        return kind
+    if kind is not None:
+        raise MalformedFrame("bad_field", f"'event_type' = {kind!r}")
+    if "price_changes" in obj:
+        return "price_change"
+    if "asset_id" in obj and ("bids" in obj or "buys" in obj):
+        return "book"
+    raise MalformedFrame("missing_field", "no 'event_type'")
+
+
+def _parse_object(obj: Any, parsed: ParsedFrame) -> None:
+    if not isinstance(obj, dict):
+        parsed.problems.append(MalformedFrame("not_an_object", f"{type(obj).__name__} in frame"))
+        return
+    try:
+        kind = _event_type(obj)
+    except MalformedFrame as exc:
+        parsed.problems.append(exc)
+        return
+    parsed.event_types.append(kind)
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        parsed.problems.append(MalformedFrame("unknown_event_type", repr(kind)[:80]))
+        return
+    try:
+        parsed.events.append(parser(obj))
+    except MalformedFrame as exc:
+        parsed.problems.append(MalformedFrame(exc.kind, f"{kind}: {exc.detail}"))
+
+
+def parse_frame(raw: str | bytes) -> ParsedFrame:
+    """
+    Parse one market-channel text frame into events.
+
+    A frame is a JSON object or array of objects with ``event_type``; prices
+    are decimal strings in [0, 1]; timestamps are milliseconds. Source:
+    ../shared/protocol.md, section 6. An event that cannot be used is skipped
+    and reported in ``problems``; the other events of the frame are kept.
+
+    Args:
+        raw: the frame as received (``str`` for text frames; ``bytes`` must be
+            UTF-8).
+
+    Returns:
+        A :class:`ParsedFrame`; ``control`` is set for ``PONG`` and the other
+        non-JSON text frames.
+
+    Raises:
+        MalformedFrame: the whole frame is unusable: not UTF-8, not JSON, or
+            JSON that is neither an object nor an array.
+    """
+    if isinstance(raw, bytes | bytearray | memoryview):
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedFrame("not_utf8", str(exc)) from None
+    else:
+        text = raw
+    stripped = text.strip()
+    if stripped in CONTROL_FRAMES:
+        return ParsedFrame(events=[], control=stripped)
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedFrame("invalid_json", f"{exc} in {text[:60]!r}") from None
+    parsed = ParsedFrame(events=[])
+    if isinstance(data, list):
+        for obj in data:
+            _parse_object(obj, parsed)
+    elif isinstance(data, dict):
+        _parse_object(data, parsed)
+    else:
+        raise MalformedFrame("not_an_object", f"JSON {type(data).__name__}")
+    return parsed
+
+
+# ------------------------------------------------------------------ client messages
+
+
+def encode_subscribe(asset_ids: Sequence[str], *, custom_feature_enabled: bool = False) -> str:
+    """
+    The first message on a new connection: ``{"assets_ids": [...], "type": "market"}``.
+
+    Sent once per connection; a second ``type`` message is answered
+    ``INVALID OPERATION`` (protocol.md, section 2). An empty list is accepted.
+    """
+    message: dict[str, Any] = {"assets_ids": list(asset_ids), "type": "market"}
+    if custom_feature_enabled:
+        message["custom_feature_enabled"] = True
+    return orjson.dumps(message).decode()
+
+
+def encode_operation(
+    operation: Literal["subscribe", "unsubscribe"],
+    asset_ids: Iterable[str],
+    *,
+    custom_feature_enabled: bool = False,
+) -> str:
+    """
+    Add or remove assets on an open connection (no acknowledgement comes back).
+
+    ``{"operation": "subscribe" | "unsubscribe", "assets_ids": [...]}``;
+    protocol.md, section 3.
+    """
+    message: dict[str, Any] = {"operation": operation, "assets_ids": list(asset_ids)}
+    if custom_feature_enabled and operation == "subscribe":
+        message["custom_feature_enabled"] = True
+    return orjson.dumps(message).decode()
+
+
+def chunk_asset_ids(asset_ids: Sequence[str], max_bytes: int) -> list[list[str]]:
+    """
+    Split ``asset_ids`` into lists whose subscribe message stays under ``max_bytes``.
+
+    The budget counts each id's JSON form plus a comma, and 96 bytes of
+    envelope (observed frame-size cliff near 56 KiB; polystream caps at
+    ``feed.max_subscribe_bytes``, 40 KiB by default: protocol.md, section 4).
+    """
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    used = 96
+    for asset_id in asset_ids:
+        cost = len(asset_id) + 3
+        if current and used + cost > max_bytes:
+            chunks.append(current)
+            current, used = [], 96
+        current.append(asset_id)
+        used += cost
+    if current:
+        chunks.append(current)
+    return chunks

@@ -1,0 +1,260 @@
+"""
+The subscription set, derived from the database for the life of the process.
+
+Desired assets = every ``clob_token_ids`` entry of each market holding an
+``active`` position (so its ``outcome_prices`` is complete), plus the
+positions' own ``token_id``, plus ``feed.watch``. An empty set is a normal
+state. The set is read at start-up, every ``feed.reconcile_interval``
+seconds, and at once when PostgreSQL notifies ``polystream_positions``
+(the triggers of the schema), so a trade made by any service is subscribed
+without that service calling polystream.
+
+Database calls run in worker threads through :class:`DbLink`, one
+connection per owner; LISTEN needs no thread: ``trio.lowlevel.wait_readable``
+on the connection's socket, then drain ``notifies``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import psycopg
+import structlog
+import trio
+
+from polystream import db
+from polystream.errors import DatabaseError
+from polystream.feed import FeedPool
+from polystream.pipeline import Catalog
+from polystream.stats import Stats
+from polystream.timing import Backoff
+
+__all__ = ["POSITIONS_CHANNEL", "DbLink", "DesiredSet", "Reconciler", "read_desired", "run_listener"]
+
+logger = structlog.get_logger(__name__)
+
+POSITIONS_CHANNEL = "polystream_positions"
+T = TypeVar("T")
+
+
+@attrs.define(eq=False)
+class DbLink:
+    """
+    One blocking psycopg connection, used from trio through worker threads.
+
+    ``call(fn, *args)`` runs ``fn(conn, *args)`` in a transaction in a
+    thread, connecting first if needed. Any failure closes the connection
+    (the next call reconnects) and raises :class:`DatabaseError`; the DSN's
+    password never reaches the message.
+    """
+
+    dsn: str
+    name: str
+    stats: Stats | None = None
+    statement_timeout: float = 30.0
+    _conn: psycopg.Connection[Any] | None = None
+    _lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+    def _call_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(
+                self.dsn,
+                application_name=f"polystream-{self.name}",
+                statement_timeout_s=self.statement_timeout,
+            )
+        try:
+            with self._conn.transaction():
+                return fn(self._conn, *args)
+        except psycopg.Error as exc:
+            self._conn.close()
+            self._conn = None
+            raise DatabaseError(f"{self.name}: {type(exc).__name__}: {exc}") from None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in a worker thread; raises DatabaseError."""
+        async with self._lock:
+            try:
+                result = await trio.to_thread.run_sync(self._call_sync, fn, args)
+            except DatabaseError as exc:
+                if self.stats is not None:
+                    self.stats.db_errors += 1
+                    self.stats.db_connected = False
+                    self.stats.last_db_error = str(exc)[:300]
+                logger.warning("db_call_failed", link=self.name, error=str(exc)[:300])
+                raise
+        if self.stats is not None:
+            self.stats.db_connected = True
+            self.stats.last_write_at = time.monotonic()
+        return result
+
+    def close(self) -> None:
+        """Close the connection (safe to call twice)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+@attrs.frozen
+class DesiredSet:
+    """What the database wants subscribed, and the catalog that goes with it."""
+
+    assets: frozenset[str]
+    catalog: Catalog
+
+
+_FILL_TOKEN_IDS = """
+UPDATE positions AS p SET token_id = m.clob_token_ids ->> (o.ord::int - 1)
+FROM markets AS m, jsonb_array_elements_text(m.outcomes) WITH ORDINALITY AS o(name, ord)
+WHERE p.token_id IS NULL AND p.status = 'active' AND p.outcome IS NOT NULL
+  AND (p.market_id = m.id OR p.market_id = m.condition_id)
+  AND jsonb_typeof(m.clob_token_ids) = 'array' AND lower(o.name) = lower(p.outcome)
+"""
+
+_ACTIVE = """
+SELECT token_id, market_id, count(*) FROM positions
+WHERE status = 'active' GROUP BY token_id, market_id
+"""
+
+_MARKETS = """
+SELECT id, condition_id, clob_token_ids FROM markets
+WHERE jsonb_typeof(clob_token_ids) = 'array'
+  AND (id = ANY(%(ids)s) OR condition_id = ANY(%(ids)s) OR clob_token_ids ?| %(tokens)s)
+"""
+
+
+def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> DesiredSet:
+    """
+    Read the desired asset set (see the module docstring) and its catalog.
+
+    Also fills ``positions.token_id`` from ``markets.outcomes`` where another
+    service left it empty but named the outcome.
+    """
+    conn.execute(_FILL_TOKEN_IDS)
+    active = conn.execute(_ACTIVE).fetchall()
+    market_keys = [m for _, m, _ in active if m]
+    tokens = [t for t, _, _ in active if t] + list(watch)
+    rows = conn.execute(_MARKETS, {"ids": market_keys, "tokens": tokens}).fetchall()
+    catalog = Catalog()
+    by_key: dict[str, str] = {}
+    for market_id, condition_id, clob in rows:
+        ids = tuple(str(t) for t in clob)
+        catalog.market_tokens[market_id] = ids
+        by_key[market_id] = market_id
+        if condition_id:
+            by_key[condition_id] = market_id
+        for token in ids:
+            catalog.asset_market[token] = market_id
+    assets: set[str] = set(watch)
+    for token, market_key, count in active:
+        market_id = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
+        if market_id is not None:
+            assets.update(catalog.market_tokens[market_id])
+        if token:
+            assets.add(token)
+        key = market_id or token
+        if key:
+            catalog.positions_per_market[key] = catalog.positions_per_market.get(key, 0) + count
+    return DesiredSet(frozenset(assets), catalog)
+
+
+@attrs.define(eq=False)
+class Reconciler:
+    """
+    Keeps the feed's subscriptions equal to the desired set.
+
+    ``wake()`` asks for a reconcile now (from LISTEN); otherwise one runs
+    every ``interval`` seconds. The catalog object is updated in place so
+    that the router and writers, which hold it, see the change.
+    """
+
+    link: DbLink
+    pool: FeedPool
+    catalog: Catalog
+    stats: Stats
+    watch: tuple[str, ...]
+    interval: float
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+
+    def wake(self) -> None:
+        """Reconcile as soon as possible."""
+        self._wake.set()
+
+    async def reconcile(self) -> DesiredSet:
+        """Read the desired set and apply it; raises DatabaseError."""
+        desired = await self.link.call(read_desired, self.watch)
+        self.catalog.market_tokens = desired.catalog.market_tokens
+        self.catalog.asset_market = desired.catalog.asset_market
+        self.catalog.positions_per_market = desired.catalog.positions_per_market
+        self.pool.set_assets(set(desired.assets))
+        self.stats.desired_assets = len(desired.assets)
+        return desired
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile now, then on every wake-up or interval; runs until cancelled."""
+        started = False
+        previous: frozenset[str] | None = None
+        while True:
+            self._wake = trio.Event()
+            try:
+                desired = await self.reconcile()
+            except DatabaseError:
+                pass  # logged by the link; the next interval retries
+            else:
+                if desired.assets != previous:
+                    logger.info("subscriptions_reconciled", assets=len(desired.assets),
+                                markets=len(desired.catalog.market_tokens))
+                    previous = desired.assets
+            if not started:
+                started = True
+                task_status.started()
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+
+
+async def run_listener(
+    dsn: str,
+    on_notify: Callable[[], None],
+    *,
+    retry_max: float = 30.0,
+    channels: tuple[str, ...] = (POSITIONS_CHANNEL,),
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    ``LISTEN`` on ``channels`` and call ``on_notify()`` for each batch of
+    notifications, and once after every (re)connection so that a
+    notification lost while disconnected costs nothing. No thread: waits with
+    ``trio.lowlevel.wait_readable`` on the connection's socket.
+    """
+    backoff = Backoff(0.5, retry_max)
+    started = False
+    while True:
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            conn = await trio.to_thread.run_sync(
+                lambda: db.connect(dsn, application_name="polystream-listen",
+                                   statement_timeout_s=None, autocommit=True)
+            )
+            for channel in channels:
+                conn.execute(f"LISTEN {channel}")
+            logger.info("db_listening", channels=list(channels))
+            backoff.reset()
+            on_notify()
+            if not started:
+                started = True
+                task_status.started()
+            while True:
+                await trio.lowlevel.wait_readable(conn.fileno())
+                if any(True for _ in conn.notifies(timeout=0)):
+                    on_notify()
+        except (DatabaseError, psycopg.Error, OSError) as exc:
+            logger.warning("db_listen_lost", error=str(exc)[:300])
+        finally:
+            if conn is not None:
+                conn.close()
+        if not started:
+            started = True
+            task_status.started()
+        await trio.sleep(backoff.next_delay())

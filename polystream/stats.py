@@ -1,0 +1,194 @@
+"""
+Counters and per-shard state of one running daemon.
+
+One :class:`Stats` is built in :func:`polystream.app.run` and passed to the
+parts that count; nothing here is module-level. ``/health`` renders
+:meth:`Stats.health` as JSON, and ``/metrics`` exposes the same numbers in
+Prometheus format through :class:`StatsCollector` (prometheus_client).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["HEALTH_SCHEMA", "ShardStats", "Stats", "StatsCollector"]
+
+HEALTH_SCHEMA = 1
+
+
+@attrs.define
+class ShardStats:
+    """
+    Live state of one shard (one WebSocket connection). Times are
+    ``time.monotonic()`` seconds; None until the first occurrence.
+    """
+
+    index: int
+    state: str = "starting"  # starting | connecting | connected | backoff | closed
+    assets: int = 0
+    frames: int = 0
+    reconnects: int = 0
+    connected_at: float | None = None
+    last_frame_at: float | None = None
+    last_pong_at: float | None = None
+    ping_rtt: float | None = None
+    last_error: str | None = None
+    seen_assets: set[str] = attrs.field(factory=set)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The shard's part of ``/health``: ages in seconds."""
+        return {
+            "index": self.index,
+            "state": self.state,
+            "assets": self.assets,
+            "assets_with_data": len(self.seen_assets),
+            "frames": self.frames,
+            "reconnects": self.reconnects,
+            "connected_for_s": None if self.connected_at is None else now - self.connected_at,
+            "last_frame_age_s": None if self.last_frame_at is None else now - self.last_frame_at,
+            "ping_rtt_s": self.ping_rtt,
+            "last_error": self.last_error,
+        }
+
+
+@attrs.define
+class Stats:
+    """
+    Everything counted by one daemon; mutated only from trio tasks.
+
+    Attributes:
+        frames: text frames received, all shards.
+        events: events received by ``event_type``.
+        parse_errors: skipped frames/events by kind (``invalid_json``, ...).
+        control: non-JSON control frames by text (``PONG``, ...).
+        foreign_events: events dropped because their asset is not in the shard.
+        rows_written: rows updated by table (``markets``, ``positions``).
+        db_errors: failed database round trips.
+        shards: per-shard state, by index.
+    """
+
+    started_at: float = attrs.field(factory=time.monotonic)
+    started_wall: float = attrs.field(factory=time.time)
+    frames: int = 0
+    events: Counter[str] = attrs.field(factory=Counter)
+    parse_errors: Counter[str] = attrs.field(factory=Counter)
+    control: Counter[str] = attrs.field(factory=Counter)
+    foreign_events: int = 0
+    rows_written: Counter[str] = attrs.field(factory=Counter)
+    db_errors: int = 0
+    db_connected: bool = False
+    last_write_at: float | None = None
+    last_db_error: str | None = None
+    desired_assets: int = 0
+    pending_markets: int = 0
+    pending_positions: int = 0
+    shards: dict[int, ShardStats] = attrs.field(factory=dict)
+
+    def shard(self, index: int) -> ShardStats:
+        """The stats of shard ``index``, created on first use."""
+        stats = self.shards.get(index)
+        if stats is None:
+            stats = self.shards[index] = ShardStats(index)
+        return stats
+
+    def problems(self) -> list[str]:
+        """Why the daemon is unhealthy; empty when healthy."""
+        problems = []
+        if not self.db_connected:
+            problems.append("database not connected")
+        for shard in self.shards.values():
+            if shard.state != "connected":
+                problems.append(f"shard {shard.index} {shard.state}")
+        return problems
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` document (JSON-ready; ages in seconds)."""
+        now = time.monotonic()
+        problems = self.problems()
+        return {
+            "schema": HEALTH_SCHEMA,
+            "status": "ok" if not problems else "unhealthy",
+            "problems": problems,
+            "uptime_s": now - self.started_at,
+            "started_at": self.started_wall,
+            "subscribed_assets": sum(s.assets for s in self.shards.values()),
+            "desired_assets": self.desired_assets,
+            "frames": self.frames,
+            "events": dict(self.events),
+            "parse_errors": dict(self.parse_errors),
+            "control_frames": dict(self.control),
+            "foreign_events": self.foreign_events,
+            "rows_written": dict(self.rows_written),
+            "pending": {"markets": self.pending_markets, "positions": self.pending_positions},
+            "database": {
+                "connected": self.db_connected,
+                "errors": self.db_errors,
+                "last_error": self.last_db_error,
+                "last_write_age_s": None
+                if self.last_write_at is None
+                else now - self.last_write_at,
+            },
+            "shards": [s.snapshot(now) for _, s in sorted(self.shards.items())],
+        }
+
+
+class StatsCollector(Collector):
+    """prometheus_client collector reading a :class:`Stats` at scrape time."""
+
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families (names prefixed ``polystream_``)."""
+        stats = self._stats
+        now = time.monotonic()
+        frames = CounterMetricFamily("polystream_frames", "Text frames received", labels=["shard"])
+        for shard in stats.shards.values():
+            frames.add_metric([str(shard.index)], shard.frames)
+        yield frames
+        events = CounterMetricFamily("polystream_events", "Events received", labels=["type"])
+        for kind, count in stats.events.items():
+            events.add_metric([kind], count)
+        yield events
+        errors = CounterMetricFamily(
+            "polystream_parse_errors", "Frames or events skipped", labels=["kind"]
+        )
+        for kind, count in stats.parse_errors.items():
+            errors.add_metric([kind], count)
+        yield errors
+        rows = CounterMetricFamily("polystream_rows_written", "Rows updated", labels=["table"])
+        for table, count in stats.rows_written.items():
+            rows.add_metric([table], count)
+        yield rows
+        yield CounterMetricFamily(
+            "polystream_reconnects", "Shard reconnects",
+            value=sum(s.reconnects for s in stats.shards.values()),
+        )
+        yield CounterMetricFamily(
+            "polystream_foreign_events", "Events for unsubscribed assets dropped",
+            value=stats.foreign_events,
+        )
+        yield CounterMetricFamily(
+            "polystream_db_errors", "Failed database round trips", value=stats.db_errors
+        )
+        assets = GaugeMetricFamily("polystream_subscribed_assets", "Assets", labels=["shard"])
+        age = GaugeMetricFamily(
+            "polystream_last_frame_age_seconds", "Seconds since last frame", labels=["shard"]
+        )
+        for shard in stats.shards.values():
+            assets.add_metric([str(shard.index)], shard.assets)
+            if shard.last_frame_at is not None:
+                age.add_metric([str(shard.index)], now - shard.last_frame_at)
+        yield assets
+        yield age
+        yield GaugeMetricFamily(
+            "polystream_database_connected", "1 when the writers' connection works",
+            value=1.0 if stats.db_connected else 0.0,
+        )

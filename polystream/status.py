@@ -1,0 +1,90 @@
+"""
+``polystream status``: read the daemon's ``/health`` and print it.
+
+Exit codes: 0 healthy, 1 running but unhealthy, 3 not running (the endpoint
+is unreachable or does not answer like polystream).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+
+__all__ = ["EXIT_DOWN", "EXIT_HEALTHY", "EXIT_UNHEALTHY", "fetch_health", "render_health"]
+
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_DOWN = 3
+
+
+def fetch_health(url: str, timeout: float = 3.0) -> tuple[int, dict[str, Any] | None, str | None]:
+    """
+    GET ``url`` and classify the answer.
+
+    Returns:
+        ``(exit_code, document, error)``: the document is None when the
+        daemon is down; ``error`` says why.
+    """
+    try:
+        response = httpx.get(url, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return EXIT_DOWN, None, f"{type(exc).__name__}: {exc}"
+    try:
+        document = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return EXIT_DOWN, None, f"HTTP {response.status_code}, not JSON"
+    if not isinstance(document, dict) or "status" not in document:
+        return EXIT_DOWN, None, f"HTTP {response.status_code}, not a polystream health document"
+    code = EXIT_HEALTHY if document["status"] == "ok" else EXIT_UNHEALTHY
+    return code, document, None
+
+
+def _age(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.1f}s"
+    return f"{value / 60:.1f}m"
+
+
+def _counts(values: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(values.items())) or "none"
+
+
+def render_health(doc: dict[str, Any]) -> str:
+    """A readable multi-line summary of a ``/health`` document."""
+    database = doc.get("database", {})
+    lines = [
+        f"polystream: {doc['status'].upper()}"
+        + (f" ({'; '.join(doc['problems'])})" if doc.get("problems") else ""),
+        f"uptime {_age(doc.get('uptime_s'))}, subscribed assets {doc.get('subscribed_assets', 0)}"
+        f" (desired {doc.get('desired_assets', 0)})",
+        f"frames {doc.get('frames', 0)}; events: {_counts(doc.get('events', {}))}",
+        f"parse errors: {_counts(doc.get('parse_errors', {}))}; "
+        f"foreign events dropped: {doc.get('foreign_events', 0)}",
+        f"rows written: {_counts(doc.get('rows_written', {}))}; pending: "
+        f"{_counts(doc.get('pending', {}))}",
+        f"database: {'connected' if database.get('connected') else 'NOT connected'}, "
+        f"last write {_age(database.get('last_write_age_s'))} ago, errors {database.get('errors', 0)}",
+        "",
+        f"{'shard':>5}  {'state':<10} {'assets':>6} {'w/data':>6} {'frames':>8} "
+        f"{'last frame':>10} {'rtt':>8} {'reconn':>6}",
+    ]
+    for shard in doc.get("shards", []):
+        rtt = shard.get("ping_rtt_s")
+        lines.append(
+            f"{shard['index']:>5}  {shard['state']:<10} {shard['assets']:>6} "
+            f"{shard.get('assets_with_data', 0):>6} {shard['frames']:>8} "
+            f"{_age(shard.get('last_frame_age_s')):>10} "
+            f"{'-' if rtt is None else f'{rtt * 1000:.1f}ms':>8} {shard['reconnects']:>6}"
+        )
+    if not doc.get("shards"):
+        lines.append("    (no shards: nothing to subscribe yet)")
+    return "\n".join(lines)
+
+
+def dumps(document: dict[str, Any]) -> str:
+    """The document as indented JSON."""
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
