@@ -31,6 +31,7 @@ __all__ = [
     "dsn_with_dbname",
     "load_migrations",
     "migrate",
+    "pending_migrations",
     "redact_dsn",
 ]
 
@@ -43,6 +44,7 @@ _URI_PREFIX = re.compile(r"^postgres(?:ql)?://", re.IGNORECASE)
 _KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _URI_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 _REDACTED = "***"
+_CONNECT_TIMEOUT_S = 10  # unless the DSN sets connect_timeout
 
 
 def redact_dsn(dsn: str) -> str:
@@ -99,17 +101,22 @@ def connect(
             the only way to bound a call made from a worker thread.
         autocommit: psycopg autocommit mode (needed for LISTEN, CREATE DATABASE).
 
+    Waits at most 10 s for the server unless the DSN sets ``connect_timeout``.
+
     Raises:
         DatabaseError: the DSN is malformed or the server cannot be reached
             or refuses the login.  The message names the redacted DSN.
     """
-    options: dict[str, str | int] = {"application_name": application_name}
-    if statement_timeout_s is not None:
-        options["options"] = f"-c statement_timeout={max(1, round(statement_timeout_s * 1000))}"
     try:
-        if "connect_timeout" not in conninfo_to_dict(dsn):
-            options["connect_timeout"] = 10
-        return psycopg.connect(make_conninfo(dsn, **options), autocommit=autocommit)
+        given = conninfo_to_dict(dsn)
+        extra: dict[str, str | int] = {"application_name": application_name}
+        if "connect_timeout" not in given:
+            extra["connect_timeout"] = _CONNECT_TIMEOUT_S
+        if statement_timeout_s is not None:
+            timeout_ms = max(1, round(statement_timeout_s * 1000))
+            # Appended to any ``options`` the DSN already has (e.g. a search_path).
+            extra["options"] = f"{given.get('options') or ''} -c statement_timeout={timeout_ms}"
+        return psycopg.connect(make_conninfo(dsn, **extra), autocommit=autocommit)
     except psycopg.Error as exc:
         # "from None": the driver's exception may quote the DSN, password included.
         raise DatabaseError(
@@ -247,6 +254,29 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> bool:
     return True
 
 
+def pending_migrations(conn: psycopg.Connection[Any]) -> list[str]:
+    """
+    Names of the packaged migrations not yet applied, oldest first.
+
+    Read-only: a database never migrated (no ``schema_migrations``) has all
+    of them pending.  Runs in ``conn.transaction()``.
+
+    Raises:
+        DatabaseError: the query failed.
+    """
+    try:
+        with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            exists = cur.fetchone()
+            done: set[int] = set()
+            if exists is not None and exists[0]:
+                cur.execute("SELECT version FROM schema_migrations")
+                done = {int(row[0]) for row in cur.fetchall()}
+    except psycopg.Error as exc:
+        raise DatabaseError(f"cannot read schema_migrations: {exc}") from exc
+    return [m.name for m in load_migrations() if m.version not in done]
+
+
 def migrate(conn: psycopg.Connection[Any]) -> list[str]:
     """
     Apply the pending migrations, oldest first; return the names applied.
@@ -278,12 +308,3 @@ def migrate(conn: psycopg.Connection[Any]) -> list[str]:
     except psycopg.Error as exc:
         raise DatabaseError(f"migration {current} failed: {exc}") from exc
     return applied
-
-
-def pending_migrations(conn: psycopg.Connection[Any]) -> list[str]:
-    """Names of the migrations not yet applied (empty when the schema is current)."""
-    try:
-        applied = _applied_versions(conn)
-    finally:
-        conn.rollback()
-    return [m.name for m in load_migrations() if m.version not in applied]

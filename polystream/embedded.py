@@ -114,7 +114,9 @@ def _running_postmaster(pgdata: Path) -> int | None:
     try:
         if psutil.Process(pid).name() == "postgres":
             return pid
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except psutil.AccessDenied:
+        return None  # not ours to judge
+    except psutil.NoSuchProcess:
         pass
     lock_file.unlink(missing_ok=True)
     return None
@@ -199,10 +201,13 @@ def _start(state_dir: Path, log: Any) -> Any:
         ) from exc
 
 
-def _release(state_dir: Path, server: Any) -> None:
-    """After the last handle closed: forget the server in this process and on disk."""
+def _release(state_dir: Path, server: Any) -> bool:
+    """
+    After the last handle here closed: forget the server in this process and,
+    if it stopped, on disk.  Return whether it is stopped.
+    """
     if server._count > 0:
-        return  # still open elsewhere in this process
+        return False  # still open elsewhere in this process
     package = _package()
     with package.PostgresServer._lock:
         # Shared with another process, the handle stays cached: drop it, so the
@@ -210,10 +215,12 @@ def _release(state_dir: Path, server: Any) -> None:
         if package.PostgresServer._instances.get(server.pgdata) is server:
             del package.PostgresServer._instances[server.pgdata]
         atexit.unregister(server._cleanup)
-        if _running_postmaster(state_dir / _PGDATA) is None:
-            record = _read_json(state_dir / _RECORD)
-            if isinstance(record, dict) and record.get("owner_pid") == os.getpid():
-                (state_dir / _RECORD).unlink(missing_ok=True)
+        if _running_postmaster(state_dir / _PGDATA) is not None:
+            return False  # another process still uses it
+        record = _read_json(state_dir / _RECORD)
+        if isinstance(record, dict) and record.get("owner_pid") == os.getpid():
+            (state_dir / _RECORD).unlink(missing_ok=True)
+        return True
 
 
 @contextlib.contextmanager
@@ -246,8 +253,8 @@ def open_embedded_postgres(state_dir: Path) -> Iterator[str]:
             log.info("embedded_postgres_ready", postmaster_pid=postmaster_pid, owner=owner)
             yield str(server.get_uri())
     finally:
-        _release(state_dir, server)
-        log.info("embedded_postgres_released")
+        stopped = _release(state_dir, server)
+        log.info("embedded_postgres_released", stopped=stopped)
 
 
 @contextlib.contextmanager

@@ -604,6 +604,13 @@ class ReplayServer:
             nursery.start_soon(self._play)
             task_status.started(self)
 
+    async def close_clients(self, reason: str = "replay finished") -> None:
+        """Close every connection with code 1001 (going away), waiting at most 5 s."""
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as nursery:
+                for client in list(self._clients):
+                    nursery.start_soon(client.ws.aclose, 1001, reason)
+
     # --- the tape loop ---
 
     async def _play(self) -> None:
@@ -808,28 +815,37 @@ def run_replay_cli(
     afterwards unless ``exit_at_end``. Configure structlog before calling.
 
     Raises:
-        ReplayError: a capture cannot be loaded.
+        ReplayError: a capture cannot be loaded, or the address cannot be bound.
     """
+    server = ReplayServer(
+        tape=Tape(Capture.load(list(paths))),
+        speed=speed,
+        max_speed=max_speed,
+        loop=loop,
+        start_when_subscribed=start_when_subscribed,
+    )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            server: ReplayServer = await nursery.start(
-                partial(
-                    serve_replay,
-                    list(paths),
-                    host=host,
-                    port=port,
-                    speed=speed,
-                    max_speed=max_speed,
-                    loop=loop,
-                    start_when_subscribed=start_when_subscribed,
-                )
-            )
+            await nursery.start(partial(server.serve, host=host, port=port))
             if exit_at_end:
                 await server.finished.wait()
+                await server.close_clients()
                 nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)
-    except KeyboardInterrupt:
+    except* OSError as group:
+        reasons = "; ".join(str(exc) for exc in _leaves(group))
+        raise ReplayError(f"cannot serve on {host}:{port}: {reasons}") from group
+    except* KeyboardInterrupt:
         logger.info("replay_stopped")
+
+
+def _leaves(error: BaseException) -> Iterable[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error

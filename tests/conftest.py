@@ -10,11 +10,14 @@ database.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from polystream.db import connect, create_database, drop_database, dsn_with_dbname, migrate
@@ -23,15 +26,48 @@ from polystream.embedded import open_embedded_postgres
 # --- PostgreSQL ---------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _embedded_state_dir() -> Iterator[Path]:
+    """
+    A scratch directory for an embedded server, removed afterwards.
+
+    Not under pytest's ``tmp_path``: as root, the server runs as another user
+    and needs its ancestors traversable, but every pytest session resets
+    ``/tmp/pytest-of-root`` to 0700, which breaks a server started by a
+    concurrent session.
+    """
+    with tempfile.TemporaryDirectory(prefix="polystream-pg-", ignore_cleanup_errors=True) as tmp:
+        try:
+            yield Path(tmp)
+        finally:
+            for lock_file in Path(tmp).glob("**/pgdata/postmaster.pid"):
+                _stop_leftover(lock_file)
+
+
+def _stop_leftover(lock_file: Path) -> None:
+    """Terminate a server a failed test left running (its ``postmaster.pid``)."""
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        process = psutil.Process(int(lock_file.read_text().split("\n", 1)[0]))
+        if process.name() == "postgres":
+            process.terminate()
+            process.wait(10)
+
+
+@pytest.fixture
+def embedded_state_dir() -> Iterator[Path]:
+    """A fresh state directory for :func:`open_embedded_postgres`."""
+    with _embedded_state_dir() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_dsn() -> Iterator[str]:
     """DSN of a server where tests may create and drop databases."""
     configured = os.environ.get("POLYSTREAM_TEST_DSN")
     if configured:
         yield configured
         return
-    state_dir: Path = tmp_path_factory.mktemp("embedded-pg")
-    with open_embedded_postgres(state_dir) as dsn:
+    with _embedded_state_dir() as state_dir, open_embedded_postgres(state_dir) as dsn:
         yield dsn
 
 

@@ -18,6 +18,7 @@ from polystream.db import (
     dsn_with_dbname,
     load_migrations,
     migrate,
+    pending_migrations,
     redact_dsn,
 )
 from polystream.errors import DatabaseError
@@ -65,7 +66,10 @@ def empty_db(pg_admin_dsn: str) -> Iterator[str]:
     ("dsn", "expected"),
     [
         ("postgresql://u:secret@h/db", "postgresql://u:***@h/db"),
-        ("postgres://u:s3cr@t@h:5433/db?sslmode=require", "postgres://u:***@h:5433/db?sslmode=require"),
+        (
+            "postgres://u:s3cr@t@h:5433/db?sslmode=require",
+            "postgres://u:***@h:5433/db?sslmode=require",
+        ),
         ("postgresql://u@h/db?password=secret&x=1", "postgresql://u@h/db?password=***&x=1"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("host=h user=u password=secret dbname=d", "host=h user=u password=*** dbname=d"),
@@ -109,6 +113,10 @@ def test_connect_sets_session(db_dsn: str) -> None:
         assert not conn.autocommit
     with connect(db_dsn, autocommit=True, statement_timeout_s=None) as conn:
         assert conn.autocommit
+    with_options = psycopg.conninfo.make_conninfo(db_dsn, options="-c search_path=elsewhere")
+    with connect(with_options, statement_timeout_s=2) as conn:
+        assert conn.execute("SHOW search_path").fetchone() == ("elsewhere",)
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("2s",)
 
 
 def test_dsn_with_dbname_both_forms() -> None:
@@ -127,7 +135,9 @@ def test_migrate_is_idempotent(empty_db: str) -> None:
     names = [m.name for m in load_migrations()]
     assert names[0] == "0001_init"
     with connect(empty_db) as conn:
+        assert pending_migrations(conn) == names
         assert migrate(conn) == names
+        assert pending_migrations(conn) == []
         assert migrate(conn) == []
         rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1").fetchall()
     assert [r[1] for r in rows] == names
@@ -167,7 +177,7 @@ def test_columns_exist(db_dsn: str) -> None:
             "SELECT table_name, column_name FROM information_schema.columns"
             " WHERE table_schema = 'public'"
         ).fetchall()
-        options = dict(
+        options: dict[str, str] = dict(
             conn.execute(
                 "SELECT relname, array_to_string(reloptions, ',') FROM pg_class"
                 " WHERE relname IN ('markets', 'positions')"

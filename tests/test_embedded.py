@@ -58,8 +58,8 @@ def _select_one(dsn: str) -> object:
     return row[0] if row else None
 
 
-def test_start_connect_stop(tmp_path: Path) -> None:
-    state_dir = tmp_path / "not" / "yet" / "state"
+def test_start_connect_stop(embedded_state_dir: Path) -> None:
+    state_dir = embedded_state_dir / "not" / "yet" / "state"
     with open_embedded_postgres(state_dir) as dsn:
         assert _select_one(dsn) == 1
         record = _record(state_dir)
@@ -82,18 +82,18 @@ def test_start_connect_stop(tmp_path: Path) -> None:
         assert _record(state_dir)["owner_pid"] == os.getpid()
 
 
-def test_nested_open_shares_server(tmp_path: Path) -> None:
-    with open_embedded_postgres(tmp_path) as outer:
-        postmaster = _record(tmp_path)["postmaster_pid"]
-        with open_embedded_postgres(tmp_path) as inner:
+def test_nested_open_shares_server(embedded_state_dir: Path) -> None:
+    with open_embedded_postgres(embedded_state_dir) as outer:
+        postmaster = _record(embedded_state_dir)["postmaster_pid"]
+        with open_embedded_postgres(embedded_state_dir) as inner:
             assert inner == outer
         assert _select_one(outer) == 1
     assert _gone(postmaster)
 
 
-def test_orphan_is_stopped_and_replaced(tmp_path: Path) -> None:
+def test_orphan_is_stopped_and_replaced(embedded_state_dir: Path) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path)],
+        [sys.executable, "-c", CHILD, str(embedded_state_dir)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -102,7 +102,7 @@ def test_orphan_is_stopped_and_replaced(tmp_path: Path) -> None:
         assert child.stdout is not None
         ready, _, _ = select.select([child.stdout], [], [], 30.0)
         assert ready and child.stdout.readline() == b"READY\n"
-        record = _record(tmp_path)
+        record = _record(embedded_state_dir)
         assert record["owner_pid"] == child.pid
     finally:
         child.send_signal(signal.SIGKILL)  # no atexit, no cleanup: an orphan
@@ -110,9 +110,9 @@ def test_orphan_is_stopped_and_replaced(tmp_path: Path) -> None:
     orphan = record["postmaster_pid"]
     assert not _gone(orphan)
 
-    with capture_logs() as logs, open_embedded_postgres(tmp_path) as dsn:
+    with capture_logs() as logs, open_embedded_postgres(embedded_state_dir) as dsn:
         assert _gone(orphan)
-        fresh = _record(tmp_path)
+        fresh = _record(embedded_state_dir)
         assert fresh["owner_pid"] == os.getpid()
         assert fresh["postmaster_pid"] != orphan
         assert _select_one(dsn) == 1
@@ -122,10 +122,10 @@ def test_orphan_is_stopped_and_replaced(tmp_path: Path) -> None:
     assert found[0]["log_level"] == "warning"
 
 
-def test_database_dsn_prefers_configured(tmp_path: Path) -> None:
+def test_database_dsn_prefers_configured(embedded_state_dir: Path) -> None:
     configured = "postgresql://u:pw@db.example/prod"
-    with database_dsn(configured, tmp_path / "unused") as dsn:
+    with database_dsn(configured, embedded_state_dir / "unused") as dsn:
         assert dsn == configured
-    assert not (tmp_path / "unused").exists()
-    with database_dsn("", tmp_path / "state") as dsn:
+    assert not (embedded_state_dir / "unused").exists()
+    with database_dsn("", embedded_state_dir / "state") as dsn:
         assert _select_one(dsn) == 1

@@ -66,7 +66,10 @@ def test_from_gamma_accepts_real_arrays_and_legacy_fields() -> None:
             "id": 43,
             "conditionId": "",
             "outcomes": ["Long", "Short"],
-            "outcomePrices": ["0.5843311669077693146635445446077281", "0.4156688330922306853364554553922719"],
+            "outcomePrices": [
+                "0.5843311669077693146635445446077281",
+                "0.4156688330922306853364554553922719",
+            ],
             "clobTokenIds": ["1", "2"],
             "endDate": None,
         }
@@ -80,11 +83,11 @@ def test_from_gamma_accepts_real_arrays_and_legacy_fields() -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"outcomes": "[\"Up\", "}, "outcomes"),
-        ({"outcomes": "{\"a\": 1}"}, "outcomes"),
-        ({"clobTokenIds": "[\"1\"]"}, "clobTokenIds"),
-        ({"outcomePrices": "[\"0.5\", \"abc\"]"}, "outcomePrices"),
-        ({"outcomePrices": "[\"0.5\", \"1.5\"]"}, "outcomePrices"),
+        ({"outcomes": '["Up", '}, "outcomes"),
+        ({"outcomes": '{"a": 1}'}, "outcomes"),
+        ({"clobTokenIds": '["1"]'}, "clobTokenIds"),
+        ({"outcomePrices": '["0.5", "abc"]'}, "outcomePrices"),
+        ({"outcomePrices": '["0.5", "1.5"]'}, "outcomePrices"),
         ({"bestBid": "NaN"}, "bestBid"),
         ({"bestAsk": True}, "bestAsk"),
         ({"orderPriceMinTickSize": 0}, "orderPriceMinTickSize"),
@@ -156,7 +159,7 @@ def test_reimport_keeps_live_prices(db_dsn: str) -> None:
         upsert_markets(conn, markets)
         conn.execute(
             "UPDATE markets SET source = 'ws', best_bid = 0.61, best_ask = 0.62,"
-            " outcome_prices = '[\"0.615\", \"0.385\"]', tick_size = 0.001,"
+            ' outcome_prices = \'["0.615", "0.385"]\', tick_size = 0.001,'
             " updated_at = '2025-12-11T11:05:00Z' WHERE id = '900001'"
         )
         conn.execute("UPDATE markets SET source = 'poll', best_bid = 0.3 WHERE id = '900002'")
@@ -193,5 +196,5 @@ def test_upsert_edge_cases(db_dsn: str) -> None:
 
 
 def test_import_missing_file(db_dsn: str, tmp_path: Path) -> None:
-    with connect(db_dsn) as conn, pytest.raises(ImportDataError, match="nope.json"):
+    with connect(db_dsn) as conn, pytest.raises(ImportDataError, match=r"nope\.json"):
         import_markets_file(conn, tmp_path / "nope.json")

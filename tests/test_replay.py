@@ -374,3 +374,45 @@ def test_unreadable_capture(tmp_path: Path) -> None:
     empty.write_text("\n")
     with pytest.raises(ReplayError, match="no frames"):
         Capture.load([empty])
+
+
+async def test_late_subscriber_and_quitter(updown: Capture, expected: dict[str, Any]) -> None:
+    """A client joining mid-tape gets books that the following frames keep exact;
+    a client leaving mid-tape stops nothing; small outboxes make the tape wait."""
+    late = [SOL_UP, BTC_1H_UP, _asset("ethereum-up-or-down-december-11-6am-et", "Up")]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = ReplayServer(tape=Tape(updown), max_speed=True, outbox_frames=4)
+            await nursery.start(server.serve)
+            everything: list[str] = []
+
+            async def driver(task_status: trio.TaskStatus[None]) -> None:
+                async with open_websocket_url(server.url) as ws:
+                    await ws.send_message(subscribe(sorted(updown.markets)))
+                    for _ in range(3000):
+                        everything.append(str(await ws.get_message()))
+                    task_status.started()
+                    everything.extend(await drain_after_finished(server, ws))
+
+            async def quitter() -> None:
+                async with open_websocket_url(server.url) as ws:
+                    await ws.send_message(subscribe(sorted(updown.markets)))
+                    await ws.get_message()
+
+            async with trio.open_nursery() as clients:
+                clients.start_soon(quitter)
+                await clients.start(driver)
+                assert 0 < server.tape.position < len(updown.frames)
+                async with open_websocket_url(server.url) as ws:
+                    await ws.send_message(subscribe(late))
+                    received = await drain_after_finished(server, ws)
+            nursery.cancel_scope.cancel()
+
+    assert server.stats.connections == 3
+    assert len(everything) == 1 + len(updown.frames)  # snapshot + every frame, none dropped
+    assert everything[1:] == [frame.text for frame in updown.frames]
+    books = Books()
+    for text in received:
+        books.apply_frame(text)
+    for asset in late:
+        books.check(asset, expected[asset])

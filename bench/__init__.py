@@ -1,0 +1,1 @@
+"""polystream benchmarks: ``python -m bench.ingest`` (see its docstring)."""
