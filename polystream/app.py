@@ -75,6 +75,8 @@ async def run(
     Args:
         config: the validated configuration.
         dsn: the database to use (``database.dsn`` or the embedded server's).
+        task_status: receives the :class:`App` once every part has started
+            and the first reconcile has run.
 
     Raises:
         OSError: ``health.listen`` cannot be bound.
@@ -89,13 +91,17 @@ async def run(
     reconcile_link = DbLink(dsn, "reconciler", stats, timeout)
     send, receive = trio.open_memory_channel[list[FeedEvent]](pipeline.queue_size)
     markets = MarketWriter(
-        books, catalog, stats,
+        books,
+        catalog,
+        stats,
         sink=lambda rows: market_link.call(write_markets, rows),
         interval=pipeline.market_flush_interval,
         retry_max=config.database.retry_max,
     )
     positions = PositionWriter(
-        books, catalog, stats,
+        books,
+        catalog,
+        stats,
         sink=lambda prices: position_link.call(write_positions, prices),
         mark=config.positions.mark,
         debounce=pipeline.debounce,
@@ -109,7 +115,11 @@ async def run(
                 async with send:
                     pool = FeedPool(config.feed, send.clone(), stats)
                 reconciler = Reconciler(
-                    reconcile_link, pool, catalog, stats, config.feed.watch,
+                    reconcile_link,
+                    pool,
+                    catalog,
+                    stats,
+                    config.feed.watch,
                     config.feed.reconcile_interval,
                 )
                 # Writers first: they must outlive intake to flush at shutdown.

@@ -44,9 +44,12 @@ def display_price(
     Midpoint when both sides exist and ``ask - bid <= 0.10`` (or nothing has
     traded yet); otherwise the last trade price.
     """
-    if best_bid is not None and best_ask is not None:
-        if best_ask - best_bid <= DISPLAY_SPREAD_LIMIT or last_trade is None:
-            return (best_bid + best_ask) / _TWO
+    if (
+        best_bid is not None
+        and best_ask is not None
+        and (best_ask - best_bid <= DISPLAY_SPREAD_LIMIT or last_trade is None)
+    ):
+        return (best_bid + best_ask) / _TWO
     return last_trade
 
 
@@ -132,7 +135,7 @@ class AssetBook:
     :data:`~polystream.protocol.FeedEvent` concerning this asset.
     """
 
-    __slots__ = ("asset_id", "asks", "bids", "has_book", "last_trade_price", "tick_size", "ts")
+    __slots__ = ("asks", "asset_id", "bids", "has_book", "last_trade_price", "tick_size", "ts")
 
     def __init__(self, asset_id: str) -> None:
         self.asset_id = asset_id

@@ -47,8 +47,12 @@ app.add_typer(markets_app, name="markets")
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", envvar="POLYSTREAM_CONFIG", help="TOML configuration file.",
-        exists=False, dir_okay=False,
+        "--config",
+        "-c",
+        envvar="POLYSTREAM_CONFIG",
+        help="TOML configuration file.",
+        exists=False,
+        dir_okay=False,
     ),
 ]
 
@@ -143,12 +147,16 @@ def db_migrate(config_path: ConfigOption = None) -> None:
             applied = _migrate(dsn)
     except PolystreamError as exc:
         _fail(str(exc))
-    typer.echo(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    typer.echo(
+        f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
+    )
 
 
 @markets_app.command("import")
 def markets_import(
-    paths: Annotated[list[Path], typer.Argument(help="Gamma market JSON: object, array or JSON lines.")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Gamma market JSON: object, array or JSON lines.")
+    ],
     config_path: ConfigOption = None,
 ) -> None:
     """Load Gamma market objects into ``markets`` (metadata; live prices are kept)."""
@@ -158,7 +166,10 @@ def markets_import(
     config = _setup(config_path)
     total = 0
     try:
-        with _database(config) as dsn, db.connect(dsn, application_name="polystream-import") as conn:
+        with (
+            _database(config) as dsn,
+            db.connect(dsn, application_name="polystream-import") as conn,
+        ):
             for path in paths:
                 count = import_markets_file(conn, path)
                 conn.commit()
@@ -175,9 +186,13 @@ def replay(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0 = any free port).")] = 8765,
     speed: Annotated[float, typer.Option(help="Playback speed: 2 = twice recorded pace.")] = 1.0,
-    max_speed: Annotated[bool, typer.Option("--max-speed", help="Send as fast as clients read.")] = False,
+    max_speed: Annotated[
+        bool, typer.Option("--max-speed", help="Send as fast as clients read.")
+    ] = False,
     loop: Annotated[bool, typer.Option("--loop", help="Start again at the end.")] = False,
-    exit_at_end: Annotated[bool, typer.Option("--exit-at-end", help="Stop after the last frame.")] = False,
+    exit_at_end: Annotated[
+        bool, typer.Option("--exit-at-end", help="Stop after the last frame.")
+    ] = False,
     config_path: ConfigOption = None,
 ) -> None:
     """Serve recorded frames as Polymarket's market channel, on ws://HOST:PORT/ws/market."""
@@ -195,7 +210,9 @@ def replay(
 @app.command()
 def status(
     json_output: Annotated[bool, typer.Option("--json", help="Print the raw health JSON.")] = False,
-    url: Annotated[str | None, typer.Option(help="Health URL (default: from health.listen).")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Health URL (default: from health.listen).")
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """
@@ -210,8 +227,13 @@ def status(
     target = url or f"http://{config.health.listen}/health"
     code, document, error = fetch_health(target)
     if json_output:
-        typer.echo(_json({"url": target, "reachable": document is not None, "error": error}
-                         if document is None else document))
+        typer.echo(
+            _json(
+                {"url": target, "reachable": document is not None, "error": error}
+                if document is None
+                else document
+            )
+        )
     elif document is None:
         typer.echo(f"polystream is not running: {target} unreachable ({error})")
     else:
@@ -221,7 +243,9 @@ def status(
 
 @app.command()
 def demo(
-    speed: Annotated[float, typer.Option(help="Replay speed (the capture spans 15 minutes).")] = 30.0,
+    speed: Annotated[
+        float, typer.Option(help="Replay speed (the capture spans 15 minutes).")
+    ] = 30.0,
     config_path: ConfigOption = None,
 ) -> None:
     """Run the main job on the recorded demo capture and print the result."""
@@ -251,4 +275,3 @@ def main() -> None:
     except PolystreamError as exc:
         typer.echo(f"polystream: {exc}", err=True)
         sys.exit(1)
-

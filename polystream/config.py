@@ -353,9 +353,7 @@ def _gather(path: Path | None, environ: Mapping[str, str]) -> dict[tuple[str, st
     return values
 
 
-def load_config(
-    path: Path | None = None, environ: Mapping[str, str] | None = None
-) -> Config:
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """
     Read the configuration from ``path`` (TOML) and ``environ``.
 

@@ -72,8 +72,12 @@ def _insert_positions(dsn: str, positions: tuple[tuple[str, str, str, str], ...]
                 FROM markets m, jsonb_array_elements_text(m.outcomes) WITH ORDINALITY o(name, ord)
                 WHERE m.id = %(market)s AND o.name = %(outcome)s
                 """,
-                {"market": market_id, "outcome": outcome, "size": Decimal(size),
-                 "entry": Decimal(entry)},
+                {
+                    "market": market_id,
+                    "outcome": outcome,
+                    "size": Decimal(size),
+                    "entry": Decimal(entry),
+                },
             )
 
 
@@ -101,25 +105,34 @@ def _print_tables(dsn: str) -> None:
             "WHERE p.user_id = 'demo' ORDER BY p.id"
         ).fetchall()
     print("\nmarkets")
-    print(f"{'id':<7} {'slug':<40} {'outcome_prices':<18} {'bid':>5} {'ask':>5} {'mid':>6} "
-          f"{'last':>5} source")
+    print(
+        f"{'id':<7} {'slug':<40} {'outcome_prices':<18} {'bid':>5} {'ask':>5} {'mid':>6} "
+        f"{'last':>5} source"
+    )
     for mid, slug, prices, bid, ask, midp, last, source in markets:
-        print(f"{mid:<7} {slug:<40} {orjson.dumps(prices).decode():<18} {_d(bid):>5} "
-              f"{_d(ask):>5} {_d(midp):>6} {_d(last):>5} {source}")
+        print(
+            f"{mid:<7} {slug:<40} {orjson.dumps(prices).decode():<18} {_d(bid):>5} "
+            f"{_d(ask):>5} {_d(midp):>6} {_d(last):>5} {source}"
+        )
     print("\npositions (user demo)")
-    print(f"{'id':>3} {'market':<40} {'outcome':<7} {'size':>6} {'entry':>6} {'price':>6} "
-          f"{'P&L USDC':>9} {'P&L %':>9}")
+    print(
+        f"{'id':>3} {'market':<40} {'outcome':<7} {'size':>6} {'entry':>6} {'price':>6} "
+        f"{'P&L USDC':>9} {'P&L %':>9}"
+    )
     for pid, slug, outcome, size, entry, price, pnl, pct in positions:
-        print(f"{pid:>3} {slug:<40} {outcome:<7} {_d(size):>6} {_d(entry):>6} {_d(price):>6} "
-              f"{_d(pnl):>9} {_d(pct):>9}")
+        print(
+            f"{pid:>3} {slug:<40} {outcome:<7} {_d(size):>6} {_d(entry):>6} {_d(price):>6} "
+            f"{_d(pnl):>9} {_d(pct):>9}"
+        )
 
 
 def _d(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-async def _drive(config: Config, dsn: str, examples: Path, speed: float,
-                 config_path: Path | None, log_path: Path) -> int:
+async def _drive(
+    config: Config, dsn: str, examples: Path, speed: float, config_path: Path | None, log_path: Path
+) -> int:
     health_port = _free_port()
     async with trio.open_nursery() as nursery:
         server: ReplayServer = await nursery.start(
@@ -129,18 +142,21 @@ async def _drive(config: Config, dsn: str, examples: Path, speed: float,
         )
         print(f"[demo] replay serving ws://127.0.0.1:{server.port}/ws/market at {speed}x")
         env = dict(os.environ)
-        env.update({
-            "POLYSTREAM_DATABASE__DSN": dsn,
-            "POLYSTREAM_FEED__URL": f"ws://127.0.0.1:{server.port}/ws/market",
-            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
-            "POLYSTREAM_LOG__FORMAT": "json",
-        })
+        env.update(
+            {
+                "POLYSTREAM_DATABASE__DSN": dsn,
+                "POLYSTREAM_FEED__URL": f"ws://127.0.0.1:{server.port}/ws/market",
+                "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
+                "POLYSTREAM_LOG__FORMAT": "json",
+            }
+        )
         argv = [sys.executable, "-m", "polystream", "run"]
         if config_path is not None:
             argv += ["--config", str(config_path)]
         with log_path.open("wb") as log_file:
-            daemon = await trio.lowlevel.open_process(argv, env=env, stdout=log_file,
-                                                       stderr=subprocess.STDOUT)
+            daemon = await trio.lowlevel.open_process(
+                argv, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
             print(f"[demo] polystream run started (pid {daemon.pid}, log {log_path})")
             await trio.sleep(2)
             await trio.to_thread.run_sync(_insert_positions, dsn, (LATE_POSITION,))

@@ -24,8 +24,7 @@ from collections.abc import Iterable
 import attrs
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
 from polystream.config import FeedConfig
 from polystream.errors import MalformedFrame
@@ -231,7 +230,9 @@ class FeedPool:
                 )
             shard.stats.state = "connected"
             shard.stats.connected_at = time.monotonic()
-            logger.info("feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks))
+            logger.info(
+                "feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks)
+            )
             ping_sent: list[float] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ping, ws, ping_sent)
@@ -269,7 +270,9 @@ class FeedPool:
             if removed or added:
                 logger.info(
                     "feed_subscription_changed",
-                    shard=shard.index, subscribed=len(added), unsubscribed=len(removed),
+                    shard=shard.index,
+                    subscribed=len(added),
+                    unsubscribed=len(removed),
                 )
 
     async def _read(self, ws: WebSocketConnection, shard: Shard, ping_sent: list[float]) -> None:

@@ -86,4 +86,4 @@ async def serve_health(
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0.5
-    await serve(health_app(stats), config, task_status=task_status, mode="asgi")
+    await serve(health_app(stats), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

@@ -19,8 +19,12 @@ import structlog
 
 __all__ = ["RateLimitedLog", "configure_logging", "redact", "redact_secrets"]
 
-_URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?=@)", re.I)
-_KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd|pwd)\s*=\s*)(?P<secret>'[^']*'|\S+)", re.I)
+_URI_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?=@)", re.I
+)
+_KV_PASSWORD = re.compile(
+    r"(?P<head>\b(?:password|passwd|pwd)\s*=\s*)(?P<secret>'[^']*'|\S+)", re.I
+)
 
 
 def redact(text: str) -> str:
@@ -32,7 +36,7 @@ def redact(text: str) -> str:
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """structlog processor: redact passwords in every string value."""
+    """Structlog processor: redact passwords in every string value."""
     for key, value in event_dict.items():
         if isinstance(value, str) and ("@" in value or "=" in value):
             event_dict[key] = redact(value)

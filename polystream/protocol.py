@@ -21,7 +21,7 @@ at https://docs.polymarket.com/api-reference/wss/market):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -406,7 +406,7 @@ def _market_resolved(obj: dict[str, Any]) -> MarketResolved:
     )
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any]], FeedEvent]] = {
     "book": _book,
     "price_change": _price_change,
     "last_trade_price": _last_trade,

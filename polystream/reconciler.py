@@ -32,7 +32,14 @@ from polystream.pipeline import Catalog
 from polystream.stats import Stats
 from polystream.timing import Backoff
 
-__all__ = ["POSITIONS_CHANNEL", "DbLink", "DesiredSet", "Reconciler", "read_desired", "run_listener"]
+__all__ = [
+    "POSITIONS_CHANNEL",
+    "DbLink",
+    "DesiredSet",
+    "Reconciler",
+    "read_desired",
+    "run_listener",
+]
 
 logger = structlog.get_logger(__name__)
 
@@ -204,14 +211,25 @@ class Reconciler:
                 pass  # logged by the link; the next interval retries
             else:
                 if desired.assets != previous:
-                    logger.info("subscriptions_reconciled", assets=len(desired.assets),
-                                markets=len(desired.catalog.market_tokens))
+                    logger.info(
+                        "subscriptions_reconciled",
+                        assets=len(desired.assets),
+                        markets=len(desired.catalog.market_tokens),
+                    )
                     previous = desired.assets
             if not started:
                 started = True
                 task_status.started()
             with trio.move_on_after(self.interval):
                 await self._wake.wait()
+
+
+async def _drain_forever(conn: psycopg.Connection[Any], on_notify: Callable[[], None]) -> None:
+    """Wait for the socket to be readable, drain notifications, repeat."""
+    while True:
+        await trio.lowlevel.wait_readable(conn.fileno())
+        if any(True for _ in conn.notifies(timeout=0)):
+            on_notify()
 
 
 async def run_listener(
@@ -231,11 +249,15 @@ async def run_listener(
     backoff = Backoff(0.5, retry_max)
     started = False
     while True:
-        conn: psycopg.Connection[Any] | None = None
+        conn = None
         try:
             conn = await trio.to_thread.run_sync(
-                lambda: db.connect(dsn, application_name="polystream-listen",
-                                   statement_timeout_s=None, autocommit=True)
+                lambda: db.connect(
+                    dsn,
+                    application_name="polystream-listen",
+                    statement_timeout_s=None,
+                    autocommit=True,
+                )
             )
             for channel in channels:
                 conn.execute(f"LISTEN {channel}")
@@ -245,10 +267,7 @@ async def run_listener(
             if not started:
                 started = True
                 task_status.started()
-            while True:
-                await trio.lowlevel.wait_readable(conn.fileno())
-                if any(True for _ in conn.notifies(timeout=0)):
-                    on_notify()
+            await _drain_forever(conn, on_notify)
         except (DatabaseError, psycopg.Error, OSError) as exc:
             logger.warning("db_listen_lost", error=str(exc)[:300])
         finally:

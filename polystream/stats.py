@@ -168,11 +168,13 @@ class StatsCollector(Collector):
             rows.add_metric([table], count)
         yield rows
         yield CounterMetricFamily(
-            "polystream_reconnects", "Shard reconnects",
+            "polystream_reconnects",
+            "Shard reconnects",
             value=sum(s.reconnects for s in stats.shards.values()),
         )
         yield CounterMetricFamily(
-            "polystream_foreign_events", "Events for unsubscribed assets dropped",
+            "polystream_foreign_events",
+            "Events for unsubscribed assets dropped",
             value=stats.foreign_events,
         )
         yield CounterMetricFamily(
@@ -189,6 +191,7 @@ class StatsCollector(Collector):
         yield assets
         yield age
         yield GaugeMetricFamily(
-            "polystream_database_connected", "1 when the writers' connection works",
+            "polystream_database_connected",
+            "1 when the writers' connection works",
             value=1.0 if stats.db_connected else 0.0,
         )

@@ -69,10 +69,16 @@ def test_level_order_is_not_trusted() -> None:
             "event_type": "book",
             "asset_id": "1",
             "market": "0x1",
-            "bids": [{"price": "0.4", "size": "5"}, {"price": "0.45", "size": "1"},
-                     {"price": "0.3", "size": "9"}],
-            "asks": [{"price": ".5", "size": "1"}, {"price": "0.7", "size": "2"},
-                     {"price": "0.48", "size": "0"}],
+            "bids": [
+                {"price": "0.4", "size": "5"},
+                {"price": "0.45", "size": "1"},
+                {"price": "0.3", "size": "9"},
+            ],
+            "asks": [
+                {"price": ".5", "size": "1"},
+                {"price": "0.7", "size": "2"},
+                {"price": "0.48", "size": "0"},
+            ],
             "timestamp": "1",
             "hash": "x",
         }

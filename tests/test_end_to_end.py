@@ -48,7 +48,9 @@ def _dec(value: str | None) -> Decimal | None:
     return None if value is None else Decimal(value)
 
 
-def _insert(conn: psycopg.Connection[Any], market: str, outcome: str, size: str, entry: str) -> None:
+def _insert(
+    conn: psycopg.Connection[Any], market: str, outcome: str, size: str, entry: str
+) -> None:
     conn.execute(
         """
         INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)
@@ -100,8 +102,9 @@ def _mismatches(dsn: str, expected: dict[str, dict[str, Any]]) -> list[str]:
         want_pnl = size * (want_price - entry)
         want_pct = ((want_price - entry) / entry * 100).quantize(Decimal("0.0001"))
         if (price, pnl, pct) != (want_price, want_pnl, want_pct):
-            problems.append(f"position {token[:8]}: {(price, pnl, pct)} != "
-                            f"{(want_price, want_pnl, want_pct)}")
+            problems.append(
+                f"position {token[:8]}: {(price, pnl, pct)} != {(want_price, want_pnl, want_pct)}"
+            )
     return problems
 
 
@@ -122,8 +125,9 @@ async def test_replay_into_postgres_matches_expected(db_dsn: str) -> None:
                 )
             )
             config = Config(
-                feed=FeedConfig(url=f"ws://127.0.0.1:{server.port}/ws/market",
-                                reconcile_interval=30.0),
+                feed=FeedConfig(
+                    url=f"ws://127.0.0.1:{server.port}/ws/market", reconcile_interval=30.0
+                ),
                 pipeline=PipelineConfig(market_flush_interval=0.05, debounce=0.2),
                 health=HealthConfig(listen="127.0.0.1:0"),
             )
@@ -143,6 +147,9 @@ async def test_replay_into_postgres_matches_expected(db_dsn: str) -> None:
             nursery.cancel_scope.cancel()
     markets, _ = _state(db_dsn)
     assert {row[0] for row in markets if row[7] == "ws"} == {
-        "900001", "900003", "900005", "900006", "900101"
+        "900001",
+        "900003",
+        "900005",
+        "900006",
+        "900101",
     }
-

@@ -111,7 +111,9 @@ async def server(nursery: trio.Nursery) -> AsyncIterator[RecordingServer]:
     yield recorder
 
 
-def _pool(server: RecordingServer, **overrides: Any) -> tuple[FeedPool, trio.MemoryReceiveChannel[list[FeedEvent]], Stats]:
+def _pool(
+    server: RecordingServer, **overrides: Any
+) -> tuple[FeedPool, trio.MemoryReceiveChannel[list[FeedEvent]], Stats]:
     settings: dict[str, Any] = {
         "url": f"ws://127.0.0.1:{server.port}/ws/market",
         "max_assets_per_connection": 3,
@@ -126,19 +128,25 @@ def _pool(server: RecordingServer, **overrides: Any) -> tuple[FeedPool, trio.Mem
     return FeedPool(FeedConfig(**settings), send, stats), receive, stats
 
 
-async def test_shards_subscribe_and_follow_changes(server: RecordingServer, nursery: trio.Nursery) -> None:
+async def test_shards_subscribe_and_follow_changes(
+    server: RecordingServer, nursery: trio.Nursery
+) -> None:
     pool, _, stats = _pool(server)
     await nursery.start(pool.run)
     with trio.fail_after(10):
         pool.set_assets(set(ASSETS[:5]))  # 3 + 2 over two connections
-        await server.wait_for(lambda: len(server.live()) == 2 and all(p.received for p in server.live()))
+        await server.wait_for(
+            lambda: len(server.live()) == 2 and all(p.received for p in server.live())
+        )
         first = [orjson.loads(p.received[0]) for p in server.peers]
         assert all(m["type"] == "market" for m in first)
         assert sorted(a for m in first for a in m["assets_ids"]) == ASSETS[:5]
         assert sorted(len(m["assets_ids"]) for m in first) == [2, 3]
 
         # Remove two of shard 0, add one: dynamic operations on the open sockets.
-        shard0 = next(p for p in server.peers if len(orjson.loads(p.received[0])["assets_ids"]) == 3)
+        shard0 = next(
+            p for p in server.peers if len(orjson.loads(p.received[0])["assets_ids"]) == 3
+        )
         kept = sorted(shard0.subscribed())[:1]
         desired = set(kept) | set(ASSETS[3:5]) | {ASSETS[5]}
         pool.set_assets(desired)
@@ -156,13 +164,17 @@ async def test_shards_subscribe_and_follow_changes(server: RecordingServer, nurs
         assert stats.health()["subscribed_assets"] == 2
 
 
-async def test_subscribe_frames_respect_the_byte_cap(server: RecordingServer, nursery: trio.Nursery) -> None:
+async def test_subscribe_frames_respect_the_byte_cap(
+    server: RecordingServer, nursery: trio.Nursery
+) -> None:
     ids = [f"{n:077d}" for n in range(500)]
     pool, _, _ = _pool(server, max_assets_per_connection=500, max_subscribe_bytes=4096)
     await nursery.start(pool.run)
     with trio.fail_after(10):
         pool.set_assets(set(ids))
-        await server.wait_for(lambda: bool(server.peers) and server.peers[0].subscribed() == set(ids))
+        await server.wait_for(
+            lambda: bool(server.peers) and server.peers[0].subscribed() == set(ids)
+        )
         frames = [t for t in server.peers[0].received if t != "PING"]
         assert len(frames) > 1
         assert all(len(t.encode()) <= 4096 for t in frames)
@@ -170,7 +182,9 @@ async def test_subscribe_frames_respect_the_byte_cap(server: RecordingServer, nu
         assert all(orjson.loads(t)["operation"] == "subscribe" for t in frames[1:])
 
 
-async def test_reconnect_resubscribes_everything(server: RecordingServer, nursery: trio.Nursery) -> None:
+async def test_reconnect_resubscribes_everything(
+    server: RecordingServer, nursery: trio.Nursery
+) -> None:
     pool, _, stats = _pool(server)
     await nursery.start(pool.run)
     with trio.fail_after(10):
@@ -195,17 +209,28 @@ async def test_ping_and_events(server: RecordingServer, nursery: trio.Nursery) -
         peer = server.peers[0]
         assert peer.outbox is not None
         big_book = {
-            "event_type": "book", "asset_id": ASSETS[0], "market": "0xm",
+            "event_type": "book",
+            "asset_id": ASSETS[0],
+            "market": "0xm",
             "bids": [{"price": f"0.{n % 980 + 10:03d}", "size": str(n)} for n in range(90_000)],
-            "asks": [{"price": "0.99", "size": "1"}], "timestamp": "1", "hash": "h",
+            "asks": [{"price": "0.99", "size": "1"}],
+            "timestamp": "1",
+            "hash": "h",
         }
         frame = orjson.dumps([big_book]).decode()
         assert len(frame) > 2 * 2**20  # above trio-websocket's 1 MiB default
         await peer.outbox.send(frame)
         await peer.outbox.send("not json {")
         await peer.outbox.send('{"event_type":"mystery","asset_id":"x"}')
-        foreign = {"event_type": "last_trade_price", "asset_id": ASSETS[6], "market": "0xm",
-                   "price": "0.5", "size": "1", "side": "BUY", "timestamp": "2"}
+        foreign = {
+            "event_type": "last_trade_price",
+            "asset_id": ASSETS[6],
+            "market": "0xm",
+            "price": "0.5",
+            "size": "1",
+            "side": "BUY",
+            "timestamp": "2",
+        }
         await peer.outbox.send(orjson.dumps(foreign).decode())
         mine = dict(foreign, asset_id=ASSETS[0], price=".52")
         await peer.outbox.send(orjson.dumps(mine).decode())

@@ -1,0 +1,797 @@
+"""
+Ingest benchmark: how fast ``polystream run`` turns market-channel frames into
+database state, compared, in the same run, with a bare trio-websocket client.
+
+Run ``make bench``, ``.venv/bin/python -m bench.ingest`` or
+``.venv/bin/python bench/ingest.py`` (``--help`` for options). It writes
+``bench/results.json`` and ``bench/results.md`` and prints the table.
+
+The workload is ``examples/updown-2025-12-11.jsonl.gz`` (6 markets, 12 assets)
+repeated N times. Each repetition starts with the book array, so the state after
+the last frame is the one in ``examples/updown-2025-12-11.expected.json``.
+
+One benchmark-only sender serves all measurements: a loopback TCP server doing the
+WebSocket handshake with wsproto, then writing the frames, encoded once up front,
+with plain ``send_all`` of 1 MiB chunks; a sibling task reads and discards what the
+client sends (its ``PING``s). Each round, interleaved, measures:
+
+* ``sender``: a child process that reads raw bytes and discards them (the sender's
+  own ceiling; it must be well above the clients');
+* ``bare_client``: a child process with trio-websocket's ``get_message`` only;
+* ``daemon``: ``polystream run`` as a child process on a fresh database holding the
+  6 markets and 2 active positions per asset; the clock runs from the first byte
+  sent until a poll of the database (every 20 ms) sees the final state, the daemon
+  has read every frame and has nothing pending (``/health``).
+
+Times are ``time.monotonic()``, one system-wide clock for all processes. The
+machine is shared and noisy: compare figures within one run only.
+
+PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin DSN),
+else an embedded server in a temporary directory. Each daemon run gets its own
+database ``polystream_bench_<pid>_<round>``, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gzip
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPTURE = ROOT / "examples" / "updown-2025-12-11"
+OUT_DIR = Path(__file__).resolve().parent
+CHUNK_BYTES = 1 << 20
+POLL_INTERVAL = 0.02
+MIN_FRAMES = 150_000
+MESSAGE_QUEUE = 256  # polystream.feed._MESSAGE_QUEUE
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # polystream.config.FeedConfig.max_message_size
+ENTRY_PRICES = (Decimal("0.30"), Decimal("0.60"))  # two positions per asset
+DAEMON_SETTINGS = {
+    "POLYSTREAM_LOG__FORMAT": "json",
+    "POLYSTREAM_LOG__LEVEL": "info",
+    "POLYSTREAM_PIPELINE__DEBOUNCE": "0.2",
+    "POLYSTREAM_PIPELINE__MARKET_FLUSH_INTERVAL": "0.05",
+}
+
+
+class BenchError(Exception):
+    """A measurement could not be made (daemon failed, wrong state, timeout)."""
+
+
+# --- the workload ----------------------------------------------------------------
+
+
+@attrs.frozen
+class Tape:
+    """One repetition of the capture, encoded once as server-to-client text frames."""
+
+    blob: bytes
+    frames: int
+    events: int
+    repeat: int
+
+    @classmethod
+    def load(cls, path: Path, repeat: int | None) -> Tape:
+        from wsproto.frame_protocol import FrameProtocol
+
+        lines = [line for line in gzip.decompress(path.read_bytes()).split(b"\n") if line.strip()]
+        encoder = FrameProtocol(client=False, extensions=[])
+        parts: list[bytes] = []
+        events = 0
+        for line in lines:
+            data = orjson.loads(line)
+            events += len(data) if isinstance(data, list) else 1
+            parts.append(encoder.send_data(line.decode(), fin=True))
+        if repeat is None:
+            repeat = math.ceil(MIN_FRAMES / len(lines))
+        return cls(blob=b"".join(parts), frames=len(lines), events=events, repeat=repeat)
+
+    @property
+    def total_frames(self) -> int:
+        return self.frames * self.repeat
+
+    @property
+    def total_events(self) -> int:
+        return self.events * self.repeat
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.blob) * self.repeat
+
+
+@attrs.frozen
+class Market:
+    id: str
+    outcomes: tuple[str, ...]
+    tokens: tuple[str, ...]
+
+
+def load_markets() -> list[Market]:
+    raw = orjson.loads(Path(f"{CAPTURE}.markets.json").read_bytes())
+    return [
+        Market(m["id"], tuple(orjson.loads(m["outcomes"])), tuple(orjson.loads(m["clobTokenIds"])))
+        for m in raw
+    ]
+
+
+def _dec(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+MarketState = tuple[list[Decimal | None], Decimal | None, Decimal | None, Decimal | None,
+                    Decimal | None]
+
+
+@attrs.frozen
+class FinalState:
+    """What ``markets`` and ``positions`` hold after the last frame (expected.json)."""
+
+    markets: dict[str, MarketState]
+    prices: dict[str, Decimal | None]
+
+    @classmethod
+    def expected(cls, markets: Sequence[Market]) -> FinalState:
+        assets = orjson.loads(Path(f"{CAPTURE}.expected.json").read_bytes())["assets"]
+        rows: dict[str, MarketState] = {}
+        for market in markets:
+            first = assets[market.tokens[0]]
+            rows[market.id] = (
+                [_dec(assets[t]["display_price"]) for t in market.tokens],
+                _dec(first["best_bid"]),
+                _dec(first["best_ask"]),
+                _dec(first["midpoint"]),
+                _dec(first["last_trade_price"]),
+            )
+        prices = {t: _dec(assets[t]["display_price"]) for m in markets for t in m.tokens}
+        return cls(rows, prices)
+
+
+# --- the sender ------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Session:
+    """One expected client connection and what the sender saw of it."""
+
+    kind: str
+    connected: trio.Event = attrs.field(factory=trio.Event)
+    closed: trio.Event = attrs.field(factory=trio.Event)
+    assets: list[str] = attrs.field(factory=list)
+    first_byte_at: float | None = None
+    sent_all_at: float | None = None
+    error: str | None = None
+
+
+@attrs.define(eq=False)
+class Sender:
+    """
+    The benchmark's WebSocket server. Each connection takes the next expected
+    :class:`Session`; an unexpected one (a reconnect) is closed and counted.
+    """
+
+    tape: Tape
+    port: int = 0
+    unexpected: int = 0
+    _next: Session | None = None
+
+    def expect(self, kind: str) -> Session:
+        self._next = Session(kind)
+        return self._next
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/market"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            listeners: list[trio.SocketListener] = await nursery.start(
+                partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+            )
+            self.port = listeners[0].socket.getsockname()[1]
+            task_status.started()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        session, self._next = self._next, None
+        if session is None:
+            self.unexpected += 1
+            await stream.aclose()
+            return
+        try:
+            await self._serve(stream, session)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, BenchError) as exc:
+            session.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            session.closed.set()
+            await stream.aclose()
+
+    async def _serve(self, stream: trio.SocketStream, session: Session) -> None:
+        from wsproto import ConnectionType, WSConnection
+
+        ws = WSConnection(ConnectionType.SERVER)
+        subscribe = orjson.loads(await _accept(stream, ws))
+        session.assets = list(subscribe.get("assets_ids", []))
+        session.connected.set()
+        lock = trio.StrictFIFOLock()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_discard_incoming, stream, ws, lock, nursery.cancel_scope)
+            view = memoryview(self.tape.blob)
+            session.first_byte_at = time.monotonic()
+            for _ in range(self.tape.repeat):
+                for offset in range(0, len(view), CHUNK_BYTES):
+                    async with lock:
+                        await stream.send_all(view[offset : offset + CHUNK_BYTES])
+            session.sent_all_at = time.monotonic()
+
+
+async def _accept(stream: trio.SocketStream, ws: Any) -> str:
+    """Do the opening handshake; return the client's first text message."""
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    text = ""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise BenchError("client closed before subscribing")
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, Request):
+                await stream.send_all(ws.send(AcceptConnection()))
+            elif isinstance(event, TextMessage):
+                text += event.data
+                if event.message_finished:
+                    return text
+
+
+async def _discard_incoming(
+    stream: trio.SocketStream, ws: Any, lock: trio.StrictFIFOLock, scope: trio.CancelScope
+) -> None:
+    """Read and drop the client's frames; answer only its close; end the session on EOF."""
+    from wsproto.events import CloseConnection
+
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            scope.cancel()
+            return
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, CloseConnection):
+                async with lock:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await stream.send_all(ws.send(event.response()))
+                scope.cancel()
+                return
+
+
+# --- the client child processes --------------------------------------------------
+
+
+async def _bare_client(url: str, frames: int, assets: list[str]) -> dict[str, Any]:
+    from trio_websocket import open_websocket_url
+
+    async with open_websocket_url(
+        url,
+        max_message_size=MAX_MESSAGE_SIZE,
+        message_queue_size=MESSAGE_QUEUE,
+        disconnect_timeout=2,
+    ) as ws:
+        await ws.send_message(orjson.dumps({"assets_ids": assets, "type": "market"}).decode())
+        count = 0
+        while count < frames:
+            await ws.get_message()
+            count += 1
+        end = time.monotonic()
+    return {"end": end, "frames": count}
+
+
+async def _discard_client(port: int, total_bytes: int, assets: list[str]) -> dict[str, Any]:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host=f"127.0.0.1:{port}", target="/ws/market")))
+        accepted = False
+        while not accepted:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise BenchError("sender closed during the handshake")
+            ws.receive_data(data)
+            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        subscribe = orjson.dumps({"assets_ids": assets, "type": "market"}).decode()
+        await stream.send_all(ws.send(TextMessage(data=subscribe)))
+        received = 0
+        while received < total_bytes:
+            data = await stream.receive_some(CHUNK_BYTES)
+            if not data:
+                raise BenchError(f"sender closed after {received} of {total_bytes} bytes")
+            received += len(data)
+        end = time.monotonic()
+    return {"end": end, "bytes": received}
+
+
+def _client_main(args: argparse.Namespace) -> int:
+    assets = args.assets.split(",")
+    if args.client == "bare":
+        result = trio.run(_bare_client, f"ws://127.0.0.1:{args.port}/ws/market", args.frames,
+                          assets)
+    else:
+        result = trio.run(_discard_client, args.port, args.bytes, assets)
+    result["peak_rss_kib"] = _vm_hwm_kib("self")
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, Any]:
+    """Run a client child process against the sender; return its figures."""
+    tape = sender.tape
+    session = sender.expect(kind)
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--client", kind,
+        "--port", str(sender.port), "--frames", str(tape.total_frames),
+        "--bytes", str(tape.total_bytes), "--assets", ",".join(assets),
+    ]
+    with trio.fail_after(120):
+        done = await trio.run_process(command, capture_stdout=True, cwd=ROOT)
+        await session.closed.wait()
+    result = orjson.loads(done.stdout.splitlines()[-1])
+    if session.first_byte_at is None or session.error is not None:
+        raise BenchError(f"{kind} client: {session.error or 'nothing sent'}")
+    elapsed = result["end"] - session.first_byte_at
+    return {
+        "elapsed_s": elapsed,
+        "frames_per_s": tape.total_frames / elapsed,
+        "events_per_s": tape.total_events / elapsed,
+        "mb_per_s": tape.total_bytes / elapsed / 1e6,
+        "peak_rss_mib": result["peak_rss_kib"] / 1024,
+    }
+
+
+# --- the daemon ------------------------------------------------------------------
+
+
+def _vm_hwm_kib(pid: int | str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def prepare_database(dsn: str, markets: Sequence[Market]) -> None:
+    """Migrate, import the capture's markets, open two positions per asset."""
+    from polystream import db
+    from polystream.markets import import_markets_file
+
+    with db.connect(dsn, application_name="polystream-bench") as conn:
+        db.migrate(conn)
+        import_markets_file(conn, Path(f"{CAPTURE}.markets.json"))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
+                " VALUES ('bench', %s, %s, %s, %s, %s)",
+                [
+                    (m.id, outcome, token, Decimal(100), entry)
+                    for m in markets
+                    for outcome, token in zip(m.outcomes, m.tokens, strict=True)
+                    for entry in ENTRY_PRICES
+                ],
+            )
+        conn.commit()
+
+
+class StateProbe:
+    """A connection of the bench's own that compares the database with :class:`FinalState`."""
+
+    def __init__(self, dsn: str, want: FinalState) -> None:
+        from polystream import db
+
+        self._conn = db.connect(dsn, application_name="polystream-bench-probe", autocommit=True)
+        self._want = want
+
+    def matches(self) -> bool:
+        rows = self._conn.execute(
+            "SELECT id, outcome_prices, best_bid, best_ask, last_mid_price, last_trade_price"
+            " FROM markets WHERE id = ANY(%s)", (list(self._want.markets),)
+        ).fetchall()
+        for market_id, prices, bid, ask, mid, last in rows:
+            got = ([None if p is None else Decimal(p) for p in prices or []], bid, ask, mid, last)
+            if got != self._want.markets[market_id]:
+                return False
+        positions = self._conn.execute("SELECT token_id, current_price FROM positions").fetchall()
+        return len(rows) == len(self._want.markets) and all(
+            price == self._want.prices[token] for token, price in positions
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _health(url: str) -> dict[str, Any]:
+    import httpx
+
+    document: dict[str, Any] = httpx.get(url, timeout=2.0).json()
+    return document
+
+
+def _drained(health: dict[str, Any], frames: int) -> bool:
+    pending = health["pending"]
+    return bool(health["frames"] >= frames and pending["markets"] == 0
+                and pending["positions"] == 0)
+
+
+async def _stays_matched(probe: StateProbe, seconds: float = 0.2) -> bool:
+    """Guard against an early match: the state must hold for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await trio.sleep(POLL_INTERVAL)
+        if not await trio.to_thread.run_sync(probe.matches):
+            return False
+    return True
+
+
+async def wait_final_state(probe: StateProbe, health_url: str, frames: int) -> tuple[float, int]:
+    """
+    Poll until the database holds the final state and the daemon has read every
+    frame with nothing pending; return when the state was first seen and how
+    many earlier polls matched too soon (the state also holds between repetitions).
+    """
+    early = 0
+    while True:
+        await trio.sleep(POLL_INTERVAL)
+        if not await trio.to_thread.run_sync(probe.matches):
+            continue
+        seen_at = time.monotonic()
+        health = await trio.to_thread.run_sync(_health, health_url)
+        if _drained(health, frames) and await _stays_matched(probe):
+            return seen_at, early
+        early += 1
+
+
+def _daemon_env(dsn: str, url: str, health_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
+    env.update(DAEMON_SETTINGS)
+    env.update({
+        "POLYSTREAM_DATABASE__DSN": dsn,
+        "POLYSTREAM_FEED__URL": url,
+        "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
+    })
+    return env
+
+
+async def _wait_connected(session: Session, process: trio.Process, log_path: Path) -> None:
+    with trio.fail_after(60):
+        while not session.connected.is_set():
+            if process.poll() is not None:
+                raise BenchError(f"daemon exited {process.returncode}: {_tail(log_path)}")
+            with trio.move_on_after(0.05):
+                await session.connected.wait()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _log_summary(path: Path) -> dict[str, Any]:
+    """Warnings/errors and the ``daemon_stopped`` counters from the daemon's JSON log."""
+    problems: list[str] = []
+    stopped: dict[str, Any] = {}
+    for line in path.read_bytes().splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            problems.append(line.decode(errors="replace")[:200])
+            continue
+        if record.get("level") in ("warning", "error", "critical"):
+            problems.append(str(record.get("event")))
+        if record.get("event") == "daemon_stopped":
+            stopped = record
+    return {"problems": problems, "stopped": stopped}
+
+
+async def run_daemon(
+    sender: Sender, admin_dsn: str, round_no: int, want: FinalState, markets: Sequence[Market],
+    log_dir: Path,
+) -> dict[str, Any]:
+    """One end-to-end measurement of ``polystream run`` on a fresh database."""
+    from polystream import db
+
+    name = f"polystream_bench_{os.getpid()}_{round_no}"
+    db.drop_database(admin_dsn, name)
+    db.create_database(admin_dsn, name)
+    try:
+        dsn = db.dsn_with_dbname(admin_dsn, name)
+        await trio.to_thread.run_sync(prepare_database, dsn, markets)
+        probe = StateProbe(dsn, want)
+        try:
+            return await _measure_daemon(sender, dsn, probe, want, log_dir / f"daemon-{round_no}.log")
+        finally:
+            probe.close()
+    finally:
+        db.drop_database(admin_dsn, name)
+
+
+async def _measure_daemon(
+    sender: Sender, dsn: str, probe: StateProbe, want: FinalState, log_path: Path
+) -> dict[str, Any]:
+    tape = sender.tape
+    health_port = _free_port()
+    session = sender.expect("daemon")
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "polystream", "run"],
+            env=_daemon_env(dsn, sender.url, health_port),
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+    try:
+        await _wait_connected(session, process, log_path)
+        if sorted(session.assets) != sorted(want.prices):
+            raise BenchError(f"daemon subscribed {len(session.assets)} assets, not 12")
+        with trio.fail_after(300):
+            seen_at, early = await wait_final_state(
+                probe, f"http://127.0.0.1:{health_port}/health", tape.total_frames
+            )
+        peak_kib = _vm_hwm_kib(process.pid)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert session.first_byte_at is not None
+    elapsed = seen_at - session.first_byte_at
+    summary = _log_summary(log_path)
+    if code != 0 or summary["problems"] or sender.unexpected:
+        raise BenchError(f"daemon exit {code}, log problems {summary['problems'][:5]}, "
+                         f"reconnects {sender.unexpected}; log {log_path}")
+    return {
+        "elapsed_s": elapsed,
+        "events_per_s": tape.total_events / elapsed,
+        "frames_per_s": tape.total_frames / elapsed,
+        "peak_rss_mib": peak_kib / 1024,
+        "exit_code": code,
+        "early_matches": early,
+        "rows_markets": summary["stopped"].get("rows_markets"),
+        "rows_positions": summary["stopped"].get("rows_positions"),
+        "pid": process.pid,
+    }
+
+
+# --- orchestration ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def admin_database() -> Iterator[tuple[str, str]]:
+    """The admin DSN to create databases on, and where it came from."""
+    for variable in ("POLYSTREAM_BENCH_DSN", "POLYSTREAM_TEST_DSN"):
+        value = os.environ.get(variable)
+        if value:
+            yield value, variable
+            return
+    from polystream.embedded import open_embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="polystream-bench-pg-",
+                                     ignore_cleanup_errors=True) as tmp:
+        with open_embedded_postgres(Path(tmp)) as dsn:
+            yield dsn, "embedded"
+
+
+Runs = dict[str, list[dict[str, Any]]]
+
+
+async def bench(tape: Tape, admin_dsn: str, rounds: int, log_dir: Path) -> Runs:
+    markets = load_markets()
+    want = FinalState.expected(markets)
+    assets = [t for m in markets for t in m.tokens]
+    runs: Runs = {"sender": [], "bare_client": [], "daemon": []}
+    sender = Sender(tape)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.serve)
+        for round_no in range(1, rounds + 1):
+            runs["sender"].append(await run_client(sender, "discard", assets))
+            runs["bare_client"].append(await run_client(sender, "bare", assets))
+            runs["daemon"].append(
+                await run_daemon(sender, admin_dsn, round_no, want, markets, log_dir)
+            )
+            _progress(round_no, runs)
+        nursery.cancel_scope.cancel()
+    return runs
+
+
+def _progress(round_no: int, runs: Runs) -> None:
+    s, b, d = (runs[k][-1] for k in ("sender", "bare_client", "daemon"))
+    print(
+        f"round {round_no}: sender {s['frames_per_s']:,.0f} frames/s, "
+        f"bare client {b['events_per_s']:,.0f} events/s, daemon {d['events_per_s']:,.0f} "
+        f"events/s ({d['elapsed_s']:.2f} s, peak RSS {d['peak_rss_mib']:.1f} MiB)",
+        file=sys.stderr, flush=True,
+    )
+
+
+def figure(values: Sequence[float], unit: str, baseline: str | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "value": statistics.median(values),
+        "unit": unit,
+        "min": min(values),
+        "max": max(values),
+        "runs": list(values),
+    }
+    if baseline is not None:
+        result["baseline"] = baseline
+    return result
+
+
+def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
+    def each(kind: str, key: str) -> list[float]:
+        return [float(run[key]) for run in runs[kind]]
+
+    ratios = [d / b for d, b in zip(each("daemon", "events_per_s"),
+                                    each("bare_client", "events_per_s"), strict=True)]
+    headroom = [s / b for s, b in zip(each("sender", "frames_per_s"),
+                                      each("bare_client", "frames_per_s"), strict=True)]
+    return {
+        "machine": _machine(database),
+        "workload": {
+            "capture": f"{CAPTURE.relative_to(ROOT)}.jsonl.gz",
+            "repetitions": tape.repeat,
+            "frames": tape.total_frames,
+            "events": tape.total_events,
+            "bytes": tape.total_bytes,
+            "rounds": len(runs["daemon"]),
+            "daemon_settings": DAEMON_SETTINGS,
+        },
+        "ingest": {
+            "sender": {
+                "frames_per_s": figure(each("sender", "frames_per_s"), "frames/s"),
+                "mb_per_s": figure(each("sender", "mb_per_s"), "MB/s (10^6 bytes)"),
+                "headroom": figure(headroom, "sender frames/s per bare-client frames/s",
+                                   "ingest.bare_client.frames_per_s"),
+            },
+            "bare_client": {
+                "frames_per_s": figure(each("bare_client", "frames_per_s"), "frames/s"),
+                "events_per_s": figure(each("bare_client", "events_per_s"), "events/s"),
+            },
+            "daemon": {
+                "events_per_s": figure(each("daemon", "events_per_s"), "events/s",
+                                       "ingest.bare_client.events_per_s"),
+                "frames_per_s": figure(each("daemon", "frames_per_s"), "frames/s",
+                                       "ingest.bare_client.frames_per_s"),
+                "elapsed": figure(each("daemon", "elapsed_s"), "s"),
+                "rows_written": {
+                    "markets": [run["rows_markets"] for run in runs["daemon"]],
+                    "positions": [run["rows_positions"] for run in runs["daemon"]],
+                },
+            },
+            "ratio": figure(ratios, "daemon events/s per bare-client events/s",
+                            "ingest.bare_client.events_per_s"),
+        },
+        "memory": {
+            "daemon_peak_rss": figure(each("daemon", "peak_rss_mib"), "MiB",
+                                      "memory.bare_client_peak_rss"),
+            "bare_client_peak_rss": figure(each("bare_client", "peak_rss_mib"), "MiB"),
+        },
+    }
+
+
+def _machine(database: str) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": list(os.getloadavg()),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "database": database,
+    }
+
+
+TABLE_ROWS = [
+    ("Sender alone (raw reader)", "ingest.sender.frames_per_s"),
+    ("Sender alone (raw reader)", "ingest.sender.mb_per_s"),
+    ("Bare trio-websocket client", "ingest.bare_client.frames_per_s"),
+    ("Bare trio-websocket client", "ingest.bare_client.events_per_s"),
+    ("Daemon, feed to final DB state", "ingest.daemon.events_per_s"),
+    ("Daemon, feed to final DB state", "ingest.daemon.elapsed"),
+    ("**Daemon / bare client**", "ingest.ratio"),
+    ("Daemon peak RSS (VmHWM)", "memory.daemon_peak_rss"),
+    ("Bare client peak RSS (VmHWM)", "memory.bare_client_peak_rss"),
+]
+
+
+def _number(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def markdown(document: dict[str, Any]) -> str:
+    work, machine = document["workload"], document["machine"]
+    lines = [
+        f"Ingest: {work['frames']:,} frames / {work['events']:,} events "
+        f"({work['bytes'] / 1e6:.0f} MB; `{work['capture']}` x {work['repetitions']}), "
+        f"median of {work['rounds']} interleaved rounds (min-max), {machine['cpu_count']} CPUs, "
+        f"Python {machine['python']}, {machine['date']}.",
+        "",
+        "| Measurement | Value | Min-max | Unit |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for label, path in TABLE_ROWS:
+        node = document
+        for key in path.split("."):
+            node = node[key]
+        lines.append(
+            f"| {label} | {_number(node['value'])} | {_number(node['min'])}-"
+            f"{_number(node['max'])} | {node['unit']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=None,
+                        help=f"repetitions of the capture (default: >= {MIN_FRAMES:,} frames)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR,
+                        help="where results.json and results.md go (default bench/)")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="keep the daemon logs here (default: a temporary directory)")
+    parser.add_argument("--client", choices=["bare", "discard"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--assets", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.client:
+        return _client_main(args)
+    tape = Tape.load(Path(f"{CAPTURE}.jsonl.gz"), args.repeat)
+    print(f"workload: {tape.total_frames:,} frames, {tape.total_events:,} events, "
+          f"{tape.total_bytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
+    with contextlib.ExitStack() as stack:
+        log_dir = args.log_dir or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="polystream-bench-logs-")
+        ))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        admin_dsn, database = stack.enter_context(admin_database())
+        runs = trio.run(bench, tape, admin_dsn, args.rounds, log_dir)
+    document = results(tape, runs, database)
+    table = markdown(document)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    (args.out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
