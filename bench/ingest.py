@@ -57,9 +57,10 @@ import attrs
 import orjson
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the project
 CAPTURE = ROOT / "examples" / "updown-2025-12-11"
-OUT_DIR = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve()
+OUT_DIR = SCRIPT.parent
 CHUNK_BYTES = 1 << 20
 POLL_INTERVAL = 0.02
 MIN_FRAMES = 150_000
@@ -101,7 +102,7 @@ class Tape:
         for line in lines:
             data = orjson.loads(line)
             events += len(data) if isinstance(data, list) else 1
-            parts.append(encoder.send_data(line.decode(), fin=True))
+            parts.append(bytes(encoder.send_data(line.decode(), fin=True)))
         if repeat is None:
             repeat = math.ceil(MIN_FRAMES / len(lines))
         return cls(blob=b"".join(parts), frames=len(lines), events=events, repeat=repeat)
@@ -296,12 +297,14 @@ async def _bare_client(url: str, frames: int, assets: list[str]) -> dict[str, An
         disconnect_timeout=2,
     ) as ws:
         await ws.send_message(orjson.dumps({"assets_ids": assets, "type": "market"}).decode())
+        cpu_start = time.process_time()
         count = 0
         while count < frames:
             await ws.get_message()
             count += 1
         end = time.monotonic()
-    return {"end": end, "frames": count}
+        cpu = time.process_time() - cpu_start
+    return {"end": end, "frames": count, "cpu_s": cpu}
 
 
 async def _discard_client(port: int, total_bytes: int, assets: list[str]) -> dict[str, Any]:
@@ -321,6 +324,7 @@ async def _discard_client(port: int, total_bytes: int, assets: list[str]) -> dic
             accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
         subscribe = orjson.dumps({"assets_ids": assets, "type": "market"}).decode()
         await stream.send_all(ws.send(TextMessage(data=subscribe)))
+        cpu_start = time.process_time()
         received = 0
         while received < total_bytes:
             data = await stream.receive_some(CHUNK_BYTES)
@@ -328,7 +332,8 @@ async def _discard_client(port: int, total_bytes: int, assets: list[str]) -> dic
                 raise BenchError(f"sender closed after {received} of {total_bytes} bytes")
             received += len(data)
         end = time.monotonic()
-    return {"end": end, "bytes": received}
+        cpu = time.process_time() - cpu_start
+    return {"end": end, "bytes": received, "cpu_s": cpu}
 
 
 def _client_main(args: argparse.Namespace) -> int:
@@ -348,7 +353,7 @@ async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, 
     tape = sender.tape
     session = sender.expect(kind)
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--client", kind,
+        sys.executable, str(SCRIPT), "--client", kind,
         "--port", str(sender.port), "--frames", str(tape.total_frames),
         "--bytes", str(tape.total_bytes), "--assets", ",".join(assets),
     ]
@@ -365,6 +370,8 @@ async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, 
         "events_per_s": tape.total_events / elapsed,
         "mb_per_s": tape.total_bytes / elapsed / 1e6,
         "peak_rss_mib": result["peak_rss_kib"] / 1024,
+        "cpu_s": result["cpu_s"],
+        "cpu_us_per_event": result["cpu_s"] / tape.total_events * 1e6,
     }
 
 
@@ -376,6 +383,12 @@ def _vm_hwm_kib(pid: int | str) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise BenchError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid``, all threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -516,9 +529,16 @@ def _log_summary(path: Path) -> dict[str, Any]:
     return {"problems": problems, "stopped": stopped}
 
 
+@attrs.frozen
+class Options:
+    rounds: int
+    log_dir: Path
+    profile_dir: Path | None
+
+
 async def run_daemon(
     sender: Sender, admin_dsn: str, round_no: int, want: FinalState, markets: Sequence[Market],
-    log_dir: Path,
+    options: Options,
 ) -> dict[str, Any]:
     """One end-to-end measurement of ``polystream run`` on a fresh database."""
     from polystream import db
@@ -531,7 +551,11 @@ async def run_daemon(
         await trio.to_thread.run_sync(prepare_database, dsn, markets)
         probe = StateProbe(dsn, want)
         try:
-            return await _measure_daemon(sender, dsn, probe, want, log_dir / f"daemon-{round_no}.log")
+            profile = None
+            if options.profile_dir is not None:
+                profile = options.profile_dir / f"daemon-{round_no}.txt"
+            log_path = options.log_dir / f"daemon-{round_no}.log"
+            return await _measure_daemon(sender, dsn, probe, want, log_path, profile)
         finally:
             probe.close()
     finally:
@@ -539,7 +563,8 @@ async def run_daemon(
 
 
 async def _measure_daemon(
-    sender: Sender, dsn: str, probe: StateProbe, want: FinalState, log_path: Path
+    sender: Sender, dsn: str, probe: StateProbe, want: FinalState, log_path: Path,
+    profile: Path | None,
 ) -> dict[str, Any]:
     tape = sender.tape
     health_port = _free_port()
@@ -550,8 +575,12 @@ async def _measure_daemon(
             env=_daemon_env(dsn, sender.url, health_port),
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
+    spy: trio.Process | None = None
     try:
+        if profile is not None:
+            spy = await _start_py_spy(process.pid, profile)
         await _wait_connected(session, process, log_path)
+        cpu_start = _cpu_seconds(process.pid)
         if sorted(session.assets) != sorted(want.prices):
             raise BenchError(f"daemon subscribed {len(session.assets)} assets, not 12")
         with trio.fail_after(300):
@@ -559,13 +588,19 @@ async def _measure_daemon(
                 probe, f"http://127.0.0.1:{health_port}/health", tape.total_frames
             )
         peak_kib = _vm_hwm_kib(process.pid)
+        cpu = _cpu_seconds(process.pid) - cpu_start
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            with trio.fail_after(30):
+                await spy.wait()
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             code = await process.wait()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        for child in (spy, process):
+            if child is not None and child.returncode is None:
+                child.kill()
+                await child.wait()
     assert session.first_byte_at is not None
     elapsed = seen_at - session.first_byte_at
     summary = _log_summary(log_path)
@@ -577,12 +612,54 @@ async def _measure_daemon(
         "events_per_s": tape.total_events / elapsed,
         "frames_per_s": tape.total_frames / elapsed,
         "peak_rss_mib": peak_kib / 1024,
+        "cpu_s": cpu,
+        "cpu_us_per_event": cpu / tape.total_events * 1e6,
         "exit_code": code,
         "early_matches": early,
         "rows_markets": summary["stopped"].get("rows_markets"),
         "rows_positions": summary["stopped"].get("rows_positions"),
         "pid": process.pid,
     }
+
+
+# --- profiling (--profile) -------------------------------------------------------
+
+
+async def _start_py_spy(pid: int, output: Path) -> trio.Process:
+    """Sample ``pid`` with py-spy (``pip install py-spy``) into a collapsed-stack file."""
+    exe = Path(sys.executable).with_name("py-spy")
+    command = [
+        str(exe) if exe.exists() else "py-spy", "record", "--pid", str(pid), "--rate", "250",
+        "--nonblocking", "--format", "raw", "--threads", "--output", str(output),
+    ]
+    spy = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+    await trio.sleep(0.5)  # let it attach before the first frame
+    return spy
+
+
+def hotspots(path: Path, top: int = 15) -> str:
+    """Self and inclusive sample shares by function from a py-spy ``raw`` file."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [f.rsplit(":", 1)[0] for f in stack.split(";")[1:]]  # drop the thread frame
+        total += count
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + count
+    lines = [f"{path.name}: {total} samples"]
+    for title, table in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"  top {top} by {title} time:")
+        for name, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {100 * count / max(total, 1):5.1f}%  {name}")
+    return "\n".join(lines)
 
 
 # --- orchestration ---------------------------------------------------------------
@@ -598,16 +675,17 @@ def admin_database() -> Iterator[tuple[str, str]]:
             return
     from polystream.embedded import open_embedded_postgres
 
-    with tempfile.TemporaryDirectory(prefix="polystream-bench-pg-",
-                                     ignore_cleanup_errors=True) as tmp:
-        with open_embedded_postgres(Path(tmp)) as dsn:
-            yield dsn, "embedded"
+    with (
+        tempfile.TemporaryDirectory(prefix="polystream-bench-pg-", ignore_cleanup_errors=True) as tmp,
+        open_embedded_postgres(Path(tmp)) as dsn,
+    ):
+        yield dsn, "embedded"
 
 
 Runs = dict[str, list[dict[str, Any]]]
 
 
-async def bench(tape: Tape, admin_dsn: str, rounds: int, log_dir: Path) -> Runs:
+async def bench(tape: Tape, admin_dsn: str, options: Options) -> Runs:
     markets = load_markets()
     want = FinalState.expected(markets)
     assets = [t for m in markets for t in m.tokens]
@@ -615,11 +693,11 @@ async def bench(tape: Tape, admin_dsn: str, rounds: int, log_dir: Path) -> Runs:
     sender = Sender(tape)
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.serve)
-        for round_no in range(1, rounds + 1):
+        for round_no in range(1, options.rounds + 1):
             runs["sender"].append(await run_client(sender, "discard", assets))
             runs["bare_client"].append(await run_client(sender, "bare", assets))
             runs["daemon"].append(
-                await run_daemon(sender, admin_dsn, round_no, want, markets, log_dir)
+                await run_daemon(sender, admin_dsn, round_no, want, markets, options)
             )
             _progress(round_no, runs)
         nursery.cancel_scope.cancel()
@@ -655,6 +733,9 @@ def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
 
     ratios = [d / b for d, b in zip(each("daemon", "events_per_s"),
                                     each("bare_client", "events_per_s"), strict=True)]
+    cpu_ratios = [d / b for d, b in zip(each("daemon", "cpu_us_per_event"),
+                                        each("bare_client", "cpu_us_per_event"), strict=True)]
+    busy = [run["cpu_s"] / run["elapsed_s"] for run in runs["daemon"]]
     headroom = [s / b for s, b in zip(each("sender", "frames_per_s"),
                                       each("bare_client", "frames_per_s"), strict=True)]
     return {
@@ -678,6 +759,8 @@ def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
             "bare_client": {
                 "frames_per_s": figure(each("bare_client", "frames_per_s"), "frames/s"),
                 "events_per_s": figure(each("bare_client", "events_per_s"), "events/s"),
+                "cpu_per_event": figure(each("bare_client", "cpu_us_per_event"),
+                                        "CPU µs/event"),
             },
             "daemon": {
                 "events_per_s": figure(each("daemon", "events_per_s"), "events/s",
@@ -685,6 +768,10 @@ def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
                 "frames_per_s": figure(each("daemon", "frames_per_s"), "frames/s",
                                        "ingest.bare_client.frames_per_s"),
                 "elapsed": figure(each("daemon", "elapsed_s"), "s"),
+                "cpu_per_event": figure(each("daemon", "cpu_us_per_event"), "CPU µs/event",
+                                        "ingest.bare_client.cpu_per_event"),
+                "cpu_busy": figure(busy, "daemon CPU s per elapsed s (all threads)"),
+                "early_matches": [run["early_matches"] for run in runs["daemon"]],
                 "rows_written": {
                     "markets": [run["rows_markets"] for run in runs["daemon"]],
                     "positions": [run["rows_positions"] for run in runs["daemon"]],
@@ -692,6 +779,8 @@ def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
             },
             "ratio": figure(ratios, "daemon events/s per bare-client events/s",
                             "ingest.bare_client.events_per_s"),
+            "cpu_ratio": figure(cpu_ratios, "daemon CPU per event / bare-client CPU per event",
+                                "ingest.bare_client.cpu_per_event"),
         },
         "memory": {
             "daemon_peak_rss": figure(each("daemon", "peak_rss_mib"), "MiB",
@@ -717,9 +806,13 @@ TABLE_ROWS = [
     ("Sender alone (raw reader)", "ingest.sender.mb_per_s"),
     ("Bare trio-websocket client", "ingest.bare_client.frames_per_s"),
     ("Bare trio-websocket client", "ingest.bare_client.events_per_s"),
+    ("Bare trio-websocket client", "ingest.bare_client.cpu_per_event"),
     ("Daemon, feed to final DB state", "ingest.daemon.events_per_s"),
     ("Daemon, feed to final DB state", "ingest.daemon.elapsed"),
+    ("Daemon, feed to final DB state", "ingest.daemon.cpu_per_event"),
+    ("Daemon, feed to final DB state", "ingest.daemon.cpu_busy"),
     ("**Daemon / bare client**", "ingest.ratio"),
+    ("Daemon / bare client, CPU per event", "ingest.cpu_ratio"),
     ("Daemon peak RSS (VmHWM)", "memory.daemon_peak_rss"),
     ("Bare client peak RSS (VmHWM)", "memory.bare_client_peak_rss"),
 ]
@@ -762,6 +855,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where results.json and results.md go (default bench/)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="keep the daemon logs here (default: a temporary directory)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record each daemon run with py-spy into this directory "
+                             "(slows the daemon: figures are not comparable)")
     parser.add_argument("--client", choices=["bare", "discard"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)
@@ -770,10 +866,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _quiet_logging() -> None:
+    """The bench's own use of polystream (migrations, embedded server) logs warnings only."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.client:
         return _client_main(args)
+    _quiet_logging()
     tape = Tape.load(Path(f"{CAPTURE}.jsonl.gz"), args.repeat)
     print(f"workload: {tape.total_frames:,} frames, {tape.total_events:,} events, "
           f"{tape.total_bytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
@@ -783,7 +889,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ))
         log_dir.mkdir(parents=True, exist_ok=True)
         admin_dsn, database = stack.enter_context(admin_database())
-        runs = trio.run(bench, tape, admin_dsn, args.rounds, log_dir)
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        options = Options(args.rounds, log_dir, args.profile)
+        runs = trio.run(bench, tape, admin_dsn, options)
+    if args.profile is not None:
+        for path in sorted(args.profile.glob("daemon-*.txt")):
+            print(hotspots(path), file=sys.stderr)
+        return 0  # profiled figures are not written as results
     document = results(tape, runs, database)
     table = markdown(document)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ async def run(
     Raises:
         OSError: ``health.listen`` cannot be bound.
     """
-    stats = Stats()
+    stats = Stats(silent_after=config.feed.silent_after)
     books: dict[str, AssetBook] = {}
     catalog = Catalog()
     pipeline = config.pipeline
@@ -121,6 +121,7 @@ async def run(
                     stats,
                     config.feed.watch,
                     config.feed.reconcile_interval,
+                    grace=config.feed.unsubscribe_grace,
                 )
                 # Writers first: they must outlive intake to flush at shutdown.
                 await nursery.start(markets.run)

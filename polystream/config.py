@@ -80,6 +80,10 @@ class FeedConfig:
         connect_stagger: seconds between opening two new connections.
         custom_feature_enabled: ask for ``best_bid_ask``/``new_market``/
             ``market_resolved`` (widens the feed venue-wide).
+        unsubscribe_grace: seconds an asset nothing needs any more stays
+            subscribed, so that a close-and-reopen does not flap.
+        silent_after: seconds after which a subscribed asset that has
+            delivered no event is reported as silent.
     """
 
     url: str = DEFAULT_FEED_URL
@@ -93,6 +97,8 @@ class FeedConfig:
     backoff_max: float = 30.0
     connect_stagger: float = 0.1
     custom_feature_enabled: bool = False
+    unsubscribe_grace: float = 60.0
+    silent_after: float = 60.0
 
 
 @attrs.frozen
@@ -235,6 +241,8 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
     ("feed", "backoff_max"): ("float", _positive, "seconds > 0"),
     ("feed", "connect_stagger"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("feed", "custom_feature_enabled"): ("bool", None, "true or false"),
+    ("feed", "unsubscribe_grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
+    ("feed", "silent_after"): ("float", _positive, "seconds > 0"),
     ("pipeline", "market_flush_interval"): ("float", _positive, "seconds > 0"),
     ("pipeline", "debounce"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("pipeline", "positions_per_second"): ("float", _positive, "rows per second > 0"),

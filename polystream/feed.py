@@ -70,8 +70,10 @@ class Shard:
 
     def add(self, asset_ids: Iterable[str]) -> None:
         """Subscribe ``asset_ids`` (sent on the open connection, or at connect)."""
+        now = time.monotonic()
         for asset_id in asset_ids:
             self.assets.add(asset_id)
+            self.stats.subscribed_at[asset_id] = now
             self.pending_unsubscribe.discard(asset_id)
             self.pending_subscribe.add(asset_id)
         self.stats.assets = len(self.assets)
@@ -82,6 +84,7 @@ class Shard:
         for asset_id in asset_ids:
             self.assets.discard(asset_id)
             self.stats.seen_assets.discard(asset_id)
+            self.stats.subscribed_at.pop(asset_id, None)
             self.pending_subscribe.discard(asset_id)
             self.pending_unsubscribe.add(asset_id)
         self.stats.assets = len(self.assets)
@@ -92,6 +95,9 @@ class Shard:
         self.pending_subscribe.clear()
         self.pending_unsubscribe.clear()
         self.changed = trio.Event()
+        now = time.monotonic()
+        self.stats.seen_assets.clear()  # coverage counts from this subscription
+        self.stats.subscribed_at = dict.fromkeys(self.assets, now)
         return sorted(self.assets)
 
 

@@ -173,8 +173,10 @@ class Reconciler:
     Keeps the feed's subscriptions equal to the desired set.
 
     ``wake()`` asks for a reconcile now (from LISTEN); otherwise one runs
-    every ``interval`` seconds. The catalog object is updated in place so
-    that the router and writers, which hold it, see the change.
+    every ``interval`` seconds. An asset that leaves the desired set stays
+    subscribed for ``grace`` seconds (a close-and-reopen does not flap). The
+    catalog object is updated in place so that the router and writers, which
+    hold it, see the change.
     """
 
     link: DbLink
@@ -183,11 +185,22 @@ class Reconciler:
     stats: Stats
     watch: tuple[str, ...]
     interval: float
+    grace: float = 60.0
     _wake: trio.Event = attrs.field(factory=trio.Event)
+    _leaving: dict[str, float] = attrs.field(factory=dict)
 
     def wake(self) -> None:
         """Reconcile as soon as possible."""
         self._wake.set()
+
+    def _with_grace(self, desired: frozenset[str], now: float) -> set[str]:
+        """``desired`` plus the assets still inside their unsubscribe grace period."""
+        for asset_id in self.pool.asset_shard:
+            if asset_id not in desired:
+                self._leaving.setdefault(asset_id, now + self.grace)
+        for asset_id in [a for a, t in self._leaving.items() if a in desired or t <= now]:
+            del self._leaving[asset_id]
+        return set(desired) | set(self._leaving)
 
     async def reconcile(self) -> DesiredSet:
         """Read the desired set and apply it; raises DatabaseError."""
@@ -195,12 +208,18 @@ class Reconciler:
         self.catalog.market_tokens = desired.catalog.market_tokens
         self.catalog.asset_market = desired.catalog.asset_market
         self.catalog.positions_per_market = desired.catalog.positions_per_market
-        self.pool.set_assets(set(desired.assets))
+        self.pool.set_assets(self._with_grace(desired.assets, trio.current_time()))
         self.stats.desired_assets = len(desired.assets)
         return desired
 
+    def _next_run(self) -> float:
+        deadline = trio.current_time() + self.interval
+        if self._leaving:
+            deadline = min(deadline, min(self._leaving.values()))
+        return deadline
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Reconcile now, then on every wake-up or interval; runs until cancelled."""
+        """Reconcile now, then on every wake-up, interval or grace expiry; until cancelled."""
         started = False
         previous: frozenset[str] | None = None
         while True:
@@ -215,12 +234,13 @@ class Reconciler:
                         "subscriptions_reconciled",
                         assets=len(desired.assets),
                         markets=len(desired.catalog.market_tokens),
+                        leaving=len(self._leaving),
                     )
                     previous = desired.assets
             if not started:
                 started = True
                 task_status.started()
-            with trio.move_on_after(self.interval):
+            with trio.move_on_at(self._next_run()):
                 await self._wake.wait()
 
 

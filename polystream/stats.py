@@ -41,14 +41,27 @@ class ShardStats:
     ping_rtt: float | None = None
     last_error: str | None = None
     seen_assets: set[str] = attrs.field(factory=set)
+    subscribed_at: dict[str, float] = attrs.field(factory=dict)
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def silent(self, now: float, after: float) -> list[str]:
+        """Assets subscribed for more than ``after`` s that delivered no event since."""
+        return sorted(
+            asset
+            for asset, since in self.subscribed_at.items()
+            if asset not in self.seen_assets and now - since > after
+        )
+
+    def snapshot(self, now: float, silent_after: float = 60.0) -> dict[str, Any]:
         """The shard's part of ``/health``: ages in seconds."""
+        silent = self.silent(now, silent_after) if self.state == "connected" else []
         return {
             "index": self.index,
             "state": self.state,
             "assets": self.assets,
             "assets_with_data": len(self.seen_assets),
+            "coverage": len(self.seen_assets) / self.assets if self.assets else None,
+            "silent_assets": len(silent),
+            "silent_sample": silent[:5],
             "frames": self.frames,
             "reconnects": self.reconnects,
             "connected_for_s": None if self.connected_at is None else now - self.connected_at,
@@ -90,6 +103,7 @@ class Stats:
     pending_markets: int = 0
     pending_positions: int = 0
     shards: dict[int, ShardStats] = attrs.field(factory=dict)
+    silent_after: float = 60.0
 
     def shard(self, index: int) -> ShardStats:
         """The stats of shard ``index``, created on first use."""
@@ -135,7 +149,8 @@ class Stats:
                 if self.last_write_at is None
                 else now - self.last_write_at,
             },
-            "shards": [s.snapshot(now) for _, s in sorted(self.shards.items())],
+            "silent_after_s": self.silent_after,
+            "shards": [s.snapshot(now, self.silent_after) for _, s in sorted(self.shards.items())],
         }
 
 
@@ -181,14 +196,21 @@ class StatsCollector(Collector):
             "polystream_db_errors", "Failed database round trips", value=stats.db_errors
         )
         assets = GaugeMetricFamily("polystream_subscribed_assets", "Assets", labels=["shard"])
+        covered = GaugeMetricFamily(
+            "polystream_covered_assets",
+            "Subscribed assets that delivered an event since subscription",
+            labels=["shard"],
+        )
         age = GaugeMetricFamily(
             "polystream_last_frame_age_seconds", "Seconds since last frame", labels=["shard"]
         )
         for shard in stats.shards.values():
             assets.add_metric([str(shard.index)], shard.assets)
+            covered.add_metric([str(shard.index)], len(shard.seen_assets))
             if shard.last_frame_at is not None:
                 age.add_metric([str(shard.index)], now - shard.last_frame_at)
         yield assets
+        yield covered
         yield age
         yield GaugeMetricFamily(
             "polystream_database_connected",
