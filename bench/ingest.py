@@ -727,7 +727,7 @@ def figure(values: Sequence[float], unit: str, baseline: str | None = None) -> d
     return result
 
 
-def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
+def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
     def each(kind: str, key: str) -> list[float]:
         return [float(run[key]) for run in runs[kind]]
 
@@ -739,7 +739,7 @@ def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
     headroom = [s / b for s, b in zip(each("sender", "frames_per_s"),
                                       each("bare_client", "frames_per_s"), strict=True)]
     return {
-        "machine": _machine(database),
+        "machine": machine,
         "workload": {
             "capture": f"{CAPTURE.relative_to(ROOT)}.jsonl.gz",
             "repetitions": tape.repeat,
@@ -790,14 +790,14 @@ def results(tape: Tape, runs: Runs, database: str) -> dict[str, Any]:
     }
 
 
-def _machine(database: str) -> dict[str, Any]:
+def machine_facts() -> dict[str, Any]:
+    """CPU count, Python, platform, load average (at the start) and date."""
     return {
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average": list(os.getloadavg()),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "database": database,
     }
 
 
@@ -880,6 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.client:
         return _client_main(args)
     _quiet_logging()
+    machine = machine_facts()
     tape = Tape.load(Path(f"{CAPTURE}.jsonl.gz"), args.repeat)
     print(f"workload: {tape.total_frames:,} frames, {tape.total_events:,} events, "
           f"{tape.total_bytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
@@ -888,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tempfile.TemporaryDirectory(prefix="polystream-bench-logs-")
         ))
         log_dir.mkdir(parents=True, exist_ok=True)
-        admin_dsn, database = stack.enter_context(admin_database())
+        admin_dsn, machine["database"] = stack.enter_context(admin_database())
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
         options = Options(args.rounds, log_dir, args.profile)
@@ -897,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in sorted(args.profile.glob("daemon-*.txt")):
             print(hotspots(path), file=sys.stderr)
         return 0  # profiled figures are not written as results
-    document = results(tape, runs, database)
+    document = results(tape, runs, machine)
     table = markdown(document)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))

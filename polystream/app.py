@@ -23,6 +23,7 @@ import trio
 from polystream.book import AssetBook
 from polystream.config import Config
 from polystream.feed import FeedPool
+from polystream.gamma import MetadataFiller, open_gamma_client, run_metadata_filler
 from polystream.health import serve_health
 from polystream.pipeline import (
     Catalog,
@@ -89,6 +90,7 @@ async def run(
     market_link = DbLink(dsn, "markets", stats, timeout)
     position_link = DbLink(dsn, "positions", stats, timeout)
     reconcile_link = DbLink(dsn, "reconciler", stats, timeout)
+    gamma_link = DbLink(dsn, "gamma", stats, timeout)
     send, receive = trio.open_memory_channel[list[FeedEvent]](pipeline.queue_size)
     markets = MarketWriter(
         books,
@@ -111,7 +113,14 @@ async def run(
     router = Router(books, catalog, markets, positions)
     try:
         with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
+            async with (
+                open_gamma_client(
+                    config.gamma.url,
+                    request_timeout=config.gamma.request_timeout,
+                    attempts=config.gamma.attempts,
+                ) as gamma,
+                trio.open_nursery() as nursery,
+            ):
                 async with send:
                     pool = FeedPool(config.feed, send.clone(), stats)
                 reconciler = Reconciler(
@@ -129,8 +138,26 @@ async def run(
                 nursery.start_soon(router.run, receive)
                 await nursery.start(pool.run)
                 await nursery.start(reconciler.run)
+                filler: MetadataFiller = await nursery.start(
+                    partial(
+                        run_metadata_filler,
+                        gamma_link,
+                        gamma,
+                        reconciler.wake,
+                        interval=config.gamma.fill_interval,
+                        retry_initial=config.gamma.retry_initial,
+                        retry_max=config.gamma.retry_max,
+                    )
+                )
+
+                def on_positions_changed() -> None:
+                    reconciler.wake()
+                    filler.wake()
+
                 await nursery.start(
-                    partial(run_listener, dsn, reconciler.wake, retry_max=config.database.retry_max)
+                    partial(
+                        run_listener, dsn, on_positions_changed, retry_max=config.database.retry_max
+                    )
                 )
                 urls: list[str] = await nursery.start(serve_health, stats, config.health.listen)
                 logger.info(
@@ -144,7 +171,7 @@ async def run(
                     App(stats, books, catalog, pool, reconciler, markets, positions, urls, scope)
                 )
     finally:
-        for link in (market_link, position_link, reconcile_link):
+        for link in (market_link, position_link, reconcile_link, gamma_link):
             link.close()
         logger.info(
             "daemon_stopped",

@@ -154,30 +154,54 @@ def db_migrate(config_path: ConfigOption = None) -> None:
 
 @markets_app.command("import")
 def markets_import(
-    paths: Annotated[
-        list[Path], typer.Argument(help="Gamma market JSON: object, array or JSON lines.")
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files of Gamma market JSON (object, array or JSON lines), or with "
+            "--from-gamma: Gamma ids, slugs or condition ids."
+        ),
     ],
+    from_gamma: Annotated[
+        bool, typer.Option("--from-gamma", help="Fetch the markets from the Gamma API.")
+    ] = False,
     config_path: ConfigOption = None,
 ) -> None:
     """Load Gamma market objects into ``markets`` (metadata; live prices are kept)."""
-    from polystream import db
-    from polystream.markets import import_markets_file
-
     config = _setup(config_path)
-    total = 0
     try:
-        with (
-            _database(config) as dsn,
-            db.connect(dsn, application_name="polystream-import") as conn,
-        ):
-            for path in paths:
-                count = import_markets_file(conn, path)
-                conn.commit()
-                typer.echo(f"{path}: {count} market(s)")
-                total += count
+        with _database(config) as dsn:
+            if from_gamma:
+                total = trio.run(_import_from_gamma, config, dsn, sources)
+            else:
+                total = _import_files(dsn, [Path(source) for source in sources])
     except (PolystreamError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"imported {total} market(s)")
+
+
+def _import_files(dsn: str, paths: list[Path]) -> int:
+    from polystream import db
+    from polystream.markets import import_markets_file
+
+    total = 0
+    with db.connect(dsn, application_name="polystream-import") as conn:
+        for path in paths:
+            count = import_markets_file(conn, path)
+            conn.commit()
+            typer.echo(f"{path}: {count} market(s)")
+            total += count
+    return total
+
+
+async def _import_from_gamma(config: Config, dsn: str, refs: list[str]) -> int:
+    from polystream.gamma import import_from_gamma, open_gamma_client
+
+    async with open_gamma_client(
+        config.gamma.url,
+        request_timeout=config.gamma.request_timeout,
+        attempts=config.gamma.attempts,
+    ) as client:
+        return await import_from_gamma(dsn, refs, client)
 
 
 @app.command()

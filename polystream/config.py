@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "DatabaseConfig",
     "FeedConfig",
+    "GammaConfig",
     "HealthConfig",
     "LogConfig",
     "PipelineConfig",
@@ -99,6 +100,29 @@ class FeedConfig:
     custom_feature_enabled: bool = False
     unsubscribe_grace: float = 60.0
     silent_after: float = 60.0
+
+
+@attrs.frozen
+class GammaConfig:
+    """
+    ``[gamma]``: market metadata for positions whose market lacks token ids.
+
+    Attributes:
+        url: Gamma API base URL (https://gamma-api.polymarket.com).
+        fill_interval: seconds between checks for markets lacking ``clob_token_ids``.
+        request_timeout: seconds per HTTP request.
+        attempts: tries per request (transport errors, 429 and 5xx are retried).
+        retry_initial: seconds before an id Gamma does not know is asked again
+            (doubling up to ``retry_max``).
+        retry_max: longest wait for such an id, seconds.
+    """
+
+    url: str = "https://gamma-api.polymarket.com"
+    fill_interval: float = 30.0
+    request_timeout: float = 10.0
+    attempts: int = 5
+    retry_initial: float = 60.0
+    retry_max: float = 3600.0
 
 
 @attrs.frozen
@@ -195,6 +219,7 @@ class Config:
 
     database: DatabaseConfig = DatabaseConfig()
     feed: FeedConfig = FeedConfig()
+    gamma: GammaConfig = GammaConfig()
     pipeline: PipelineConfig = PipelineConfig()
     positions: PositionsConfig = PositionsConfig()
     health: HealthConfig = HealthConfig()
@@ -212,6 +237,11 @@ def _positive(value: float) -> bool:
 def _ws_url(value: str) -> bool:
     parts = urlsplit(value)
     return parts.scheme in ("ws", "wss") and bool(parts.netloc)
+
+
+def _http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def _listen(value: str) -> bool:
@@ -243,6 +273,12 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
     ("feed", "custom_feature_enabled"): ("bool", None, "true or false"),
     ("feed", "unsubscribe_grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("feed", "silent_after"): ("float", _positive, "seconds > 0"),
+    ("gamma", "url"): ("str", _http_url, "an http:// or https:// URL"),
+    ("gamma", "fill_interval"): ("float", _positive, "seconds > 0"),
+    ("gamma", "request_timeout"): ("float", _positive, "seconds > 0"),
+    ("gamma", "attempts"): ("int", lambda v: v >= 1, "an integer >= 1"),
+    ("gamma", "retry_initial"): ("float", _positive, "seconds > 0"),
+    ("gamma", "retry_max"): ("float", _positive, "seconds > 0"),
     ("pipeline", "market_flush_interval"): ("float", _positive, "seconds > 0"),
     ("pipeline", "debounce"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("pipeline", "positions_per_second"): ("float", _positive, "rows per second > 0"),
@@ -270,6 +306,7 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
 _SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseConfig,
     "feed": FeedConfig,
+    "gamma": GammaConfig,
     "pipeline": PipelineConfig,
     "positions": PositionsConfig,
     "health": HealthConfig,
@@ -333,8 +370,10 @@ def _read_file(path: Path | None) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 
 
 def _gather(path: Path | None, environ: Mapping[str, str]) -> dict[tuple[str, str], Any]:

@@ -96,7 +96,7 @@ def classify_ref(ref: str) -> RefKind:
 
 
 def _retry_delay(exc: Exception) -> bool | float:
-    """stamina backoff hook: retry transport errors, 429 (honouring Retry-After) and 5xx."""
+    """Backoff hook for stamina: retry transport errors, 429 (honouring Retry-After) and 5xx."""
     if isinstance(exc, httpx.TransportError):
         return True
     if not isinstance(exc, httpx.HTTPStatusError):
@@ -163,7 +163,7 @@ class GammaClient:
     wait_initial: float = 0.5
     wait_max: float = 10.0
 
-    async def _get(self, path: str, params: list[tuple[str, str]] | None = None) -> httpx.Response:
+    async def _get(self, path: str, params: httpx.QueryParams | None = None) -> httpx.Response:
         """GET with retries; returns a 2xx or 404 response. Raises GammaError."""
         try:
             async for attempt in stamina.retry_context(
@@ -196,8 +196,8 @@ class GammaClient:
     async def _list(self, param: str, values: Sequence[str]) -> list[GammaMarket]:
         markets: list[GammaMarket] = []
         for chunk in _chunks(values, MAX_PER_REQUEST):
-            params = [(param, value) for value in chunk]
-            params.append(("limit", str(len(chunk))))
+            params = httpx.QueryParams([(param, value) for value in chunk])
+            params = params.add("limit", str(len(chunk)))
             response = await self._get("/markets", params)
             if response.status_code == 404:
                 continue
@@ -228,10 +228,7 @@ class GammaClient:
         if response.status_code == 404:
             return None
         body = self._decode(path, response)
-        if isinstance(body, list):  # tolerate an array answer
-            markets = _parse_items(body)
-        else:
-            markets = _parse_items([body])
+        markets = _parse_items(body if isinstance(body, list) else [body])  # array tolerated
         return markets[0] if markets else None
 
     async def lookup(self, refs: Sequence[str]) -> Lookup:
@@ -319,7 +316,7 @@ def missing_markets(conn: psycopg.Connection[Any]) -> list[str]:
     return sorted((str(row[0]) for row in rows), key=_ref_order)
 
 
-def _store(conn: psycopg.Connection[Any], markets: list[GammaMarket]) -> dict[str, str]:
+def _upsert_each(conn: psycopg.Connection[Any], markets: list[GammaMarket]) -> dict[str, str]:
     """
     Upsert ``markets`` in one statement; if it fails, one by one (each in a
     savepoint), so one bad market cannot block the others.  Returns
@@ -444,7 +441,7 @@ class MetadataFiller:
 
     async def _store(self, lookup: Lookup, now: float) -> int:
         markets = list({m.id: m for m in lookup.found.values()}.values())
-        failed = await self.link.call(_store, markets) if markets else {}
+        failed = await self.link.call(_upsert_each, markets) if markets else {}
         resolved = 0
         for ref in lookup.unknown:
             if self.schedule.failed(ref, now):

@@ -267,11 +267,14 @@ class MarketWriter:
         self.stats.pending_markets = len(rows)
         if not rows:
             return True
+        written = None
         try:
             written = await self.sink(rows)
         except DatabaseError:
-            self.dirty |= markets
             return False
+        finally:
+            if written is None:  # failed or cancelled mid-write: keep them for the next flush
+                self.dirty |= markets
         self.stats.rows_written["markets"] += written
         self.stats.pending_markets = len(self.dirty)
         return True
@@ -355,11 +358,14 @@ class PositionWriter:
         prices = self._prices(markets)
         if not prices:
             return True
+        written = None
         try:
             written = await self.sink(prices)
         except DatabaseError:
-            self._ready = dict.fromkeys(markets) | self._ready
             return False
+        finally:
+            if written is None:  # failed or cancelled mid-write: keep them, first in line
+                self._ready = dict.fromkeys(markets) | self._ready
         self.stats.rows_written["positions"] += written
         return True
 

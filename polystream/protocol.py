@@ -262,7 +262,7 @@ def _timestamp(obj: dict[str, Any]) -> int:
         return 0
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value)
     raise MalformedFrame("bad_field", f"'timestamp' = {value!r}")
 

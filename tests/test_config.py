@@ -268,13 +268,6 @@ def test_not_toml_file(tmp_path: Path) -> None:
     assert str(tmp_path / "config.toml") in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG config.py _read_file: tomllib.load raises UnicodeDecodeError (not "
-        "TOMLDecodeError) for a file that is not UTF-8; it escapes as a raw exception"
-    ),
-)
 def test_not_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_bytes(b"\xff\xfe[feed]\n")
@@ -282,13 +275,6 @@ def test_not_utf8_file(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG config.py _read_file catches only FileNotFoundError: a directory (or an "
-        "unreadable file) raises IsADirectoryError/PermissionError instead of ConfigError"
-    ),
-)
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=str(tmp_path)):
         load_config(tmp_path, environ={})
