@@ -606,7 +606,7 @@ async def _measure_daemon(
     summary = _log_summary(log_path)
     if code != 0 or summary["problems"] or sender.unexpected:
         raise BenchError(f"daemon exit {code}, log problems {summary['problems'][:5]}, "
-                         f"reconnects {sender.unexpected}; log {log_path}")
+                         f"reconnects {sender.unexpected}; log {log_path}:\n{_tail(log_path)}")
     return {
         "elapsed_s": elapsed,
         "events_per_s": tape.total_events / elapsed,
@@ -618,7 +618,6 @@ async def _measure_daemon(
         "early_matches": early,
         "rows_markets": summary["stopped"].get("rows_markets"),
         "rows_positions": summary["stopped"].get("rows_positions"),
-        "pid": process.pid,
     }
 
 

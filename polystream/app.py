@@ -25,6 +25,7 @@ from polystream.config import Config
 from polystream.feed import FeedPool
 from polystream.gamma import MetadataFiller, open_gamma_client, run_metadata_filler
 from polystream.health import serve_health
+from polystream.monitor import Executor, Monitor, RuleLoader, write_decisions
 from polystream.pipeline import (
     Catalog,
     MarketWriter,
@@ -56,6 +57,8 @@ class App:
     reconciler: Reconciler
     markets: MarketWriter
     positions: PositionWriter
+    monitor: Monitor
+    executor: Executor
     health_urls: list[str]
     cancel_scope: trio.CancelScope
 
@@ -91,6 +94,8 @@ async def run(
     position_link = DbLink(dsn, "positions", stats, timeout)
     reconcile_link = DbLink(dsn, "reconciler", stats, timeout)
     gamma_link = DbLink(dsn, "gamma", stats, timeout)
+    rules_link = DbLink(dsn, "rules", stats, timeout)
+    triggers_link = DbLink(dsn, "triggers", stats, timeout)
     send, receive = trio.open_memory_channel[list[FeedEvent]](pipeline.queue_size)
     markets = MarketWriter(
         books,
@@ -110,7 +115,14 @@ async def run(
         rate=pipeline.positions_per_second,
         retry_max=config.database.retry_max,
     )
-    router = Router(books, catalog, markets, positions)
+    executor = Executor(
+        config.execute.mode,
+        sink=lambda decisions: triggers_link.call(write_decisions, decisions),
+        stats=stats,
+    )
+    monitor = Monitor(executor.submit, stats, trigger_price=config.monitor.trigger_price)
+    loader = RuleLoader(rules_link, monitor, config.monitor.reload_interval)
+    router = Router(books, catalog, markets, positions, listeners=[monitor.on_price])
     try:
         with trio.CancelScope() as scope:
             async with (
@@ -135,6 +147,9 @@ async def run(
                 # Writers first: they must outlive intake to flush at shutdown.
                 await nursery.start(markets.run)
                 await nursery.start(positions.run)
+                await nursery.start(executor.run)
+                await nursery.start(loader.run)
+                await nursery.start(monitor.run)
                 nursery.start_soon(router.run, receive)
                 await nursery.start(pool.run)
                 await nursery.start(reconciler.run)
@@ -153,6 +168,7 @@ async def run(
                 def on_positions_changed() -> None:
                     reconciler.wake()
                     filler.wake()
+                    loader.wake()
 
                 await nursery.start(
                     partial(
@@ -168,10 +184,29 @@ async def run(
                     mark=config.positions.mark,
                 )
                 task_status.started(
-                    App(stats, books, catalog, pool, reconciler, markets, positions, urls, scope)
+                    App(
+                        stats,
+                        books,
+                        catalog,
+                        pool,
+                        reconciler,
+                        markets,
+                        positions,
+                        monitor,
+                        executor,
+                        urls,
+                        scope,
+                    )
                 )
     finally:
-        for link in (market_link, position_link, reconcile_link, gamma_link):
+        for link in (
+            market_link,
+            position_link,
+            reconcile_link,
+            gamma_link,
+            rules_link,
+            triggers_link,
+        ):
             link.close()
         logger.info(
             "daemon_stopped",

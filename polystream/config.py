@@ -29,10 +29,12 @@ __all__ = [
     "DEFAULT_FEED_URL",
     "Config",
     "DatabaseConfig",
+    "ExecuteConfig",
     "FeedConfig",
     "GammaConfig",
     "HealthConfig",
     "LogConfig",
+    "MonitorConfig",
     "PipelineConfig",
     "PositionsConfig",
     "StateConfig",
@@ -161,6 +163,37 @@ class PositionsConfig:
 
 
 @attrs.frozen
+class MonitorConfig:
+    """
+    ``[monitor]``: TP/SL and timed predictions.
+
+    Attributes:
+        trigger_price: the price TP/SL thresholds are compared with:
+            ``best_bid`` (what a sale would get; default), ``midpoint`` or
+            ``display``.
+        reload_interval: seconds between full reloads of the rules
+            (NOTIFY reloads at once).
+    """
+
+    trigger_price: Mark = "best_bid"
+    reload_interval: float = 30.0
+
+
+@attrs.frozen
+class ExecuteConfig:
+    """
+    ``[execute]``: what happens to a decision.
+
+    Attributes:
+        mode: ``outbox`` (the ``triggers`` row and ``NOTIFY
+            polystream_triggers`` are the hand-off to the service that
+            trades) or ``log`` (dry run: decisions are only logged).
+    """
+
+    mode: Literal["outbox", "log"] = "outbox"
+
+
+@attrs.frozen
 class HealthConfig:
     """
     ``[health]``.
@@ -222,6 +255,8 @@ class Config:
     gamma: GammaConfig = GammaConfig()
     pipeline: PipelineConfig = PipelineConfig()
     positions: PositionsConfig = PositionsConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    execute: ExecuteConfig = ExecuteConfig()
     health: HealthConfig = HealthConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
@@ -288,6 +323,13 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
         lambda v: v in ("display", "midpoint", "best_bid"),
         'one of "display", "midpoint", "best_bid"',
     ),
+    ("monitor", "trigger_price"): (
+        "str",
+        lambda v: v in ("display", "midpoint", "best_bid"),
+        'one of "best_bid", "midpoint", "display"',
+    ),
+    ("monitor", "reload_interval"): ("float", _positive, "seconds > 0"),
+    ("execute", "mode"): ("str", lambda v: v in ("outbox", "log"), 'one of "outbox", "log"'),
     ("health", "listen"): ("str", _listen, "host:port, for example 127.0.0.1:9108"),
     ("health", "stale_after"): ("float", _positive, "seconds > 0"),
     ("state", "dir"): ("str", None, "a directory path, or empty"),
@@ -309,6 +351,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "gamma": GammaConfig,
     "pipeline": PipelineConfig,
     "positions": PositionsConfig,
+    "monitor": MonitorConfig,
+    "execute": ExecuteConfig,
     "health": HealthConfig,
     "state": StateConfig,
     "log": LogConfig,

@@ -2,8 +2,8 @@
 The subscription set, derived from the database for the life of the process.
 
 Desired assets = every ``clob_token_ids`` entry of each market holding an
-``active`` position (so its ``outcome_prices`` is complete), plus the
-positions' own ``token_id``, plus ``feed.watch``. An empty set is a normal
+``active`` position or a ``pending`` prediction (so its ``outcome_prices`` is
+complete), plus their own ``token_id``, plus ``feed.watch``. An empty set is a normal
 state. The set is read at start-up, every ``feed.reconcile_interval``
 seconds, and at once when PostgreSQL notifies ``polystream_positions``
 (the triggers of the schema), so a trade made by any service is subscribed
@@ -44,6 +44,7 @@ __all__ = [
 logger = structlog.get_logger(__name__)
 
 POSITIONS_CHANNEL = "polystream_positions"
+PREDICTIONS_CHANNEL = "polystream_predictions"
 T = TypeVar("T")
 
 
@@ -125,6 +126,11 @@ SELECT token_id, market_id, count(*) FROM positions
 WHERE status = 'active' GROUP BY token_id, market_id
 """
 
+_PREDICTED = """
+SELECT token_id, market_id FROM predictions
+WHERE status = 'pending' AND (closes_at IS NULL OR closes_at > now() - interval '1 minute')
+"""
+
 _MARKETS = """
 SELECT id, condition_id, clob_token_ids FROM markets
 WHERE jsonb_typeof(clob_token_ids) = 'array'
@@ -141,8 +147,9 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
     """
     conn.execute(_FILL_TOKEN_IDS)
     active = conn.execute(_ACTIVE).fetchall()
-    market_keys = [m for _, m, _ in active if m]
-    tokens = [t for t, _, _ in active if t] + list(watch)
+    predicted = conn.execute(_PREDICTED).fetchall()
+    market_keys = [m for _, m, _ in active if m] + [m for _, m in predicted if m]
+    tokens = [t for t, _, _ in active if t] + [t for t, _ in predicted if t] + list(watch)
     rows = conn.execute(_MARKETS, {"ids": market_keys, "tokens": tokens}).fetchall()
     catalog = Catalog()
     by_key: dict[str, str] = {}
@@ -164,6 +171,12 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
         key = market_id or token
         if key:
             catalog.positions_per_market[key] = catalog.positions_per_market.get(key, 0) + count
+    for token, market_key in predicted:  # timed predictions need their prices too
+        market_id = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
+        if market_id is not None:
+            assets.update(catalog.market_tokens[market_id])
+        if token:
+            assets.add(token)
     return DesiredSet(frozenset(assets), catalog)
 
 
@@ -257,7 +270,7 @@ async def run_listener(
     on_notify: Callable[[], None],
     *,
     retry_max: float = 30.0,
-    channels: tuple[str, ...] = (POSITIONS_CHANNEL,),
+    channels: tuple[str, ...] = (POSITIONS_CHANNEL, PREDICTIONS_CHANNEL),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """

@@ -104,6 +104,12 @@ class Stats:
     pending_positions: int = 0
     shards: dict[int, ShardStats] = attrs.field(factory=dict)
     silent_after: float = 60.0
+    monitor_rules: int = 0
+    monitor_predictions: int = 0
+    next_decision_at: float | None = None
+    triggers: Counter[str] = attrs.field(factory=Counter)
+    triggers_written: int = 0
+    triggers_duplicate: int = 0
 
     def shard(self, index: int) -> ShardStats:
         """The stats of shard ``index``, created on first use."""
@@ -149,6 +155,16 @@ class Stats:
                 if self.last_write_at is None
                 else now - self.last_write_at,
             },
+            "monitor": {
+                "rules": self.monitor_rules,
+                "predictions": self.monitor_predictions,
+                "next_decision_in_s": None
+                if self.next_decision_at is None
+                else self.next_decision_at - time.time(),
+                "triggers": dict(self.triggers),
+                "triggers_written": self.triggers_written,
+                "triggers_duplicate": self.triggers_duplicate,
+            },
             "silent_after_s": self.silent_after,
             "shards": [s.snapshot(now, self.silent_after) for _, s in sorted(self.shards.items())],
         }
@@ -191,6 +207,13 @@ class StatsCollector(Collector):
             "polystream_foreign_events",
             "Events for unsubscribed assets dropped",
             value=stats.foreign_events,
+        )
+        fired = CounterMetricFamily("polystream_triggers", "Rules fired", labels=["kind"])
+        for kind, count in stats.triggers.items():
+            fired.add_metric([kind], count)
+        yield fired
+        yield GaugeMetricFamily(
+            "polystream_monitor_rules", "TP/SL rules watched", value=stats.monitor_rules
         )
         yield CounterMetricFamily(
             "polystream_db_errors", "Failed database round trips", value=stats.db_errors

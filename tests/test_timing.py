@@ -526,7 +526,6 @@ async def test_market_writer_unknown_market_writes_nothing(
     assert writer.dirty == set()
 
 
-
 class CancellingSink(Sink):
     """
     Shutdown requested just as a write starts: the first call cancels ``scope``
@@ -542,8 +541,6 @@ class CancellingSink(Sink):
             scope, self.scope = self.scope, None
             scope.cancel()
         return await super().__call__(items)
-
-
 
 
 async def test_market_writer_cancel_during_write_still_flushes(

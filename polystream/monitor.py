@@ -1,0 +1,609 @@
+"""
+One monitor for every rule: take-profit / stop-loss and timed predictions.
+
+The system polystream replaces gave every prediction its own polling thread;
+with 20 to 30 at once they starved the WebSocket heartbeat. Here:
+
+* **TP/SL** are evaluated inline on every price event of their asset (no
+  debounce), by the router's task. Per asset, TP thresholds sit in one sorted
+  list and SL thresholds in another, so a tick costs O(log n + k) for the k
+  rules it crosses: TP fires when ``price >= take_profit_price``, SL when
+  ``price <= stop_loss_price``; ``price`` is ``monitor.trigger_price`` of the
+  top of book (``best_bid`` by default: what a sale would get).
+* **Predictions** sit in one heap ordered by their decision time; one task
+  ``trio.sleep_until``s its head and is woken early when rules change.
+  ``edge`` predictions are also checked on each price event of their asset.
+* **Decisions** go to the :class:`Executor`, which writes them exactly once
+  (compare-and-set on the row's status plus a unique ``triggers.dedupe_key``,
+  in one statement) and ``NOTIFY polystream_triggers`` with the trigger id.
+
+No task, thread or timer per rule. Times are wall-clock seconds since the
+epoch, read through an injectable ``clock`` so that tests run on trio's
+``MockClock``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Literal
+
+import attrs
+import psycopg
+import structlog
+import trio
+from sortedcontainers import SortedList
+
+from polystream.book import TopOfBook
+from polystream.errors import DatabaseError
+from polystream.pipeline import mark_price
+from polystream.stats import Stats
+
+__all__ = [
+    "TRIGGERS_CHANNEL",
+    "Decision",
+    "Executor",
+    "Monitor",
+    "Prediction",
+    "RuleLoader",
+    "RuleSet",
+    "TpSlRule",
+    "decision_time",
+    "load_rules",
+    "write_decisions",
+]
+
+logger = structlog.get_logger(__name__)
+
+TRIGGERS_CHANNEL = "polystream_triggers"
+
+Timing = Literal["from_start", "from_end", "percentage", "edge"]
+DecisionKind = Literal["take_profit", "stop_loss", "prediction", "prediction_skipped"]
+
+
+@attrs.frozen
+class TpSlRule:
+    """A take-profit or stop-loss threshold (probability in [0, 1]) of one position."""
+
+    position_id: int
+    asset_id: str
+    kind: Literal["take_profit", "stop_loss"]
+    threshold: Decimal
+
+    @property
+    def dedupe_key(self) -> str:
+        """Unique per position, kind and threshold: the same rule fires once."""
+        return f"position:{self.position_id}:{self.kind}:{self.threshold}"
+
+
+@attrs.frozen
+class Prediction:
+    """
+    A timed bet: buy ``asset_id`` for ``stake_usdc`` USDC at most at
+    ``limit_price`` (probability), decided inside ``[opens_at, closes_at]``
+    (epoch seconds) by ``timing``:
+
+    * ``from_start``: ``delay_s`` after opening;
+    * ``from_end``: ``delay_s`` before closing (the default: windows close early);
+    * ``percentage``: at ``fraction`` (0..1) of the window;
+    * ``edge``: at the first tick inside the window where
+      ``forecast_probability - best_ask >= min_edge``; skipped with
+      ``no_edge`` at the ``from_end`` moment if that never happened.
+    """
+
+    id: int
+    asset_id: str
+    stake_usdc: Decimal
+    limit_price: Decimal
+    opens_at: float
+    closes_at: float
+    timing: Timing = "from_end"
+    delay_s: float = 0.0
+    fraction: float = 0.5
+    forecast_probability: Decimal | None = None
+    min_edge: Decimal | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Prediction:
+        """Build from a ``predictions`` row (dict row; timestamps as datetimes)."""
+        return cls(
+            id=int(row["id"]),
+            asset_id=str(row["token_id"]),
+            stake_usdc=row["stake_usdc"] or Decimal(0),
+            limit_price=row["limit_price"] if row["limit_price"] is not None else Decimal(1),
+            opens_at=row["opens_at"].timestamp(),
+            closes_at=row["closes_at"].timestamp(),
+            timing=row["timing_mode"] or "from_end",
+            delay_s=float(row["delay_s"] or 0.0),
+            fraction=float(row["fraction"] if row["fraction"] is not None else 0.5),
+            forecast_probability=row["forecast_probability"],
+            min_edge=row["min_edge"],
+        )
+
+
+def decision_time(prediction: Prediction) -> float:
+    """
+    When a prediction must be decided (epoch seconds): the scheduled moment
+    for ``from_start``/``from_end``/``percentage``, the ``no_edge`` deadline
+    for ``edge``; clamped into the window.
+    """
+    opens, closes = prediction.opens_at, prediction.closes_at
+    if prediction.timing == "from_start":
+        at = opens + prediction.delay_s
+    elif prediction.timing == "percentage":
+        at = opens + prediction.fraction * (closes - opens)
+    else:  # from_end, and edge's deadline
+        at = closes - prediction.delay_s
+    return min(max(at, opens), closes)
+
+
+@attrs.frozen
+class Decision:
+    """
+    A rule that fired: what to write. ``price`` is the price seen
+    (probability), ``reason`` a short snake_case word.
+    """
+
+    kind: DecisionKind
+    dedupe_key: str
+    price: Decimal | None
+    reason: str
+    position_id: int | None = None
+    prediction_id: int | None = None
+    decided_at: float = 0.0
+
+
+@attrs.define
+class RuleSet:
+    """What :func:`load_rules` read: the rules the database holds now."""
+
+    tpsl: list[TpSlRule] = attrs.field(factory=list)
+    predictions: list[Prediction] = attrs.field(factory=list)
+
+
+_LOAD_TPSL = """
+SELECT id, token_id, take_profit_price, stop_loss_price FROM positions
+WHERE status = 'active' AND token_id IS NOT NULL
+  AND (take_profit_price IS NOT NULL OR stop_loss_price IS NOT NULL)
+"""
+
+_LOAD_PREDICTIONS = """
+SELECT id, token_id, stake_usdc, limit_price, opens_at, closes_at, timing_mode, delay_s,
+       fraction, forecast_probability, min_edge
+FROM predictions
+WHERE status = 'pending' AND token_id IS NOT NULL AND opens_at IS NOT NULL
+  AND closes_at IS NOT NULL
+"""
+
+
+def load_rules(conn: psycopg.Connection[Any]) -> RuleSet:
+    """Read every active TP/SL rule and pending prediction."""
+    rules = RuleSet()
+    for pid, token, tp, sl in conn.execute(_LOAD_TPSL).fetchall():
+        if tp is not None:
+            rules.tpsl.append(TpSlRule(int(pid), str(token), "take_profit", tp))
+        if sl is not None:
+            rules.tpsl.append(TpSlRule(int(pid), str(token), "stop_loss", sl))
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        for row in cur.execute(_LOAD_PREDICTIONS).fetchall():
+            rules.predictions.append(Prediction.from_row(row))
+    return rules
+
+
+@attrs.define
+class _AssetRules:
+    """TP thresholds ascending and SL thresholds ascending, for one asset."""
+
+    take_profit: SortedList[tuple[Decimal, int]] = attrs.field(factory=SortedList)
+    stop_loss: SortedList[tuple[Decimal, int]] = attrs.field(factory=SortedList)
+    edge: dict[int, Prediction] = attrs.field(factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.take_profit or self.stop_loss or self.edge)
+
+
+@attrs.define(eq=False)
+class Monitor:
+    """
+    All rules in memory. ``on_price`` is called by the router for every
+    top-of-book change; ``run`` is the one deadline task for predictions.
+    Decisions are handed to ``decide`` (the executor's ``submit``).
+
+    Attributes:
+        trigger_price: ``best_bid``, ``midpoint`` or ``display``.
+        decide: receives each :class:`Decision` once.
+        clock: wall-clock seconds since the epoch (``time.time``).
+    """
+
+    decide: Callable[[Decision], None]
+    stats: Stats
+    trigger_price: str = "best_bid"
+    clock: Callable[[], float] = time.time
+    _assets: dict[str, _AssetRules] = attrs.field(factory=dict)
+    _tpsl: dict[tuple[int, str], TpSlRule] = attrs.field(factory=dict)
+    _predictions: dict[int, Prediction] = attrs.field(factory=dict)
+    _heap: list[tuple[float, int, int]] = attrs.field(factory=list)  # (at, seq, id)
+    _scheduled: dict[int, int] = attrs.field(factory=dict)  # id -> live seq
+    _seq: int = 0
+    _fired: set[str] = attrs.field(factory=set)
+    _tops: dict[str, TopOfBook] = attrs.field(factory=dict)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+
+    # ------------------------------------------------------------ rules
+
+    def _asset(self, asset_id: str) -> _AssetRules:
+        rules = self._assets.get(asset_id)
+        if rules is None:
+            rules = self._assets[asset_id] = _AssetRules()
+        return rules
+
+    def add_rule(self, rule: TpSlRule) -> None:
+        """Watch a TP/SL rule (replacing the position's previous one of that kind)."""
+        if rule.dedupe_key in self._fired:
+            return
+        self.remove_rule(rule.position_id, rule.kind)
+        self._tpsl[(rule.position_id, rule.kind)] = rule
+        side = self._asset(rule.asset_id)
+        target = side.take_profit if rule.kind == "take_profit" else side.stop_loss
+        target.add((rule.threshold, rule.position_id))
+        top = self._tops.get(rule.asset_id)
+        if top is not None:  # a rule already crossed when it arrives fires at once
+            self._check_tpsl(rule.asset_id, top)
+
+    def remove_rule(self, position_id: int, kind: str) -> None:
+        """Stop watching one rule (no-op if absent)."""
+        rule = self._tpsl.pop((position_id, kind), None)
+        if rule is None:
+            return
+        side = self._assets[rule.asset_id]
+        target = side.take_profit if kind == "take_profit" else side.stop_loss
+        target.discard((rule.threshold, position_id))
+        if side.empty():
+            del self._assets[rule.asset_id]
+
+    def add_prediction(self, prediction: Prediction) -> None:
+        """Schedule a pending prediction (replacing an earlier version of it)."""
+        self.remove_prediction(prediction.id)
+        self._predictions[prediction.id] = prediction
+        self._seq += 1
+        self._scheduled[prediction.id] = self._seq
+        heapq.heappush(self._heap, (decision_time(prediction), self._seq, prediction.id))
+        if prediction.timing == "edge":
+            self._asset(prediction.asset_id).edge[prediction.id] = prediction
+            top = self._tops.get(prediction.asset_id)
+            if top is not None:
+                self._check_edge(prediction.asset_id, top)
+        self._wake.set()
+
+    def remove_prediction(self, prediction_id: int) -> None:
+        """Forget a prediction (cancelled or decided elsewhere); its heap entry goes stale."""
+        prediction = self._predictions.pop(prediction_id, None)
+        self._scheduled.pop(prediction_id, None)
+        if prediction is not None and prediction.timing == "edge":
+            side = self._assets.get(prediction.asset_id)
+            if side is not None:
+                side.edge.pop(prediction_id, None)
+                if side.empty():
+                    del self._assets[prediction.asset_id]
+
+    def replace_all(self, rules: RuleSet) -> None:
+        """Make the in-memory rules equal ``rules`` (a reload from the database)."""
+        wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
+        for key in [k for k in self._tpsl if k not in wanted]:
+            self.remove_rule(*key)
+        for key, rule in wanted.items():
+            if self._tpsl.get(key) != rule:
+                self.add_rule(rule)
+        pending = {p.id: p for p in rules.predictions}
+        for prediction_id in [p for p in self._predictions if p not in pending]:
+            self.remove_prediction(prediction_id)
+        for prediction in pending.values():
+            if self._predictions.get(prediction.id) != prediction:
+                self.add_prediction(prediction)
+        self.stats.monitor_rules = len(self._tpsl)
+        self.stats.monitor_predictions = len(self._predictions)
+
+    @property
+    def rule_count(self) -> int:
+        """TP/SL rules watched."""
+        return len(self._tpsl)
+
+    def next_decision_at(self) -> float | None:
+        """Epoch seconds of the next scheduled prediction decision, or None."""
+        self._drop_stale()
+        return self._heap[0][0] if self._heap else None
+
+    # ------------------------------------------------------------ prices
+
+    def on_price(self, asset_id: str, top: TopOfBook) -> None:
+        """A new top of book for ``asset_id``: fire every rule it crosses."""
+        self._tops[asset_id] = top
+        side = self._assets.get(asset_id)
+        if side is None:
+            return
+        if side.take_profit or side.stop_loss:
+            self._check_tpsl(asset_id, top)
+        if side.edge:
+            self._check_edge(asset_id, top)
+
+    def _check_tpsl(self, asset_id: str, top: TopOfBook) -> None:
+        price = mark_price(top, self.trigger_price)
+        if price is None:
+            return
+        side = self._assets[asset_id]
+        crossed: list[TpSlRule] = []
+        for threshold, position_id in side.take_profit:  # ascending
+            if threshold > price:
+                break
+            crossed.append(self._tpsl[(position_id, "take_profit")])
+        for threshold, position_id in reversed(side.stop_loss):  # descending
+            if threshold < price:
+                break
+            crossed.append(self._tpsl[(position_id, "stop_loss")])
+        for rule in crossed:
+            # The position is closing: neither of its rules may fire again.
+            self.remove_rule(rule.position_id, "take_profit")
+            self.remove_rule(rule.position_id, "stop_loss")
+            self._fire(
+                Decision(
+                    kind=rule.kind,
+                    dedupe_key=rule.dedupe_key,
+                    price=price,
+                    reason=f"{self.trigger_price}_{'above' if rule.kind == 'take_profit' else 'below'}",
+                    position_id=rule.position_id,
+                    decided_at=self.clock(),
+                )
+            )
+
+    def _check_edge(self, asset_id: str, top: TopOfBook) -> None:
+        now = self.clock()
+        for prediction in list(self._assets[asset_id].edge.values()):
+            if not prediction.opens_at <= now < prediction.closes_at:
+                continue
+            ask = top.best_ask
+            if ask is None or prediction.forecast_probability is None:
+                continue
+            if prediction.forecast_probability - ask >= (prediction.min_edge or Decimal(0)):
+                self._decide_prediction(prediction, top, now, edge_seen=True)
+
+    # ------------------------------------------------------------ predictions
+
+    def _drop_stale(self) -> None:
+        while self._heap and self._scheduled.get(self._heap[0][2]) != self._heap[0][1]:
+            heapq.heappop(self._heap)
+
+    def _decide_prediction(
+        self, prediction: Prediction, top: TopOfBook | None, now: float, *, edge_seen: bool
+    ) -> None:
+        """Decide now: place (``decided``) or skip, with the reason and the price seen."""
+        self.remove_prediction(prediction.id)
+        ask = None if top is None else top.best_ask
+        kind: DecisionKind
+        if now > prediction.closes_at:
+            kind, reason = "prediction_skipped", "window_closed"
+        elif prediction.timing == "edge" and not edge_seen:
+            kind, reason = "prediction_skipped", "no_edge"
+        elif ask is None:
+            kind, reason = "prediction_skipped", "no_price"
+        elif ask > prediction.limit_price:
+            kind, reason = "prediction_skipped", "price_above_limit"
+        else:
+            kind, reason = "prediction", "edge" if edge_seen else prediction.timing
+        self._fire(
+            Decision(
+                kind=kind,
+                dedupe_key=f"prediction:{prediction.id}",
+                price=ask,
+                reason=reason,
+                prediction_id=prediction.id,
+                decided_at=now,
+            )
+        )
+
+    def due(self, now: float) -> list[Prediction]:
+        """Take the predictions whose decision time is at or before ``now``."""
+        due: list[Prediction] = []
+        while True:
+            self._drop_stale()
+            if not self._heap or self._heap[0][0] > now:
+                return due
+            _, _, prediction_id = heapq.heappop(self._heap)
+            self._scheduled.pop(prediction_id, None)
+            prediction = self._predictions.get(prediction_id)
+            if prediction is not None:
+                due.append(prediction)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The one deadline task: sleep until the next decision, decide, repeat."""
+        task_status.started()
+        while True:
+            self._wake = trio.Event()
+            head = self.next_decision_at()
+            self.stats.next_decision_at = head
+            self.stats.monitor_rules = len(self._tpsl)
+            self.stats.monitor_predictions = len(self._predictions)
+            if head is None:
+                await self._wake.wait()
+                continue
+            delay = head - self.clock()
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
+                continue
+            now = self.clock()
+            for prediction in self.due(now):
+                self._decide_prediction(
+                    prediction, self._tops.get(prediction.asset_id), now, edge_seen=False
+                )
+
+    def _fire(self, decision: Decision) -> None:
+        if decision.dedupe_key in self._fired:
+            return
+        self._fired.add(decision.dedupe_key)
+        self.stats.triggers[decision.kind] += 1
+        self.decide(decision)
+
+
+@attrs.define(eq=False)
+class RuleLoader:
+    """
+    Keeps the monitor's rules equal to the database: a full reload at start,
+    on every ``wake()`` (NOTIFY on positions or predictions) and every
+    ``interval`` seconds.
+    """
+
+    link: Any  # polystream.reconciler.DbLink (not imported: it imports feed)
+    monitor: Monitor
+    interval: float = 30.0
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+
+    def wake(self) -> None:
+        """Reload as soon as possible."""
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load now (before ``started``), then reload on wake or interval, until cancelled."""
+        started = False
+        while True:
+            self._wake = trio.Event()
+            try:
+                rules: RuleSet = await self.link.call(load_rules)
+            except DatabaseError:
+                pass  # logged by the link; retried next round
+            else:
+                self.monitor.replace_all(rules)
+            if not started:
+                started = True
+                task_status.started()
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+
+
+# ------------------------------------------------------------------ executor
+
+_WRITE_POSITION_TRIGGER = """
+WITH moved AS (
+    UPDATE positions SET status = 'closing', updated_at = now()
+    WHERE id = %(position_id)s AND status = 'active'
+    RETURNING id
+), inserted AS (
+    INSERT INTO triggers (kind, position_id, dedupe_key, price, reason)
+    SELECT %(kind)s, id, %(dedupe_key)s, %(price)s, %(reason)s FROM moved
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id
+)
+SELECT id, pg_notify('polystream_triggers', id::text) FROM inserted
+"""
+
+_WRITE_PREDICTION_TRIGGER = """
+WITH moved AS (
+    UPDATE predictions SET status = %(status)s, decided_at = to_timestamp(%(decided_at)s),
+        decision_price = %(price)s, decision_reason = %(reason)s, updated_at = now()
+    WHERE id = %(prediction_id)s AND status = 'pending'
+    RETURNING id
+), inserted AS (
+    INSERT INTO triggers (kind, prediction_id, dedupe_key, price, reason)
+    SELECT %(kind)s, id, %(dedupe_key)s, %(price)s, %(reason)s FROM moved
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id
+)
+SELECT id, pg_notify('polystream_triggers', id::text) FROM inserted
+"""
+
+
+def write_decisions(conn: psycopg.Connection[Any], decisions: list[Decision]) -> list[int | None]:
+    """
+    Write each decision exactly once: compare-and-set of the row's status
+    (``active -> closing`` or ``pending -> decided|skipped``) and a
+    ``triggers`` row with a unique ``dedupe_key``, in one statement, then
+    ``NOTIFY polystream_triggers`` with the trigger id (delivered on commit).
+
+    Returns:
+        Per decision, the trigger id, or None when another writer (a second
+        daemon, a restart) already decided that rule.
+    """
+    ids: list[int | None] = []
+    for decision in decisions:
+        params = attrs.asdict(decision)
+        if decision.position_id is not None:
+            row = conn.execute(_WRITE_POSITION_TRIGGER, params).fetchone()
+        else:
+            params["status"] = "decided" if decision.kind == "prediction" else "skipped"
+            row = conn.execute(_WRITE_PREDICTION_TRIGGER, params).fetchone()
+        ids.append(None if row is None else int(row[0]))
+    return ids
+
+
+@attrs.define(eq=False)
+class Executor:
+    """
+    Hands decisions on. ``mode = "outbox"``: the trigger row and its
+    NOTIFY are the hand-off to the service that trades. ``mode = "log"``: dry
+    run, decisions are only logged. (Live CLOB order placement would be a
+    third mode behind the same ``submit``.)
+
+    ``sink`` writes a batch (``write_decisions`` through a
+    :class:`~polystream.reconciler.DbLink`); a database error keeps the batch
+    and retries, so no decision is lost; the compare-and-set makes retries safe.
+    """
+
+    mode: str
+    sink: Callable[[list[Decision]], Any]
+    stats: Stats
+    retry: float = 1.0
+    _pending: list[Decision] = attrs.field(factory=list)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+
+    def submit(self, decision: Decision) -> None:
+        """Queue a decision (never blocks)."""
+        self._pending.append(decision)
+        self._wake.set()
+
+    async def flush(self) -> bool:
+        """Write what is queued; False when the database failed (kept for later)."""
+        if not self._pending:
+            return True
+        batch, self._pending = self._pending, []
+        if self.mode == "log":
+            for decision in batch:
+                logger.info("trigger_dry_run", **attrs.asdict(decision, value_serializer=_plain))
+            return True
+        ids = None
+        try:
+            ids = await self.sink(batch)
+        except DatabaseError:
+            return False
+        finally:
+            if ids is None:
+                self._pending = batch + self._pending
+        for decision, trigger_id in zip(batch, ids, strict=True):
+            if trigger_id is None:
+                self.stats.triggers_duplicate += 1
+            else:
+                self.stats.triggers_written += 1
+                logger.info(
+                    "trigger_written",
+                    trigger_id=trigger_id,
+                    **attrs.asdict(decision, value_serializer=_plain),
+                )
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write decisions as they come; on cancel, write what is left."""
+        try:
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                if not await self.flush():
+                    self._wake.set()
+                    await trio.sleep(self.retry)
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await self.flush()
+
+
+def _plain(_inst: Any, _field: Any, value: Any) -> Any:
+    return str(value) if isinstance(value, Decimal) else value
