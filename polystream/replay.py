@@ -43,6 +43,35 @@ disconnects is forgotten and the tape goes on.
 With ``start_when_subscribed`` (the default) the tape waits until some client
 subscribed to at least one asset, so the replay can be started first and the
 daemon second without missing anything.
+
+Synthetic assets (``synthesize=N``, for scale tests and benchmarks): the
+server also knows N extra asset ids, each a re-labelled copy of a recorded
+asset (:class:`Synthetic`). Synthetic asset *k* copies recorded asset
+``k mod n`` (recorded assets ordered by condition id, then asset id, so the
+copies of one recorded market form one synthetic market, "copy"
+``k // n``). Its id is a 77-digit decimal derived from *k* and the original
+id, its condition id a ``0x`` + 64-hex string derived from the copy number and
+the original condition id; :meth:`Synthetic.gamma_markets` gives Gamma-like
+market objects for them. The cost model:
+
+* the tape keeps books of the recorded assets only; a synthetic snapshot is
+  the original's current book with ``asset_id`` and ``market`` replaced (its
+  ``hash`` is the original's);
+* a frame costs nothing extra for a client without synthetic subscriptions
+  (one truth test), and for a client with some, one set intersection unless
+  the frame names an original it holds copies of;
+* with ``synthetic_events`` (the default) the events of such a frame are
+  re-encoded once per copy held by that client, ids rewritten in the JSON
+  text, and all copies go out as ONE array frame. This is a real fan-out
+  (10,000 copies of 12 recorded assets turn one event into ~830), so paced
+  replays (``speed``) suit it better than ``max_speed``. With
+  ``synthetic_events=False`` synthetic assets get their snapshots only.
+
+With ``record`` the server also keeps, per connection, every subscription
+request received (time, size in bytes, ids) and when each snapshot was
+written to the socket (:class:`ConnectionLog`), plus the latest of those
+times per asset; :class:`ReplayStats` always counts message sizes and
+subscription peaks.
 """
 
 from __future__ import annotations
@@ -50,9 +79,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import heapq
+import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from pathlib import Path
@@ -74,12 +104,17 @@ from polystream.errors import ReplayError
 
 __all__ = [
     "Capture",
+    "ConnectionLog",
     "Frame",
     "ReplayServer",
     "ReplayStats",
+    "RequestRecord",
+    "Synthetic",
+    "SyntheticAsset",
     "Tape",
     "run_replay_cli",
     "serve_replay",
+    "synthetic_asset_id",
 ]
 
 logger = structlog.get_logger(__name__)
@@ -249,6 +284,145 @@ def _event_assets(event: Event) -> list[str]:
     return [asset] if isinstance(asset, str) else []
 
 
+# --- synthetic assets ----------------------------------------------------------------
+
+_SYNTHETIC_ID_BASE = 10**76
+_SYNTHETIC_ID_SPAN = 9 * 10**76
+_SYNTHETIC_GAMMA_ID_BASE = 8_000_000_000
+
+
+def synthetic_asset_id(index: int, original: str) -> str:
+    """The id of synthetic asset ``index`` copying ``original``: 77 decimal digits."""
+    digest = int(hashlib.sha256(f"synthetic/{index}/{original}".encode()).hexdigest(), 16)
+    return str(_SYNTHETIC_ID_BASE + digest % _SYNTHETIC_ID_SPAN)
+
+
+def _synthetic_market_id(copy: int, original_market: str) -> str:
+    """A condition-id-like market id (``0x`` + 64 hex) for one copy of a recorded market."""
+    return "0x" + hashlib.sha256(f"synthetic-market/{copy}/{original_market}".encode()).hexdigest()
+
+
+@attrs.frozen
+class SyntheticAsset:
+    """
+    One synthetic asset: a re-labelled copy of a recorded one.
+
+    Attributes:
+        asset_id: its own id (77 decimal digits, see :func:`synthetic_asset_id`).
+        index: *k*, its position among the synthetic assets.
+        copy: ``k // n`` (n = recorded assets); copies of one market share it.
+        original: the recorded asset it copies (``k mod n`` in recorded order).
+        market: its synthetic condition id.
+        original_market: the recorded asset's condition id.
+    """
+
+    asset_id: str
+    index: int
+    copy: int
+    original: str
+    market: str
+    original_market: str
+
+
+@attrs.frozen
+class Synthetic:
+    """
+    The synthetic assets of a server, built from a capture's assets.
+
+    Attributes:
+        assets: synthetic asset id -> :class:`SyntheticAsset`.
+        ordered: the same, by index *k*.
+        by_copy: (copy, original asset id) -> :class:`SyntheticAsset`.
+    """
+
+    assets: dict[str, SyntheticAsset]
+    ordered: tuple[SyntheticAsset, ...]
+    by_copy: dict[tuple[int, str], SyntheticAsset]
+
+    @classmethod
+    def build(cls, markets: dict[str, str], count: int) -> Synthetic:
+        """
+        ``count`` synthetic assets copying the assets of ``markets`` (asset id ->
+        condition id, as :attr:`Capture.markets`), ordered by (condition id, asset id).
+
+        Raises:
+            ReplayError: ``count`` > 0 but there is no recorded asset, or ``count`` < 0.
+        """
+        if count < 0:
+            raise ReplayError(f"synthesize: expected a count >= 0, got {count}")
+        originals = sorted(markets, key=lambda asset: (markets[asset], asset))
+        if count and not originals:
+            raise ReplayError("synthesize: the capture names no asset to copy")
+        ordered = []
+        market_ids: dict[tuple[int, str], str] = {}
+        for index in range(count):
+            copy, position = divmod(index, len(originals))
+            original = originals[position]
+            original_market = markets[original]
+            market = market_ids.get((copy, original_market))
+            if market is None:
+                market = market_ids[copy, original_market] = _synthetic_market_id(
+                    copy, original_market
+                )
+            ordered.append(
+                SyntheticAsset(
+                    asset_id=synthetic_asset_id(index, original),
+                    index=index,
+                    copy=copy,
+                    original=original,
+                    market=market,
+                    original_market=original_market,
+                )
+            )
+        assets = {asset.asset_id: asset for asset in ordered}
+        if len(assets) != len(ordered):  # a sha256 collision mod 9e76: not expected, ever
+            raise ReplayError("synthesize: two synthetic ids collide")
+        by_copy = {(asset.copy, asset.original): asset for asset in ordered}
+        return cls(assets=assets, ordered=tuple(ordered), by_copy=by_copy)
+
+    @property
+    def asset_ids(self) -> list[str]:
+        """Synthetic asset ids, by index *k*."""
+        return [asset.asset_id for asset in self.ordered]
+
+    def gamma_markets(self) -> list[Event]:
+        """
+        Gamma-like market objects for the synthetic markets, in order of first asset.
+
+        One object per synthetic condition id: ``id`` a decimal string from
+        8,000,000,000 up, ``conditionId``, ``question``, ``slug``, and
+        ``outcomes`` / ``clobTokenIds`` as JSON-encoded strings (Gamma's shape;
+        ``polystream.markets.GammaMarket.from_gamma`` reads them). Outcomes are
+        ``["Yes", "No"]`` for two tokens (two tokens per market whenever the
+        recorded markets are binary and the count is a multiple of the recorded
+        assets), else ``Outcome 1..m``.
+        """
+        tokens: dict[str, list[SyntheticAsset]] = {}
+        for asset in self.ordered:
+            tokens.setdefault(asset.market, []).append(asset)
+        objects: list[Event] = []
+        for number, (market, members) in enumerate(tokens.items()):
+            first = members[0]
+            outcomes = (
+                ["Yes", "No"]
+                if len(members) == 2
+                else [f"Outcome {i}" for i in range(1, len(members) + 1)]
+            )
+            objects.append(
+                {
+                    "id": str(_SYNTHETIC_GAMMA_ID_BASE + number),
+                    "conditionId": market,
+                    "question": f"Synthetic copy {first.copy} of {first.original_market}",
+                    "slug": f"synthetic-{first.copy}-{first.original_market[:18]}",
+                    "outcomes": orjson.dumps(outcomes).decode(),
+                    "clobTokenIds": orjson.dumps([m.asset_id for m in members]).decode(),
+                    "active": True,
+                    "closed": False,
+                }
+            )
+        return objects
+
+
 # --- books ---------------------------------------------------------------------------
 
 
@@ -278,13 +452,17 @@ class _Book:
         else:
             levels[key] = (price, size)
 
-    def snapshot(self, asset_id: str, timestamp: str) -> Event:
-        """The book as the real server's initial dump shows it (bids ascending, asks descending)."""
+    def snapshot(self, asset_id: str, timestamp: str, market: str | None = None) -> Event:
+        """
+        The book as the real server's initial dump shows it (bids ascending, asks
+        descending), labelled ``asset_id`` and ``market`` (default: the book's).
+        """
+        market = self.market if market is None else market
         bids = [{"price": p, "size": s} for _, (p, s) in sorted(self.bids.items())]
         asks = [{"price": p, "size": s} for _, (p, s) in sorted(self.asks.items(), reverse=True)]
-        digest = hashlib.sha1(orjson.dumps([self.market, asset_id, bids, asks])).hexdigest()
+        digest = hashlib.sha1(orjson.dumps([market, asset_id, bids, asks])).hexdigest()
         return {
-            "market": self.market,
+            "market": market,
             "asset_id": asset_id,
             "timestamp": self.timestamp or timestamp,
             "hash": digest,
@@ -403,45 +581,123 @@ class Tape:
         """Whether the capture has any event of ``asset_id``."""
         return asset_id in self.capture.markets
 
-    def snapshot(self, asset_id: str) -> Event | None:
+    def snapshot(self, asset_id: str, *, label: SyntheticAsset | None = None) -> Event | None:
         """
         The current ``book`` event of ``asset_id``, or None when the capture never names it.
 
         An asset that has no book yet (trades only, or before its first
         snapshot) gets empty ``bids`` / ``asks`` and its last trade price.
+        With ``label`` (a synthetic copy of ``asset_id``) the event carries the
+        copy's asset id and market instead.
         """
         market = self.capture.markets.get(asset_id)
         if market is None:
             return None
         book = self._books.books.get(asset_id) or _Book(market=market)
         now = self._time_ms if self._time_ms is not None else self.capture.frames[0].time_ms
+        if label is not None:
+            return book.snapshot(label.asset_id, str(now), label.market)
         return book.snapshot(asset_id, str(now))
 
 
 # --- connections ---------------------------------------------------------------------
 
 
+@attrs.frozen
+class RequestRecord:
+    """
+    One subscription request a connection sent (kept with ``record``).
+
+    Attributes:
+        received_at: ``time.monotonic()`` when the server read it.
+        size_bytes: the message's size, UTF-8 bytes.
+        operation: ``"type"`` (the first message), ``"subscribe"`` or ``"unsubscribe"``.
+        asset_ids: the ids as sent.
+        subscribed_after: the connection's subscription count after it.
+    """
+
+    received_at: float
+    size_bytes: int
+    operation: str
+    asset_ids: tuple[str, ...]
+    subscribed_after: int
+
+
+@attrs.define(eq=False)
+class ConnectionLog:
+    """
+    What one connection did (kept with ``record``, also after it closed).
+
+    Attributes:
+        number: the connection's number (1 = first accepted).
+        opened_at, closed_at: ``time.monotonic()``; ``closed_at`` None while open.
+        requests: its subscription requests, in order.
+        snapshots: asset id -> when its latest snapshot was written to the socket.
+        subscribed: its subscription set (live while open, final once closed).
+    """
+
+    number: int
+    opened_at: float
+    closed_at: float | None = None
+    requests: list[RequestRecord] = attrs.Factory(list)
+    snapshots: dict[str, float] = attrs.Factory(dict)
+    subscribed: set[str] = attrs.Factory(set)
+
+
+@attrs.frozen
+class _Snapshots:
+    """An outbox entry holding a snapshot array, so its write time can be recorded."""
+
+    text: str
+    asset_ids: tuple[str, ...]
+
+
 @attrs.define(eq=False)
 class _Client:
-    """One connection: its subscriptions and its ordered, bounded outbox."""
+    """
+    One connection: its subscriptions and its ordered, bounded outbox.
+
+    ``copies`` and ``copy_origins`` index its synthetic subscriptions: copy
+    number -> recorded assets held as that copy, and recorded asset -> copies.
+    """
 
     ws: WebSocketConnection
     capacity: int
     number: int
     subscribed: set[str] = attrs.Factory(set)
+    copies: dict[int, set[str]] = attrs.Factory(dict)
+    copy_origins: dict[str, set[int]] = attrs.Factory(dict)
     custom: bool = False
     typed: bool = False
     closed: bool = False
-    outbox: deque[str] = attrs.Factory(deque)
+    outbox: deque[str | _Snapshots] = attrs.Factory(deque)
     sending: bool = False
+    log: ConnectionLog | None = None
+    on_snapshots_sent: Callable[[ConnectionLog, tuple[str, ...]], None] | None = None
     _data: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, alias="_data")
     _space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, alias="_space")
 
-    def push(self, text: str) -> None:
-        """Queue ``text`` (no wait: callers wait for room first, and may overshoot by one)."""
-        self.outbox.append(text)
+    def push(self, item: str | _Snapshots) -> None:
+        """Queue ``item`` (no wait: callers wait for room first, and may overshoot by one)."""
+        self.outbox.append(item)
         if self._data:
             self._data.unpark()
+
+    def add_copy(self, asset: SyntheticAsset) -> None:
+        self.copies.setdefault(asset.copy, set()).add(asset.original)
+        self.copy_origins.setdefault(asset.original, set()).add(asset.copy)
+
+    def remove_copy(self, asset: SyntheticAsset) -> None:
+        held = self.copies.get(asset.copy)
+        if held is not None:
+            held.discard(asset.original)
+            if not held:
+                del self.copies[asset.copy]
+        copies = self.copy_origins.get(asset.original)
+        if copies is not None:
+            copies.discard(asset.copy)
+            if not copies:
+                del self.copy_origins[asset.original]
 
     async def wait_room(self) -> None:
         """Wait until the outbox is below capacity (or the client is gone)."""
@@ -460,10 +716,13 @@ class _Client:
             while not self.outbox:
                 await self._data.park()
             self.sending = True
+            item = self.outbox.popleft()
             try:
-                await self.ws.send_message(self.outbox.popleft())
+                await self.ws.send_message(item if isinstance(item, str) else item.text)
             finally:
                 self.sending = False
+            if isinstance(item, _Snapshots) and self.log and self.on_snapshots_sent:
+                self.on_snapshots_sent(self.log, item.asset_ids)
             if len(self.outbox) <= low_water:
                 self._space.unpark_all()
 
@@ -474,13 +733,19 @@ class _Client:
         self._data.unpark_all()
 
 
-def _filter_events(frame: Frame, subscribed: set[str], custom: bool) -> list[Event]:
-    """The events of ``frame`` one client may see; ``price_changes[]`` entries filtered too."""
+def _filter_events(
+    frame: Frame, subscribed: set[str], custom: bool, *, venue_wide: bool = True
+) -> list[Event]:
+    """
+    The events of ``frame`` one client may see; ``price_changes[]`` entries filtered too.
+
+    ``venue_wide=False`` leaves out ``new_market`` / ``market_resolved`` (synthetic copies).
+    """
     kept: list[Event] = []
     for event in frame.events:
         kind = event["event_type"]
         if kind in _VENUE_WIDE_EVENTS:
-            if custom:
+            if custom and venue_wide:
                 kept.append(event)
             continue
         if kind in _CUSTOM_EVENTS and not custom:
@@ -512,6 +777,12 @@ class ReplayStats:
         messages_ignored: client messages not understood (binary, non-JSON
             text other than ``PING``, JSON that is not a valid request).
         invalid_json: of those, text that looked like JSON and did not parse.
+        messages_received: client messages of any kind.
+        max_message_bytes: the largest client message, bytes (UTF-8 for text).
+        max_request_assets: the most ids in one subscription request.
+        max_subscribed: the largest subscription set one connection ever held.
+        synthetic_snapshots_sent: of ``snapshots_sent``, those of synthetic assets.
+        synthetic_events_sent: of ``events_sent``, events re-labelled for synthetic assets.
     """
 
     connections: int = 0
@@ -520,6 +791,12 @@ class ReplayStats:
     snapshots_sent: int = 0
     messages_ignored: int = 0
     invalid_json: int = 0
+    messages_received: int = 0
+    max_message_bytes: int = 0
+    max_request_assets: int = 0
+    max_subscribed: int = 0
+    synthetic_snapshots_sent: int = 0
+    synthetic_events_sent: int = 0
 
 
 @attrs.define(eq=False)
@@ -538,8 +815,20 @@ class ReplayServer:
             to at least one asset (any id), not when the server starts.
         outbox_frames: frames queued per connection before the tape waits.
         max_message_size: largest client message accepted, bytes.
+        synthetic: the synthetic assets served besides the recorded ones
+            (see the module docstring), or None.
+        synthetic_events: forward the tape's events to synthetic copies too
+            (else synthetic assets get their snapshots only).
+        record: keep :attr:`connection_logs`, :attr:`subscribe_times` and
+            :attr:`snapshot_times` (memory grows with every request).
         host: listening address, set by :meth:`serve`.
         port: bound port, set by :meth:`serve` (useful with ``port=0``).
+        connection_logs: with ``record``, one :class:`ConnectionLog` per
+            connection accepted, in order.
+        subscribe_times: with ``record``, asset id -> ``time.monotonic()`` when
+            the latest subscription request naming it was read.
+        snapshot_times: with ``record``, asset id -> when its latest snapshot was
+            written to a socket.
     """
 
     tape: Tape
@@ -549,11 +838,21 @@ class ReplayServer:
     start_when_subscribed: bool = True
     outbox_frames: int = attrs.field(default=256, validator=attrs.validators.ge(2))
     max_message_size: int = MAX_MESSAGE_SIZE
+    synthetic: Synthetic | None = None
+    synthetic_events: bool = True
+    record: bool = False
     host: str = ""
     port: int = 0
     stats: ReplayStats = attrs.Factory(ReplayStats)
     tape_started: trio.Event = attrs.Factory(trio.Event)
+    connection_logs: list[ConnectionLog] = attrs.Factory(list)
+    subscribe_times: dict[str, float] = attrs.Factory(dict)
+    snapshot_times: dict[str, float] = attrs.Factory(dict)
     _clients: set[_Client] = attrs.field(factory=set, alias="_clients")
+
+    def subscriptions(self) -> dict[int, frozenset[str]]:
+        """Connection number -> its current subscription set, for open connections."""
+        return {c.number: frozenset(c.subscribed) for c in self._clients if not c.closed}
 
     @property
     def finished(self) -> trio.Event:
@@ -604,12 +903,17 @@ class ReplayServer:
             nursery.start_soon(self._play)
             task_status.started(self)
 
-    async def close_clients(self, reason: str = "replay finished") -> None:
-        """Close every connection with code 1001 (going away), waiting at most 5 s."""
+    async def close_clients(self, reason: str = "replay finished", code: int = 1001) -> int:
+        """
+        Close every open connection with ``code`` (1001, going away), waiting at
+        most 5 s for the closing handshakes; returns how many were closed.
+        """
+        clients = list(self._clients)
         with trio.move_on_after(5):
             async with trio.open_nursery() as nursery:
-                for client in list(self._clients):
-                    nursery.start_soon(client.ws.aclose, 1001, reason)
+                for client in clients:
+                    nursery.start_soon(client.ws.aclose, code, reason)
+        return len(clients)
 
     # --- the tape loop ---
 
@@ -676,6 +980,38 @@ class ReplayServer:
                 client.push(_encode(events if frame.is_array else events[0]))
                 stats.frames_sent += 1
                 stats.events_sent += len(events)
+        if self.synthetic is not None and self.synthetic_events:
+            for client in self._clients:
+                if client.copy_origins and any(a in client.copy_origins for a in frame.asset_ids):
+                    self._dispatch_copies(frame, client, self.synthetic)
+
+    def _dispatch_copies(self, frame: Frame, client: _Client, synthetic: Synthetic) -> None:
+        """Queue the events of ``frame`` re-labelled for each copy ``client`` holds, as one array."""
+        copies: set[int] = set()
+        for asset_id in frame.asset_ids:
+            copies.update(client.copy_origins.get(asset_id, ()))
+        parts: list[str] = []
+        count = 0
+        for copy in sorted(copies):
+            originals = client.copies[copy]
+            events = _filter_events(frame, originals, client.custom, venue_wide=False)
+            if not events:
+                continue
+            text = _encode(events)[1:-1]
+            markets: set[str] = set()
+            for original in frame.asset_ids & originals:
+                label = synthetic.by_copy[copy, original]
+                text = text.replace(f'"{original}"', f'"{label.asset_id}"')
+                if label.original_market not in markets:
+                    markets.add(label.original_market)
+                    text = text.replace(f'"{label.original_market}"', f'"{label.market}"')
+            parts.append(text)
+            count += len(events)
+        if parts:
+            client.push("[" + ",".join(parts) + "]")
+            self.stats.frames_sent += 1
+            self.stats.events_sent += count
+            self.stats.synthetic_events_sent += count
 
     # --- connections ---
 
@@ -686,6 +1022,12 @@ class ReplayServer:
             return
         self.stats.connections += 1
         client = _Client(ws=ws, capacity=self.outbox_frames, number=self.stats.connections)
+        if self.record:
+            client.log = ConnectionLog(
+                number=client.number, opened_at=time.monotonic(), subscribed=client.subscribed
+            )
+            client.on_snapshots_sent = self._snapshots_sent
+            self.connection_logs.append(client.log)
         log = logger.bind(client=client.number)
         log.info("replay_client_connected", path=request.path)
         self._clients.add(client)
@@ -700,7 +1042,15 @@ class ReplayServer:
         finally:
             client.close()
             self._clients.discard(client)
+            if client.log is not None:
+                client.log.closed_at = time.monotonic()
             log.info("replay_client_disconnected", subscribed=len(client.subscribed))
+
+    def _snapshots_sent(self, log: ConnectionLog, asset_ids: tuple[str, ...]) -> None:
+        now = time.monotonic()
+        for asset_id in asset_ids:
+            log.snapshots[asset_id] = now
+            self.snapshot_times[asset_id] = now
 
     async def _read_loop(self, client: _Client) -> None:
         while True:
@@ -710,6 +1060,12 @@ class ReplayServer:
 
     def _on_message(self, client: _Client, message: str | bytes) -> None:
         """Handle one client message (no checkpoint: snapshots match the frames that follow)."""
+        stats = self.stats
+        stats.messages_received += 1
+        size = len(message) if isinstance(message, bytes) or message.isascii() else len(
+            message.encode("utf-8", "surrogatepass")
+        )
+        stats.max_message_bytes = max(stats.max_message_bytes, size)
         if isinstance(message, bytes):
             self.stats.messages_ignored += 1
             return
@@ -729,7 +1085,7 @@ class ReplayServer:
             return
         operation = request.get("operation")
         if operation == "unsubscribe":
-            client.subscribed.difference_update(assets)
+            self._unsubscribe(client, assets)
         elif operation == "subscribe" or (operation is None and "type" in request):
             if operation is None:
                 if client.typed:
@@ -739,20 +1095,58 @@ class ReplayServer:
             self._subscribe(client, assets, request)
         else:
             self.stats.messages_ignored += 1
+            return
+        stats.max_request_assets = max(stats.max_request_assets, len(assets))
+        stats.max_subscribed = max(stats.max_subscribed, len(client.subscribed))
+        if client.log is not None:
+            now = time.monotonic()
+            client.log.requests.append(
+                RequestRecord(now, size, operation or "type", tuple(assets), len(client.subscribed))
+            )
+            if operation != "unsubscribe":
+                self.subscribe_times.update(dict.fromkeys(assets, now))
+
+    def _unsubscribe(self, client: _Client, assets: list[str]) -> None:
+        client.subscribed.difference_update(assets)
+        if self.synthetic is not None and client.copy_origins:
+            for asset_id in assets:
+                label = self.synthetic.assets.get(asset_id)
+                if label is not None:
+                    client.remove_copy(label)
 
     def _subscribe(self, client: _Client, assets: list[str], request: Event) -> None:
         if request.get("custom_feature_enabled") is True:
             client.custom = True
         new = [a for a in dict.fromkeys(assets) if a not in client.subscribed]
         client.subscribed.update(new)
+        labels = self.synthetic.assets if self.synthetic is not None else {}
+        if labels:
+            for asset_id in new:
+                if (label := labels.get(asset_id)) is not None:
+                    client.add_copy(label)
         if assets:
             self.tape_started.set()
         if request.get("initial_dump", True) is False:
             return
-        books = [book for a in new if (book := self.tape.snapshot(a)) is not None]
+        books: list[Event] = []
+        synthetic_books = 0
+        for asset_id in new:
+            label = labels.get(asset_id)
+            if label is None:
+                book = self.tape.snapshot(asset_id)
+            else:
+                book = self.tape.snapshot(label.original, label=label)
+                synthetic_books += 1
+            if book is not None:
+                books.append(book)
         if books:
-            client.push(_encode(books))
+            text = _encode(books)
+            if client.log is not None:
+                client.push(_Snapshots(text, tuple(b["asset_id"] for b in books)))
+            else:
+                client.push(text)
             self.stats.snapshots_sent += len(books)
+            self.stats.synthetic_snapshots_sent += synthetic_books
 
 
 def _encode(value: Any) -> str:

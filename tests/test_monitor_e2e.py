@@ -1,0 +1,140 @@
+"""
+TP/SL end to end on the recorded price path of ``updown-2025-12-11``: real
+PostgreSQL, the replay server, two daemons at once on the same database, and
+a third run after them. Each rule fires exactly once, at the first event that
+crosses it (computed here from the recording, independently of the daemon).
+"""
+
+from __future__ import annotations
+
+import gzip
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import trio
+
+from polystream.app import App, run
+from polystream.book import AssetBook
+from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
+from polystream.markets import import_markets_file
+from polystream.protocol import PriceChange, parse_frame
+from polystream.replay import ReplayServer, serve_replay
+
+ROOT = Path(__file__).parent.parent
+UPDOWN = ROOT / "examples" / "updown-2025-12-11"
+D = Decimal
+
+# (market id, outcome, kind, level)
+RULES = [
+    ("900003", "Up", "take_profit", "0.60"),
+    ("900003", "Up", "stop_loss", "0.40"),
+    ("900005", "Up", "take_profit", "0.60"),
+    ("900005", "Down", "stop_loss", "0.40"),
+    ("900003", "Down", "take_profit", "0.99"),  # never reached: must not fire
+]
+
+
+def best_bid_path() -> dict[str, list[Decimal | None]]:
+    """Best bid of each asset after each frame that touched it, from the recording."""
+    books: dict[str, AssetBook] = {}
+    path: dict[str, list[Decimal | None]] = {}
+    with gzip.open(f"{UPDOWN}.jsonl.gz", "rb") as handle:
+        for line in handle:
+            touched: set[str] = set()
+            for event in parse_frame(line).events:
+                if isinstance(event, PriceChange):
+                    for change in event.changes:
+                        book = books.setdefault(change.asset_id, AssetBook(change.asset_id))
+                        book.apply_change(change, event.timestamp_ms)
+                        touched.add(change.asset_id)
+                else:
+                    asset = event.asset_id  # type: ignore[union-attr]
+                    books.setdefault(asset, AssetBook(asset)).apply(event)
+                    touched.add(asset)
+            for asset in touched:
+                path.setdefault(asset, []).append(books[asset].best_bid)
+    return path
+
+
+def first_crossing(bids: list[Decimal | None], kind: str, level: Decimal) -> Decimal | None:
+    for bid in bids:
+        if bid is not None and (bid >= level if kind == "take_profit" else bid <= level):
+            return bid
+    return None
+
+
+def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query).fetchall()
+
+
+async def _run_daemons(dsn: str, count: int) -> list[tuple[int, int, int]]:
+    """Run ``count`` daemons at once over one fresh max-speed replay, to the end of the tape."""
+    async with trio.open_nursery() as nursery:
+        server: ReplayServer = await nursery.start(
+            lambda task_status: serve_replay(
+                [Path(f"{UPDOWN}.jsonl.gz")], max_speed=True, task_status=task_status
+            )
+        )
+        config = Config(
+            feed=FeedConfig(url=f"ws://127.0.0.1:{server.port}/ws/market"),
+            pipeline=PipelineConfig(market_flush_interval=0.05, debounce=0.1),
+            health=HealthConfig(listen="127.0.0.1:0"),
+        )
+        apps: list[App] = [await nursery.start(run, config, dsn) for _ in range(count)]
+        await server.finished.wait()
+        for app in apps:
+            while app.executor._pending:  # let the last decisions reach the database
+                await trio.sleep(0.05)
+        for app in apps:
+            app.stop()
+        nursery.cancel_scope.cancel()
+    return [
+        (sum(a.stats.triggers.values()), a.stats.triggers_written, a.stats.triggers_duplicate)
+        for a in apps
+    ]
+
+
+async def test_tpsl_fires_once_at_first_crossing(db_dsn: str) -> None:
+    path = best_bid_path()
+    with psycopg.connect(db_dsn) as conn:
+        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
+        expected: dict[int, tuple[str, Decimal]] = {}
+        for market, outcome, kind, level in RULES:
+            column = "take_profit_price" if kind == "take_profit" else "stop_loss_price"
+            ((pid, token),) = conn.execute(
+                f"""
+                INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price,
+                                       {column})
+                SELECT 'tpsl', m.id, %s, m.clob_token_ids ->> (o.ord::int - 1), 10, 0.5, %s
+                FROM markets m, jsonb_array_elements_text(m.outcomes) WITH ORDINALITY o(name, ord)
+                WHERE m.id = %s AND o.name = %s
+                RETURNING id, token_id
+                """,
+                (outcome, D(level), market, outcome),
+            ).fetchall()
+            crossing = first_crossing(path[token], kind, D(level))
+            if crossing is not None:
+                expected[pid] = (kind, crossing)
+    assert len(expected) == 4  # the levels do lie inside the recorded path
+
+    with trio.fail_after(120):
+        outcomes = await _run_daemons(db_dsn, count=2)  # two daemons on one database
+    # Both daemons decided every crossing; the database took each decision once.
+    assert [fired for fired, _, _ in outcomes] == [4, 4]
+    assert sum(written for _, written, _ in outcomes) == 4
+    assert sum(duplicate for _, _, duplicate in outcomes) == 4
+    fired = _rows(db_dsn, "SELECT position_id, kind, price, dedupe_key FROM triggers")
+    assert {pid: (kind, price) for pid, kind, price, _ in fired} == expected
+    assert len(fired) == 4  # once each, although two daemons saw every crossing
+    statuses = dict(_rows(db_dsn, "SELECT id, status FROM positions"))
+    assert {pid for pid, status in statuses.items() if status == "closing"} == set(expected)
+
+    with trio.fail_after(120):
+        again = await _run_daemons(db_dsn, count=1)  # a restart replays every crossing again
+    assert again == [(0, 0, 0)]  # closing positions are not watched any more
+    assert sorted(_rows(db_dsn, "SELECT position_id, kind, price, dedupe_key FROM triggers")) == (
+        sorted(fired)
+    )
