@@ -31,13 +31,13 @@ from polystream.errors import MalformedFrame
 from polystream.logs import RateLimitedLog
 from polystream.protocol import (
     FeedEvent,
+    FrameParser,
     MarketResolved,
     NewMarket,
     PriceChange,
     chunk_asset_ids,
     encode_operation,
     encode_subscribe,
-    parse_frame,
 )
 from polystream.stats import ShardStats, Stats
 from polystream.timing import Backoff
@@ -149,6 +149,7 @@ class FeedPool:
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _next_index: int = 0
     _bad_frames: RateLimitedLog = attrs.field(factory=RateLimitedLog)
+    _parser: FrameParser = attrs.field(factory=FrameParser)
 
     def set_assets(self, desired: set[str]) -> None:
         """Make the subscribed set equal ``desired`` (asset ids)."""
@@ -290,7 +291,7 @@ class FeedPool:
             shard.stats.last_frame_at = now
             stats.frames += 1
             try:
-                parsed = parse_frame(message)
+                parsed = self._parser.parse(message)
             except MalformedFrame as exc:
                 self._bad_frame(shard, exc, message, now)
                 continue
@@ -315,7 +316,10 @@ class FeedPool:
                         seen.add(asset_id)
                     elif isinstance(event, PriceChange):
                         seen.update(change.asset_id for change in event.changes)
-                await self.events.send(events)
+                try:  # no scheduling round trip while the router keeps up
+                    self.events.send_nowait(events)
+                except trio.WouldBlock:
+                    await self.events.send(events)
 
     def _bad_frame(
         self, shard: Shard, exc: MalformedFrame, message: str | bytes, now: float

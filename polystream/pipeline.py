@@ -208,6 +208,12 @@ class Router:
         async with receive:
             async for events in receive:
                 self.apply(events)
+                for _ in range(512):  # drain what queued meanwhile, no checkpoint each
+                    try:
+                        more = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self.apply(more)
 
 
 # ------------------------------------------------------------------ writers

@@ -36,6 +36,7 @@ __all__ = [
     "BookSnapshot",
     "Control",
     "FeedEvent",
+    "FrameParser",
     "LastTradePrice",
     "LevelChange",
     "MarketResolved",
@@ -242,11 +243,11 @@ def _price(value: Any, name: str) -> Decimal:
     return price
 
 
-def _optional_price(obj: dict[str, Any], name: str) -> Decimal | None:
+def _optional_price(obj: dict[str, Any], name: str, p: FrameParser) -> Decimal | None:
     value = obj.get(name)
     if value is None or value == "":
         return None
-    return _price(value, name)
+    return p.price(value, name)
 
 
 def _size(value: Any, name: str) -> Decimal:
@@ -284,7 +285,7 @@ def _ids(obj: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _levels(value: Any, name: str) -> tuple[Level, ...]:
+def _levels(value: Any, name: str, p: FrameParser) -> tuple[Level, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -294,7 +295,7 @@ def _levels(value: Any, name: str) -> tuple[Level, ...]:
         if not isinstance(item, dict):
             raise MalformedFrame("bad_field", f"{name!r} level is not an object")
         levels.append(
-            Level(_price(_field(item, "price"), "price"), _size(_field(item, "size"), "size"))
+            Level(p.price(_field(item, "price"), "price"), p.size(_field(item, "size"), "size"))
         )
     return tuple(levels)
 
@@ -302,36 +303,36 @@ def _levels(value: Any, name: str) -> tuple[Level, ...]:
 # ------------------------------------------------------------------ events
 
 
-def _book(obj: dict[str, Any]) -> BookSnapshot:
+def _book(obj: dict[str, Any], p: FrameParser) -> BookSnapshot:
     bids = obj["bids"] if "bids" in obj else obj.get("buys")
     asks = obj["asks"] if "asks" in obj else obj.get("sells")
     tick = obj.get("tick_size")
     return BookSnapshot(
         asset_id=_text(obj, "asset_id"),
         market=str(obj.get("market") or ""),
-        bids=_levels(bids, "bids"),
-        asks=_levels(asks, "asks"),
+        bids=_levels(bids, "bids", p),
+        asks=_levels(asks, "asks", p),
         timestamp_ms=_timestamp(obj),
         hash=str(obj.get("hash") or ""),
-        tick_size=None if tick in (None, "") else _price(tick, "tick_size"),
-        last_trade_price=_optional_price(obj, "last_trade_price"),
+        tick_size=None if tick in (None, "") else p.price(tick, "tick_size"),
+        last_trade_price=_optional_price(obj, "last_trade_price", p),
     )
 
 
-def _change(entry: Any, asset_id: str | None) -> LevelChange:
+def _change(entry: Any, asset_id: str | None, p: FrameParser) -> LevelChange:
     if not isinstance(entry, dict):
         raise MalformedFrame("bad_field", "price change entry is not an object")
     return LevelChange(
         asset_id=asset_id if asset_id is not None else _text(entry, "asset_id"),
-        price=_price(_field(entry, "price"), "price"),
-        size=_size(_field(entry, "size"), "size"),
+        price=p.price(_field(entry, "price"), "price"),
+        size=p.size(_field(entry, "size"), "size"),
         side=_side(_field(entry, "side")),
-        best_bid=_optional_price(entry, "best_bid"),
-        best_ask=_optional_price(entry, "best_ask"),
+        best_bid=_optional_price(entry, "best_bid", p),
+        best_ask=_optional_price(entry, "best_ask", p),
     )
 
 
-def _price_change(obj: dict[str, Any]) -> PriceChange:
+def _price_change(obj: dict[str, Any], p: FrameParser) -> PriceChange:
     if "price_changes" in obj:
         entries, asset_id = obj["price_changes"], None
     elif "changes" in obj:  # legacy: one asset, changes[]
@@ -345,44 +346,44 @@ def _price_change(obj: dict[str, Any]) -> PriceChange:
     return PriceChange(
         market=str(obj.get("market") or ""),
         timestamp_ms=_timestamp(obj),
-        changes=tuple(_change(entry, asset_id) for entry in entries),
+        changes=tuple(_change(entry, asset_id, p) for entry in entries),
     )
 
 
-def _last_trade(obj: dict[str, Any]) -> LastTradePrice:
+def _last_trade(obj: dict[str, Any], p: FrameParser) -> LastTradePrice:
     side = obj.get("side")
     return LastTradePrice(
         asset_id=_text(obj, "asset_id"),
         market=str(obj.get("market") or ""),
-        price=_price(_field(obj, "price"), "price"),
-        size=_size(obj.get("size", "0"), "size"),
+        price=p.price(_field(obj, "price"), "price"),
+        size=p.size(obj.get("size", "0"), "size"),
         side=None if side in (None, "") else _side(side),
         timestamp_ms=_timestamp(obj),
     )
 
 
-def _tick_size_change(obj: dict[str, Any]) -> TickSizeChange:
+def _tick_size_change(obj: dict[str, Any], p: FrameParser) -> TickSizeChange:
     old = obj.get("old_tick_size")
     return TickSizeChange(
         asset_id=_text(obj, "asset_id"),
         market=str(obj.get("market") or ""),
-        old_tick_size=None if old in (None, "") else _price(old, "old_tick_size"),
-        new_tick_size=_price(_field(obj, "new_tick_size"), "new_tick_size"),
+        old_tick_size=None if old in (None, "") else p.price(old, "old_tick_size"),
+        new_tick_size=p.price(_field(obj, "new_tick_size"), "new_tick_size"),
         timestamp_ms=_timestamp(obj),
     )
 
 
-def _best_bid_ask(obj: dict[str, Any]) -> BestBidAsk:
+def _best_bid_ask(obj: dict[str, Any], p: FrameParser) -> BestBidAsk:
     return BestBidAsk(
         asset_id=_text(obj, "asset_id"),
         market=str(obj.get("market") or ""),
-        best_bid=_optional_price(obj, "best_bid"),
-        best_ask=_optional_price(obj, "best_ask"),
+        best_bid=_optional_price(obj, "best_bid", p),
+        best_ask=_optional_price(obj, "best_ask", p),
         timestamp_ms=_timestamp(obj),
     )
 
 
-def _new_market(obj: dict[str, Any]) -> NewMarket:
+def _new_market(obj: dict[str, Any], p: FrameParser) -> NewMarket:
     assets = _ids(obj, "assets_ids") or _ids(obj, "clob_token_ids")
     return NewMarket(
         id=str(_field(obj, "id")),
@@ -395,7 +396,7 @@ def _new_market(obj: dict[str, Any]) -> NewMarket:
     )
 
 
-def _market_resolved(obj: dict[str, Any]) -> MarketResolved:
+def _market_resolved(obj: dict[str, Any], p: FrameParser) -> MarketResolved:
     return MarketResolved(
         id=str(_field(obj, "id")),
         market=_text(obj, "market"),
@@ -406,7 +407,7 @@ def _market_resolved(obj: dict[str, Any]) -> MarketResolved:
     )
 
 
-_PARSERS: dict[str, Callable[[dict[str, Any]], FeedEvent]] = {
+_PARSERS: dict[str, Callable[[dict[str, Any], FrameParser], FeedEvent]] = {
     "book": _book,
     "price_change": _price_change,
     "last_trade_price": _last_trade,
@@ -431,70 +432,128 @@ def _event_type(obj: dict[str, Any]) -> str:
     raise MalformedFrame("missing_field", "no 'event_type'")
 
 
-def _parse_object(obj: Any, parsed: ParsedFrame) -> None:
-    if not isinstance(obj, dict):
-        parsed.problems.append(MalformedFrame("not_an_object", f"{type(obj).__name__} in frame"))
-        return
-    try:
-        kind = _event_type(obj)
-    except MalformedFrame as exc:
-        parsed.problems.append(exc)
-        return
-    parsed.event_types.append(kind)
-    parser = _PARSERS.get(kind)
-    if parser is None:
-        parsed.problems.append(MalformedFrame("unknown_event_type", repr(kind)[:80]))
-        return
-    try:
-        parsed.events.append(parser(obj))
-    except MalformedFrame as exc:
-        parsed.problems.append(MalformedFrame(exc.kind, f"{kind}: {exc.detail}"))
+class FrameParser:
+    """
+    Parses market-channel frames (see :meth:`parse`), remembering the
+    decimal strings it has converted: prices repeat constantly (a market has
+    at most 100 to 10,000 price levels), so a bounded memo of validated
+    ``Decimal`` values saves most of the conversion cost. One parser per
+    owner (the feed pool); not shared between threads.
+    """
+
+    __slots__ = ("_limit", "_prices", "_sizes")
+
+    def __init__(self, memo_limit: int = 65_536) -> None:
+        self._limit = memo_limit
+        self._prices: dict[str, Decimal] = {}
+        self._sizes: dict[str, Decimal] = {}
+
+    def price(self, value: Any, name: str) -> Decimal:
+        """A probability in [0, 1]; raises MalformedFrame otherwise."""
+        if value.__class__ is str:
+            known = self._prices.get(value)
+            if known is not None:
+                return known
+            price = _price(value, name)
+            if len(self._prices) >= self._limit:
+                self._prices.clear()
+            self._prices[value] = price
+            return price
+        return _price(value, name)
+
+    def size(self, value: Any, name: str) -> Decimal:
+        """A size in shares >= 0; raises MalformedFrame otherwise."""
+        if value.__class__ is str:
+            known = self._sizes.get(value)
+            if known is not None:
+                return known
+            size = _size(value, name)
+            if len(self._sizes) >= self._limit:
+                self._sizes.clear()
+            self._sizes[value] = size
+            return size
+        return _size(value, name)
+
+    def _object(self, obj: Any, parsed: ParsedFrame) -> None:
+        if not isinstance(obj, dict):
+            parsed.problems.append(
+                MalformedFrame("not_an_object", f"{type(obj).__name__} in frame")
+            )
+            return
+        try:
+            kind = _event_type(obj)
+        except MalformedFrame as exc:
+            parsed.problems.append(exc)
+            return
+        parsed.event_types.append(kind)
+        parser = _PARSERS.get(kind)
+        if parser is None:
+            parsed.problems.append(MalformedFrame("unknown_event_type", repr(kind)[:80]))
+            return
+        try:
+            parsed.events.append(parser(obj, self))
+        except MalformedFrame as exc:
+            parsed.problems.append(MalformedFrame(exc.kind, f"{kind}: {exc.detail}"))
+
+    def parse(self, raw: str | bytes) -> ParsedFrame:
+        """
+        Parse one market-channel text frame into events.
+
+        A frame is a JSON object or array of objects with ``event_type``;
+        prices are decimal strings in [0, 1]; timestamps are milliseconds.
+        Source: ../shared/protocol.md, section 6. An event that cannot be
+        used is skipped and reported in ``problems``; the other events of the
+        frame are kept.
+
+        Args:
+            raw: the frame as received (``str`` for text frames; ``bytes``
+                must be UTF-8).
+
+        Returns:
+            A :class:`ParsedFrame`; ``control`` is set for ``PONG`` and the
+            other non-JSON text frames.
+
+        Raises:
+            MalformedFrame: the whole frame is unusable: not UTF-8, not JSON,
+                or JSON that is neither an object nor an array.
+        """
+        if isinstance(raw, bytes | bytearray | memoryview):
+            try:
+                text = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MalformedFrame("not_utf8", str(exc)) from None
+        else:
+            text = raw
+        if len(text) < 24:
+            stripped = text.strip()
+            if stripped in CONTROL_FRAMES:
+                return ParsedFrame(events=[], control=stripped)
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedFrame("invalid_json", f"{exc} in {text[:60]!r}") from None
+        parsed = ParsedFrame(events=[])
+        if isinstance(data, list):
+            for obj in data:
+                self._object(obj, parsed)
+        elif isinstance(data, dict):
+            self._object(data, parsed)
+        else:
+            raise MalformedFrame("not_an_object", f"JSON {type(data).__name__}")
+        return parsed
 
 
 def parse_frame(raw: str | bytes) -> ParsedFrame:
     """
-    Parse one market-channel text frame into events.
+    Parse one frame with a fresh :class:`FrameParser` (see :meth:`FrameParser.parse`).
 
-    A frame is a JSON object or array of objects with ``event_type``; prices
-    are decimal strings in [0, 1]; timestamps are milliseconds. Source:
-    ../shared/protocol.md, section 6. An event that cannot be used is skipped
-    and reported in ``problems``; the other events of the frame are kept.
-
-    Args:
-        raw: the frame as received (``str`` for text frames; ``bytes`` must be
-            UTF-8).
-
-    Returns:
-        A :class:`ParsedFrame`; ``control`` is set for ``PONG`` and the other
-        non-JSON text frames.
+    Long-running readers keep one ``FrameParser`` instead, for its memo.
 
     Raises:
         MalformedFrame: the whole frame is unusable: not UTF-8, not JSON, or
             JSON that is neither an object nor an array.
     """
-    if isinstance(raw, bytes | bytearray | memoryview):
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedFrame("not_utf8", str(exc)) from None
-    else:
-        text = raw
-    stripped = text.strip()
-    if stripped in CONTROL_FRAMES:
-        return ParsedFrame(events=[], control=stripped)
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedFrame("invalid_json", f"{exc} in {text[:60]!r}") from None
-    parsed = ParsedFrame(events=[])
-    if isinstance(data, list):
-        for obj in data:
-            _parse_object(obj, parsed)
-    elif isinstance(data, dict):
-        _parse_object(data, parsed)
-    else:
-        raise MalformedFrame("not_an_object", f"JSON {type(data).__name__}")
-    return parsed
+    return FrameParser().parse(raw)
 
 
 # ------------------------------------------------------------------ client messages

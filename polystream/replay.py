@@ -899,6 +899,7 @@ class ReplayServer:
                 assets=len(self.tape.capture.markets),
                 speed=None if self.max_speed else self.speed,
                 loop=self.loop,
+                synthetic=len(self.synthetic.assets) if self.synthetic else 0,
             )
             nursery.start_soon(self._play)
             task_status.started(self)
@@ -1062,8 +1063,10 @@ class ReplayServer:
         """Handle one client message (no checkpoint: snapshots match the frames that follow)."""
         stats = self.stats
         stats.messages_received += 1
-        size = len(message) if isinstance(message, bytes) or message.isascii() else len(
-            message.encode("utf-8", "surrogatepass")
+        size = (
+            len(message)
+            if isinstance(message, bytes) or message.isascii()
+            else len(message.encode("utf-8", "surrogatepass"))
         )
         stats.max_message_bytes = max(stats.max_message_bytes, size)
         if isinstance(message, bytes):
@@ -1165,6 +1168,9 @@ async def serve_replay(
     max_speed: bool = False,
     loop: bool = False,
     start_when_subscribed: bool = True,
+    synthesize: int = 0,
+    synthetic_events: bool = True,
+    record: bool = False,
     task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -1173,21 +1179,51 @@ async def serve_replay(
     ``task_status.started(server)`` is called once listening; ``server.port`` is
     the bound port and ``server.finished`` is set at the end of the tape. With
     ``start_when_subscribed`` the tape waits for the first subscribe naming an
-    asset, so a client started after the server misses nothing.
+    asset, so a client started after the server misses nothing. ``synthesize``
+    adds that many synthetic assets (``server.synthetic``; module docstring),
+    ``synthetic_events`` forwards events to them, ``record`` keeps per-connection
+    request and snapshot logs (:attr:`ReplayServer.connection_logs`).
 
     Raises:
-        ReplayError: a capture cannot be loaded (see :meth:`Capture.load`).
+        ReplayError: a capture cannot be loaded (see :meth:`Capture.load`), or
+            ``synthesize`` is negative.
     """
     # Loading blocks the event loop once, before anything else runs in it.
-    capture = Capture.load(paths)
-    server = ReplayServer(
+    server = _build_server(
+        paths,
+        speed=speed,
+        max_speed=max_speed,
+        loop=loop,
+        start_when_subscribed=start_when_subscribed,
+        synthesize=synthesize,
+        synthetic_events=synthetic_events,
+        record=record,
+    )
+    await server.serve(host=host, port=port, task_status=task_status)
+
+
+def _build_server(
+    paths: Iterable[Path],
+    *,
+    speed: float,
+    max_speed: bool,
+    loop: bool,
+    start_when_subscribed: bool,
+    synthesize: int,
+    synthetic_events: bool,
+    record: bool = False,
+) -> ReplayServer:
+    capture = Capture.load(list(paths))
+    return ReplayServer(
         tape=Tape(capture),
         speed=speed,
         max_speed=max_speed,
         loop=loop,
         start_when_subscribed=start_when_subscribed,
+        synthetic=Synthetic.build(capture.markets, synthesize) if synthesize else None,
+        synthetic_events=synthetic_events,
+        record=record,
     )
-    await server.serve(host=host, port=port, task_status=task_status)
 
 
 def run_replay_cli(
@@ -1200,23 +1236,30 @@ def run_replay_cli(
     *,
     start_when_subscribed: bool = True,
     exit_at_end: bool = False,
+    synthesize: int = 0,
+    synthetic_events: bool = True,
 ) -> None:
     """
     Run the replay server (``polystream replay PATH...``) until Ctrl-C.
 
     Logs ``replay_listening`` with the URL, then ``replay_finished`` with a
     summary at the end of the tape. The server keeps serving the final books
-    afterwards unless ``exit_at_end``. Configure structlog before calling.
+    afterwards unless ``exit_at_end``. ``synthesize`` adds that many synthetic
+    assets (module docstring), ``synthetic_events`` forwards events to them.
+    Configure structlog before calling.
 
     Raises:
-        ReplayError: a capture cannot be loaded, or the address cannot be bound.
+        ReplayError: a capture cannot be loaded, ``synthesize`` is negative, or
+            the address cannot be bound.
     """
-    server = ReplayServer(
-        tape=Tape(Capture.load(list(paths))),
+    server = _build_server(
+        paths,
         speed=speed,
         max_speed=max_speed,
         loop=loop,
         start_when_subscribed=start_when_subscribed,
+        synthesize=synthesize,
+        synthetic_events=synthetic_events,
     )
 
     async def main() -> None:
