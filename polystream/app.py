@@ -14,6 +14,8 @@ Cancelling the nursery (SIGTERM/SIGINT in the CLI) stops intake; the writers'
 
 from __future__ import annotations
 
+import time
+from decimal import Decimal
 from functools import partial
 
 import attrs
@@ -34,6 +36,7 @@ from polystream.pipeline import (
     write_markets,
     write_positions,
 )
+from polystream.poller import Poller, ShardWatch, open_clob_client, prices_moved, run_poller
 from polystream.protocol import FeedEvent
 from polystream.reconciler import DbLink, Reconciler, run_listener
 from polystream.stats import Stats
@@ -131,10 +134,33 @@ async def run(
                     request_timeout=config.gamma.request_timeout,
                     attempts=config.gamma.attempts,
                 ) as gamma,
+                open_clob_client(
+                    config.poll.url,
+                    batch_size=config.poll.batch_size,
+                    request_timeout=config.poll.request_timeout,
+                    attempts=config.poll.attempts,
+                ) as clob,
                 trio.open_nursery() as nursery,
             ):
+
+                def top_pair(asset_id: str) -> tuple[Decimal | None, Decimal | None] | None:
+                    book = books.get(asset_id)
+                    return (
+                        None
+                        if book is None or not book.has_book
+                        else (
+                            book.best_bid,
+                            book.best_ask,
+                        )
+                    )
+
                 async with send:
-                    pool = FeedPool(config.feed, send.clone(), stats)
+                    pool = FeedPool(
+                        config.feed,
+                        send.clone(),
+                        stats,
+                        stale_check=partial(prices_moved, clob, top_pair),
+                    )
                 reconciler = Reconciler(
                     reconcile_link,
                     pool,
@@ -153,6 +179,21 @@ async def run(
                 nursery.start_soon(router.run, receive)
                 await nursery.start(pool.run)
                 await nursery.start(reconciler.run)
+                poller: Poller | None = None
+                if config.poll.enabled:
+                    watch = ShardWatch(grace=config.poll.grace)
+                    poller = await nursery.start(
+                        partial(
+                            run_poller,
+                            clob,
+                            lambda: watch.assets(pool.shards.values(), time.monotonic()),
+                            router.apply_quote,
+                            interval=config.poll.interval,
+                            check_interval=config.poll.check_interval,
+                            midpoints=config.poll.midpoints,
+                        )
+                    )
+                    stats.poll_snapshot = poller.snapshot
                 filler: MetadataFiller = await nursery.start(
                     partial(
                         run_metadata_filler,

@@ -114,6 +114,16 @@ class _Side:
         elif self.levels.pop(price, None) is not None and price == self._best:
             self._recompute()
 
+    def drop_through(self, price: Decimal) -> None:
+        """Remove every level at ``price`` or better (a crossed book's stale levels)."""
+        if self._higher_is_better:
+            gone = [p for p in self.levels if p >= price]
+        else:
+            gone = [p for p in self.levels if p <= price]
+        for level in gone:
+            del self.levels[level]
+        self._recompute()
+
     def _recompute(self) -> None:
         if not self.levels:
             self._best = None
@@ -131,11 +141,31 @@ class AssetBook:
     """
     The L2 book of one asset, kept from the feed.
 
-    Not thread-safe; owned by the router task. ``apply`` takes any
-    :data:`~polystream.protocol.FeedEvent` concerning this asset.
+    Not thread-safe; owned by the router task. Each ``apply*`` returns None,
+    or the kind of bad input it refused or repaired (counted by the router):
+
+    * ``stale_event``: older (``timestamp``) than what this book already holds;
+    * ``crossed_book``: a change put a bid at or above the best ask (or the
+      reverse): the newer change wins and the contradicted levels of the other
+      side, which must have gone while we were not told, are removed;
+    * ``book_invalid``: a level change arrived after a ``tick_size_change``
+      and before the next snapshot: levels on the old tick are not trusted,
+      so the book stays empty until a ``book`` snapshot replaces it.
     """
 
-    __slots__ = ("asks", "asset_id", "bids", "has_book", "last_trade_price", "tick_size", "ts")
+    __slots__ = (
+        "asks",
+        "asset_id",
+        "bids",
+        "book_ts",
+        "has_book",
+        "invalid",
+        "last_trade_price",
+        "source",
+        "tick_size",
+        "trade_ts",
+        "ts",
+    )
 
     def __init__(self, asset_id: str) -> None:
         self.asset_id = asset_id
@@ -144,10 +174,16 @@ class AssetBook:
         self.last_trade_price: Decimal | None = None
         self.tick_size: Decimal | None = None
         self.has_book = False
+        self.invalid = False
         self.ts = 0
+        self.book_ts = 0
+        self.trade_ts = 0
+        self.source = "ws"
 
-    def apply_snapshot(self, book: BookSnapshot) -> None:
+    def apply_snapshot(self, book: BookSnapshot) -> str | None:
         """Replace both sides with the snapshot's levels (size 0 levels dropped)."""
+        if book.timestamp_ms and book.timestamp_ms < self.book_ts:
+            return "stale_event"
         self.bids.replace({level.price: level.size for level in book.bids if level.size > 0})
         self.asks.replace({level.price: level.size for level in book.asks if level.size > 0})
         if book.tick_size is not None:
@@ -155,33 +191,76 @@ class AssetBook:
         if book.last_trade_price is not None:
             self.last_trade_price = book.last_trade_price
         self.has_book = True
+        self.invalid = False
+        self.source = "ws"
+        self.book_ts = max(self.book_ts, book.timestamp_ms)
         self.ts = max(self.ts, book.timestamp_ms)
+        return None
 
-    def apply_change(self, change: LevelChange, timestamp_ms: int) -> None:
+    def apply_change(self, change: LevelChange, timestamp_ms: int) -> str | None:
         """Set (or with size 0 remove) one level."""
-        side = self.bids if change.side == "BUY" else self.asks
+        if timestamp_ms and timestamp_ms < self.book_ts:
+            return "stale_event"
+        if self.invalid:
+            return "book_invalid"
+        problem = None
+        if change.side == "BUY":
+            side, other = self.bids, self.asks
+            if change.size > 0 and other.best is not None and change.price >= other.best:
+                other.drop_through(change.price)
+                problem = "crossed_book"
+        else:
+            side, other = self.asks, self.bids
+            if change.size > 0 and other.best is not None and change.price <= other.best:
+                other.drop_through(change.price)
+                problem = "crossed_book"
         side.set(change.price, change.size)
         self.has_book = True
+        self.source = "ws"
+        self.book_ts = max(self.book_ts, timestamp_ms)
         self.ts = max(self.ts, timestamp_ms)
+        return problem
 
-    def apply(self, event: FeedEvent) -> None:
+    def apply(self, event: FeedEvent) -> str | None:
         """Apply an event of this asset (a ``PriceChange`` applies only its entries for it)."""
         if isinstance(event, BookSnapshot):
-            self.apply_snapshot(event)
-        elif isinstance(event, PriceChange):
+            return self.apply_snapshot(event)
+        if isinstance(event, PriceChange):
+            problem = None
             for change in event.changes:
                 if change.asset_id == self.asset_id:
-                    self.apply_change(change, event.timestamp_ms)
-        elif isinstance(event, LastTradePrice):
+                    problem = self.apply_change(change, event.timestamp_ms) or problem
+            return problem
+        if isinstance(event, LastTradePrice):
+            if event.timestamp_ms and event.timestamp_ms < self.trade_ts:
+                return "stale_event"
             self.last_trade_price = event.price
+            self.trade_ts = max(self.trade_ts, event.timestamp_ms)
             self.ts = max(self.ts, event.timestamp_ms)
         elif isinstance(event, TickSizeChange):
             self.tick_size = event.new_tick_size
             self.ts = max(self.ts, event.timestamp_ms)
-        elif isinstance(event, BestBidAsk) and not self.has_book:
+            # Levels on the old tick are not trusted until the next snapshot.
+            self.bids.replace({})
+            self.asks.replace({})
+            self.has_book = False
+            self.invalid = True
+        elif isinstance(event, BestBidAsk) and not self.has_book and not self.invalid:
             # Only when no book is kept: the book itself is the better source.
             self.bids.replace({} if event.best_bid is None else {event.best_bid: Decimal(1)})
             self.asks.replace({} if event.best_ask is None else {event.best_ask: Decimal(1)})
+        return None
+
+    def apply_quote(self, best_bid: Decimal | None, best_ask: Decimal | None) -> None:
+        """
+        A polled top of book (HTTP fallback) replaces both sides, one level
+        each of unknown size; the next ``book`` snapshot replaces it in turn.
+        """
+        self.bids.replace({} if best_bid is None else {best_bid: Decimal(1)})
+        self.asks.replace({} if best_ask is None else {best_ask: Decimal(1)})
+        self.has_book = True
+        self.invalid = False
+        self.source = "poll"
 
     @property
     def best_bid(self) -> Decimal | None:

@@ -36,6 +36,7 @@ __all__ = [
     "LogConfig",
     "MonitorConfig",
     "PipelineConfig",
+    "PollConfig",
     "PositionsConfig",
     "StateConfig",
     "load_config",
@@ -87,6 +88,11 @@ class FeedConfig:
             subscribed, so that a close-and-reopen does not flap.
         silent_after: seconds after which a subscribed asset that has
             delivered no event is reported as silent.
+        pong_timeout: seconds an unanswered ``PING`` may wait for its
+            ``PONG`` before the shard is closed and reconnected (half-open link).
+        stale_after: seconds without any frame after which a connected shard
+            is checked over REST: if its assets' prices moved meanwhile, the
+            link is silently dead and is recycled; a quiet market is not stale.
     """
 
     url: str = DEFAULT_FEED_URL
@@ -102,6 +108,8 @@ class FeedConfig:
     custom_feature_enabled: bool = False
     unsubscribe_grace: float = 60.0
     silent_after: float = 60.0
+    pong_timeout: float = 30.0
+    stale_after: float = 120.0
 
 
 @attrs.frozen
@@ -125,6 +133,34 @@ class GammaConfig:
     attempts: int = 5
     retry_initial: float = 60.0
     retry_max: float = 3600.0
+
+
+@attrs.frozen
+class PollConfig:
+    """
+    ``[poll]``: the HTTP fallback while a shard is down or stale.
+
+    Attributes:
+        enabled: poll CLOB REST for the assets of shards that are not connected.
+        url: CLOB REST base URL (https://clob.polymarket.com).
+        interval: seconds between polls of the same assets.
+        grace: seconds a shard may be down before its assets are polled.
+        check_interval: seconds between checks of which assets need polling.
+        batch_size: items per request body (``POST /prices``, ``/midpoints``), 2..500.
+        midpoints: also ask ``POST /midpoints`` (else computed from bid/ask).
+        request_timeout: seconds per HTTP request.
+        attempts: tries per request (transport errors, 429 and 5xx are retried).
+    """
+
+    enabled: bool = True
+    url: str = "https://clob.polymarket.com"
+    interval: float = 60.0
+    grace: float = 10.0
+    check_interval: float = 1.0
+    batch_size: int = 500
+    midpoints: bool = False
+    request_timeout: float = 10.0
+    attempts: int = 3
 
 
 @attrs.frozen
@@ -201,12 +237,9 @@ class HealthConfig:
     Attributes:
         listen: ``host:port`` of the health/metrics HTTP server
             (``/health`` JSON, ``/metrics`` Prometheus); port 0 binds a free port.
-        stale_after: seconds without a frame after which a connected shard
-            counts as unhealthy in ``/health``.
     """
 
     listen: str = "127.0.0.1:9108"
-    stale_after: float = 120.0
 
 
 @attrs.frozen
@@ -253,6 +286,7 @@ class Config:
     database: DatabaseConfig = DatabaseConfig()
     feed: FeedConfig = FeedConfig()
     gamma: GammaConfig = GammaConfig()
+    poll: PollConfig = PollConfig()
     pipeline: PipelineConfig = PipelineConfig()
     positions: PositionsConfig = PositionsConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -308,12 +342,23 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
     ("feed", "custom_feature_enabled"): ("bool", None, "true or false"),
     ("feed", "unsubscribe_grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("feed", "silent_after"): ("float", _positive, "seconds > 0"),
+    ("feed", "pong_timeout"): ("float", _positive, "seconds > 0"),
+    ("feed", "stale_after"): ("float", _positive, "seconds > 0"),
     ("gamma", "url"): ("str", _http_url, "an http:// or https:// URL"),
     ("gamma", "fill_interval"): ("float", _positive, "seconds > 0"),
     ("gamma", "request_timeout"): ("float", _positive, "seconds > 0"),
     ("gamma", "attempts"): ("int", lambda v: v >= 1, "an integer >= 1"),
     ("gamma", "retry_initial"): ("float", _positive, "seconds > 0"),
     ("gamma", "retry_max"): ("float", _positive, "seconds > 0"),
+    ("poll", "enabled"): ("bool", None, "true or false"),
+    ("poll", "url"): ("str", _http_url, "an http:// or https:// URL"),
+    ("poll", "interval"): ("float", _positive, "seconds > 0"),
+    ("poll", "grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
+    ("poll", "check_interval"): ("float", _positive, "seconds > 0"),
+    ("poll", "batch_size"): ("int", lambda v: 2 <= v <= 500, "an integer from 2 to 500"),
+    ("poll", "midpoints"): ("bool", None, "true or false"),
+    ("poll", "request_timeout"): ("float", _positive, "seconds > 0"),
+    ("poll", "attempts"): ("int", lambda v: v >= 1, "an integer >= 1"),
     ("pipeline", "market_flush_interval"): ("float", _positive, "seconds > 0"),
     ("pipeline", "debounce"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("pipeline", "positions_per_second"): ("float", _positive, "rows per second > 0"),
@@ -331,7 +376,6 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
     ("monitor", "reload_interval"): ("float", _positive, "seconds > 0"),
     ("execute", "mode"): ("str", lambda v: v in ("outbox", "log"), 'one of "outbox", "log"'),
     ("health", "listen"): ("str", _listen, "host:port, for example 127.0.0.1:9108"),
-    ("health", "stale_after"): ("float", _positive, "seconds > 0"),
     ("state", "dir"): ("str", None, "a directory path, or empty"),
     ("log", "level"): (
         "str",
@@ -349,6 +393,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseConfig,
     "feed": FeedConfig,
     "gamma": GammaConfig,
+    "poll": PollConfig,
     "pipeline": PipelineConfig,
     "positions": PositionsConfig,
     "monitor": MonitorConfig,

@@ -19,7 +19,7 @@ channel; it never waits on the database.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 import structlog
@@ -27,7 +27,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
 from polystream.config import FeedConfig
-from polystream.errors import MalformedFrame
+from polystream.errors import FeedClosed, FeedError, MalformedFrame
 from polystream.logs import RateLimitedLog
 from polystream.protocol import (
     FeedEvent,
@@ -46,7 +46,10 @@ __all__ = ["FeedPool", "Shard", "filter_events"]
 
 logger = structlog.get_logger(__name__)
 
-FEED_ERRORS = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError)
+FEED_ERRORS = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError, FeedError)
+
+StaleCheck = Callable[[list[str]], Awaitable[bool]]
+"""``await check(asset_ids)``: True when those assets' prices moved (over REST)."""
 _MESSAGE_QUEUE = 256  # frames trio-websocket buffers before it stops reading
 
 
@@ -129,6 +132,30 @@ def filter_events(events: list[FeedEvent], assets: set[str]) -> tuple[list[FeedE
     return kept, dropped
 
 
+@attrs.define
+class Heartbeat:
+    """
+    PING/PONG bookkeeping of one connection, in trio seconds.
+
+    ``outstanding_since`` is when the oldest unanswered PING was sent; the
+    reader clears it on ``PONG``.
+    """
+
+    last_sent: float | None = None
+    outstanding_since: float | None = None
+
+    def sent(self, now: float) -> None:
+        """A PING went out at ``now``."""
+        self.last_sent = now
+        if self.outstanding_since is None:
+            self.outstanding_since = now
+
+    def answered(self, now: float) -> float | None:
+        """A PONG arrived at ``now``: returns the round trip of the last PING (s)."""
+        self.outstanding_since = None
+        return None if self.last_sent is None else now - self.last_sent
+
+
 @attrs.define(eq=False)
 class FeedPool:
     """
@@ -150,6 +177,7 @@ class FeedPool:
     _next_index: int = 0
     _bad_frames: RateLimitedLog = attrs.field(factory=RateLimitedLog)
     _parser: FrameParser = attrs.field(factory=FrameParser)
+    stale_check: StaleCheck | None = None
 
     def set_assets(self, desired: set[str]) -> None:
         """Make the subscribed set equal ``desired`` (asset ids)."""
@@ -207,6 +235,12 @@ class FeedPool:
                 try:
                     await self._serve(shard, backoff)
                 except* FEED_ERRORS as group:
+                    for exc in group.exceptions:
+                        if (
+                            isinstance(exc, ConnectionClosed)
+                            and getattr(exc.reason, "code", None) == 1009
+                        ):
+                            self.stats.parse_errors["frame_too_large"] += 1
                     reason = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
                     shard.stats.last_error = reason[:300]
                     log.warning("feed_disconnected", reason=shard.stats.last_error)
@@ -240,23 +274,59 @@ class FeedPool:
             logger.info(
                 "feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks)
             )
-            ping_sent: list[float] = []
+            beat = Heartbeat()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._ping, ws, ping_sent)
+                nursery.start_soon(self._ping, ws, beat, shard.index)
                 nursery.start_soon(self._send_changes, ws, shard)
                 nursery.start_soon(self._reset_backoff_when_healthy, backoff)
-                await self._read(ws, shard, ping_sent)
+                nursery.start_soon(self._watch_staleness, shard)
+                await self._read(ws, shard, beat)
 
     async def _reset_backoff_when_healthy(self, backoff: Backoff) -> None:
         await trio.sleep(self.config.backoff_max)
         backoff.reset()
 
-    async def _ping(self, ws: WebSocketConnection, ping_sent: list[float]) -> None:
+    async def _ping(self, ws: WebSocketConnection, beat: Heartbeat, index: int) -> None:
+        """
+        Text ``PING`` every ``ping_interval`` s on a fixed schedule; raise
+        :class:`FeedClosed` when a PING waits ``pong_timeout`` s for its PONG
+        (a half-open connection: protocol.md, section 5).
+        """
+        interval, timeout = self.config.ping_interval, self.config.pong_timeout
+        next_ping = trio.current_time() + interval
         while True:
-            await trio.sleep(self.config.ping_interval)
-            ping_sent.append(time.monotonic())
-            del ping_sent[:-4]
-            await ws.send_message("PING")
+            deadline = next_ping
+            if beat.outstanding_since is not None:
+                deadline = min(deadline, beat.outstanding_since + timeout)
+            await trio.sleep_until(deadline)
+            now = trio.current_time()
+            if beat.outstanding_since is not None and now - beat.outstanding_since >= timeout:
+                raise FeedClosed(index, f"no PONG within {timeout:g} s")
+            if now >= next_ping:
+                beat.sent(now)
+                await ws.send_message("PING")
+                next_ping = max(next_ping + interval, now)
+
+    async def _watch_staleness(self, shard: Shard) -> None:
+        """
+        Recycle a shard whose link answers PONG but delivers no data while its
+        assets' prices moved (checked with ``stale_check`` over REST); a quiet
+        market on a live link is left alone.
+        """
+        after = self.config.stale_after
+        while True:
+            last = shard.stats.last_frame_at or shard.stats.connected_at or time.monotonic()
+            quiet_for = time.monotonic() - last
+            if quiet_for < after:
+                await trio.sleep(after - quiet_for)
+                continue
+            if self.stale_check is not None and shard.assets:
+                shard.stats.stale_checks += 1
+                if await self.stale_check(sorted(shard.assets)[:50]):
+                    raise FeedClosed(
+                        shard.index, f"no data for {quiet_for:.0f} s while prices moved"
+                    )
+            await trio.sleep(after)
 
     async def _send_changes(self, ws: WebSocketConnection, shard: Shard) -> None:
         custom = self.config.custom_feature_enabled
@@ -282,7 +352,7 @@ class FeedPool:
                     unsubscribed=len(removed),
                 )
 
-    async def _read(self, ws: WebSocketConnection, shard: Shard, ping_sent: list[float]) -> None:
+    async def _read(self, ws: WebSocketConnection, shard: Shard, beat: Heartbeat) -> None:
         stats = self.stats
         while True:
             message = await ws.get_message()
@@ -290,6 +360,11 @@ class FeedPool:
             shard.stats.frames += 1
             shard.stats.last_frame_at = now
             stats.frames += 1
+            if not isinstance(message, str):  # the market channel sends text frames only
+                self._bad_frame(
+                    shard, MalformedFrame("binary_frame", f"{len(message)} bytes"), message, now
+                )
+                continue
             try:
                 parsed = self._parser.parse(message)
             except MalformedFrame as exc:
@@ -299,8 +374,9 @@ class FeedPool:
                 stats.control[parsed.control] += 1
                 if parsed.control == "PONG":
                     shard.stats.last_pong_at = now
-                    if ping_sent:
-                        shard.stats.ping_rtt = now - ping_sent[-1]
+                    rtt = beat.answered(trio.current_time())
+                    if rtt is not None:
+                        shard.stats.ping_rtt = rtt
                 continue
             for kind in parsed.event_types:
                 stats.events[kind] += 1

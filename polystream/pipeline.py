@@ -27,6 +27,7 @@ import trio
 
 from polystream.book import AssetBook, TopOfBook
 from polystream.errors import DatabaseError
+from polystream.logs import RateLimitedLog
 from polystream.protocol import FeedEvent, PriceChange
 from polystream.stats import Stats
 from polystream.timing import Backoff, Debouncer, TokenBucket
@@ -100,11 +101,11 @@ UPDATE markets AS m SET
     last_mid_price = CASE WHEN v.has_book THEN v.mid ELSE m.last_mid_price END,
     last_trade_price = COALESCE(v.last_trade, m.last_trade_price),
     tick_size = COALESCE(v.tick, m.tick_size),
-    source = 'ws',
+    source = v.source,
     updated_at = now()
 FROM unnest(%s::text[], %s::text[], %s::bool[], %s::numeric[], %s::numeric[],
-            %s::numeric[], %s::numeric[], %s::numeric[])
-     AS v(id, prices, has_book, best_bid, best_ask, mid, last_trade, tick)
+            %s::numeric[], %s::numeric[], %s::numeric[], %s::text[])
+     AS v(id, prices, has_book, best_bid, best_ask, mid, last_trade, tick, source)
 WHERE m.id = v.id
 """
 
@@ -137,6 +138,7 @@ class MarketRow:
     mid: Decimal | None
     last_trade: Decimal | None
     tick: Decimal | None
+    source: str = "ws"
 
 
 def write_markets(conn: psycopg.Connection[Any], rows: Sequence[MarketRow]) -> int:
@@ -174,6 +176,7 @@ class Router:
     markets: MarketWriter
     positions: PositionWriter
     listeners: list[Callable[[str, TopOfBook], None]] = attrs.field(factory=list)
+    _log_limit: RateLimitedLog = attrs.field(factory=RateLimitedLog)
 
     def book(self, asset_id: str) -> AssetBook:
         """The book of ``asset_id``, created empty on first use."""
@@ -188,13 +191,21 @@ class Router:
         for event in events:
             if isinstance(event, PriceChange):
                 for change in event.changes:
-                    self.book(change.asset_id).apply_change(change, event.timestamp_ms)
-                    touched.add(change.asset_id)
+                    problem = self.book(change.asset_id).apply_change(change, event.timestamp_ms)
+                    if problem is None or problem == "crossed_book":
+                        touched.add(change.asset_id)
+                    if problem is not None:
+                        self._bad_input(problem, change.asset_id, event.timestamp_ms)
             else:
                 asset_id = getattr(event, "asset_id", None)
                 if asset_id is not None:
-                    self.book(asset_id).apply(event)
-                    touched.add(asset_id)
+                    problem = self.book(asset_id).apply(event)
+                    if problem is None or problem == "crossed_book":
+                        touched.add(asset_id)
+                    if problem is not None:
+                        self._bad_input(problem, asset_id, getattr(event, "timestamp_ms", 0))
+        if not touched:
+            return
         now = trio.current_time()
         for asset_id in touched:
             market = self.catalog.market_of(asset_id)
@@ -202,6 +213,40 @@ class Router:
             self.positions.touch(market, now)
             for listener in self.listeners:
                 listener(asset_id, self.books[asset_id].top())
+
+    def apply_quote(
+        self,
+        asset_id: str,
+        best_bid: Decimal | None,
+        best_ask: Decimal | None,
+        midpoint: Decimal | None,
+    ) -> None:
+        """
+        A quote polled over REST (HTTP fallback): replaces the asset's top of
+        book, written with ``source = 'poll'`` and seen by the monitor.
+        ``midpoint`` is implied by bid and ask and not used separately.
+        """
+        book = self.book(asset_id)
+        book.apply_quote(best_bid, best_ask)
+        market = self.catalog.market_of(asset_id)
+        self.markets.touch(market)
+        self.positions.touch(market, trio.current_time())
+        for listener in self.listeners:
+            listener(asset_id, book.top())
+
+    def _bad_input(self, kind: str, asset_id: str, timestamp_ms: int) -> None:
+        """Count a refused or repaired event; log it once per kind per 10 s."""
+        stats = self.markets.stats
+        stats.parse_errors[kind] += 1
+        suppressed = self._log_limit.allow(kind, trio.current_time())
+        if suppressed is not None:
+            logger.warning(
+                "feed_bad_event",
+                kind=kind,
+                asset_id=asset_id,
+                timestamp_ms=timestamp_ms,
+                suppressed_since_last=suppressed,
+            )
 
     async def run(self, receive: trio.MemoryReceiveChannel[list[FeedEvent]]) -> None:
         """Consume frames until the channel closes or the task is cancelled."""
@@ -262,6 +307,9 @@ class MarketWriter:
             mid=first.midpoint if first and has_book else None,
             last_trade=first.last_trade_price if first else None,
             tick=first.tick_size if first else None,
+            source="poll"
+            if any(self.books[t].source == "poll" for t in tokens if t in self.books)
+            else "ws",
         )
 
     async def flush(self) -> bool:

@@ -55,8 +55,8 @@ the original condition id; :meth:`Synthetic.gamma_markets` gives Gamma-like
 market objects for them. The cost model:
 
 * the tape keeps books of the recorded assets only; a synthetic snapshot is
-  the original's current book with ``asset_id`` and ``market`` replaced (its
-  ``hash`` is the original's);
+  the original's current book with ``asset_id``, ``market`` and ``hash``
+  replaced, its levels built once per original and tape position;
 * a frame costs nothing extra for a client without synthetic subscriptions
   (one truth test), and for a client with some, one set intersection unless
   the frame names an original it holds copies of;
@@ -569,6 +569,7 @@ class Tape:
     finished: trio.Event = attrs.field(factory=trio.Event)
     _books: _Books = attrs.field(factory=_Books, alias="_books")
     _time_ms: int | None = attrs.field(default=None, alias="_time_ms")
+    _label_cache: dict[str, tuple[int, Event]] = attrs.field(factory=dict, alias="_label_cache")
 
     def apply(self, frame: Frame) -> None:
         """Apply ``frame`` to the books and count it as played."""
@@ -588,16 +589,27 @@ class Tape:
         An asset that has no book yet (trades only, or before its first
         snapshot) gets empty ``bids`` / ``asks`` and its last trade price.
         With ``label`` (a synthetic copy of ``asset_id``) the event carries the
-        copy's asset id and market instead.
+        copy's asset id and market instead, and a ``hash`` derived from the
+        original's and the copy's id (the levels are built once per frame played
+        and shared by all copies).
         """
         market = self.capture.markets.get(asset_id)
         if market is None:
             return None
         book = self._books.books.get(asset_id) or _Book(market=market)
         now = self._time_ms if self._time_ms is not None else self.capture.frames[0].time_ms
-        if label is not None:
-            return book.snapshot(label.asset_id, str(now), label.market)
-        return book.snapshot(asset_id, str(now))
+        if label is None:
+            return book.snapshot(asset_id, str(now))
+        # Copies of one book share its levels: build them once per frame played.
+        cached = self._label_cache.get(asset_id)
+        if cached is None or cached[0] != self.frames_played:
+            cached = self._label_cache[asset_id] = (
+                self.frames_played,
+                book.snapshot(asset_id, str(now)),
+            )
+        base = cached[1]
+        digest = hashlib.sha1(f"{base['hash']}/{label.asset_id}".encode()).hexdigest()
+        return {**base, "market": label.market, "asset_id": label.asset_id, "hash": digest}
 
 
 # --- connections ---------------------------------------------------------------------
@@ -1056,11 +1068,17 @@ class ReplayServer:
     async def _read_loop(self, client: _Client) -> None:
         while True:
             message = await client.ws.get_message()
+            received_at = time.monotonic()
             await client.wait_room()
-            self._on_message(client, message)
+            self._on_message(client, message, received_at)
 
-    def _on_message(self, client: _Client, message: str | bytes) -> None:
-        """Handle one client message (no checkpoint: snapshots match the frames that follow)."""
+    def _on_message(
+        self, client: _Client, message: str | bytes, received_at: float | None = None
+    ) -> None:
+        """
+        Handle one client message (no checkpoint: snapshots match the frames that
+        follow). ``received_at`` (``time.monotonic()``, default now) is when it was read.
+        """
         stats = self.stats
         stats.messages_received += 1
         size = (
@@ -1102,7 +1120,7 @@ class ReplayServer:
         stats.max_request_assets = max(stats.max_request_assets, len(assets))
         stats.max_subscribed = max(stats.max_subscribed, len(client.subscribed))
         if client.log is not None:
-            now = time.monotonic()
+            now = time.monotonic() if received_at is None else received_at
             client.log.requests.append(
                 RequestRecord(now, size, operation or "type", tuple(assets), len(client.subscribed))
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -35,6 +35,7 @@ class ShardStats:
     assets: int = 0
     frames: int = 0
     reconnects: int = 0
+    stale_checks: int = 0
     connected_at: float | None = None
     last_frame_at: float | None = None
     last_pong_at: float | None = None
@@ -110,6 +111,7 @@ class Stats:
     triggers: Counter[str] = attrs.field(factory=Counter)
     triggers_written: int = 0
     triggers_duplicate: int = 0
+    poll_snapshot: Callable[[float], dict[str, Any]] | None = None
 
     def shard(self, index: int) -> ShardStats:
         """The stats of shard ``index``, created on first use."""
@@ -165,6 +167,7 @@ class Stats:
                 "triggers_written": self.triggers_written,
                 "triggers_duplicate": self.triggers_duplicate,
             },
+            "poll": None if self.poll_snapshot is None else self.poll_snapshot(now),
             "silent_after_s": self.silent_after,
             "shards": [s.snapshot(now, self.silent_after) for _, s in sorted(self.shards.items())],
         }
@@ -212,6 +215,15 @@ class StatsCollector(Collector):
         for kind, count in stats.triggers.items():
             fired.add_metric([kind], count)
         yield fired
+        poll = stats.poll_snapshot(now) if stats.poll_snapshot is not None else None
+        if poll is not None:
+            yield CounterMetricFamily("polystream_polls", "Fallback polls", value=poll["polls"])
+            yield CounterMetricFamily(
+                "polystream_poll_errors", "Failed fallback poll batches", value=poll["errors"]
+            )
+            yield GaugeMetricFamily(
+                "polystream_polling_assets", "Assets polled over REST", value=poll["assets"]
+            )
         yield GaugeMetricFamily(
             "polystream_monitor_rules", "TP/SL rules watched", value=stats.monitor_rules
         )

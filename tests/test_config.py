@@ -96,7 +96,8 @@ format = "json"
     assert (config.log.level, config.log.format) == ("debug", "json")
     # untouched keys keep their defaults
     assert config.feed.backoff_max == 30.0
-    assert config.health.stale_after == 120.0
+    assert config.feed.stale_after == 120.0
+    assert config.feed.pong_timeout == 30.0
 
 
 def test_env_overrides_file(tmp_path: Path) -> None:

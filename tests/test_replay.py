@@ -16,7 +16,8 @@ import trio.testing
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from polystream.errors import ReplayError
-from polystream.replay import Capture, ReplayServer, Tape
+from polystream.markets import GammaMarket
+from polystream.replay import Capture, ReplayServer, Synthetic, Tape, synthetic_asset_id
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 UPDOWN = EXAMPLES / "updown-2025-12-11.jsonl.gz"
@@ -416,3 +417,117 @@ async def test_late_subscriber_and_quitter(updown: Capture, expected: dict[str, 
         books.apply_frame(text)
     for asset in late:
         books.check(asset, expected[asset])
+
+
+# --- synthetic assets -------------------------------------------------------------
+
+
+def test_synthetic_ids_markets_and_gamma_objects(updown: Capture) -> None:
+    synthetic = Synthetic.build(updown.markets, 30)
+    originals = sorted(updown.markets, key=lambda a: (updown.markets[a], a))
+    assert len(originals) == 12
+    for k, asset in enumerate(synthetic.ordered):
+        assert asset.index == k
+        assert asset.original == originals[k % 12]
+        assert asset.copy == k // 12
+        assert asset.asset_id == synthetic_asset_id(k, asset.original)
+        assert len(asset.asset_id) == 77 and asset.asset_id.isdigit()
+        assert asset.market.startswith("0x") and len(asset.market) == 66
+    assert Synthetic.build(updown.markets, 30) == synthetic  # deterministic
+    # The copies of one recorded market share one synthetic market; copies differ.
+    markets = [GammaMarket.from_gamma(obj) for obj in synthetic.gamma_markets()]
+    assert [len(m.clob_token_ids) for m in markets] == [2] * 15
+    assert len({m.id for m in markets}) == len({m.condition_id for m in markets}) == 15
+    tokens = [t for m in markets for t in m.clob_token_ids]
+    assert sorted(tokens) == sorted(synthetic.assets)
+    for market in markets:
+        first, second = (synthetic.assets[t] for t in market.clob_token_ids)
+        assert first.copy == second.copy and first.original_market == second.original_market
+    assert not set(synthetic.assets) & set(updown.markets)
+    with pytest.raises(ReplayError, match="synthesize"):
+        Synthetic.build(updown.markets, -1)
+
+
+async def test_synthetic_assets_get_relabelled_books_and_events(updown: Capture) -> None:
+    """A synthetic copy sees exactly its original's books and events, under its own ids;
+    a client with no copies gets the recorded frames byte for byte."""
+    synthetic = Synthetic.build(updown.markets, 24)  # two copies of each asset
+    sol = [a for a in synthetic.ordered if a.original == SOL_UP]
+    assert [a.copy for a in sol] == [0, 1]
+    copy_ids = [a.asset_id for a in sol]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = ReplayServer(
+                tape=Tape(updown), max_speed=True, synthetic=synthetic, record=True
+            )
+            await nursery.start(server.serve)
+            async with (
+                open_websocket_url(server.url) as plain,
+                open_websocket_url(server.url) as copies,
+            ):
+                await plain.send_message(subscribe([SOL_UP]))
+                await copies.send_message(subscribe(copy_ids[:1]))
+                await copies.send_message(
+                    json.dumps({"operation": "subscribe", "assets_ids": copy_ids[1:]})
+                )
+                async with trio.open_nursery() as readers:
+                    got: dict[str, list[str]] = {}
+
+                    async def read(name: str, ws: WebSocketConnection) -> None:
+                        got[name] = await drain_after_finished(server, ws)
+
+                    readers.start_soon(read, "plain", plain)
+                    readers.start_soon(read, "copies", copies)
+            nursery.cancel_scope.cancel()
+
+    plain_books, copy_books = Books(), Books()
+    for text in got["plain"]:
+        plain_books.apply_frame(text)
+    markets_seen: set[str] = set()
+    for text in got["copies"]:
+        for event in copy_books.apply_frame(text):
+            assert event_assets(event) <= set(copy_ids)
+            markets_seen.add(event["market"])
+    assert markets_seen == {a.market for a in sol}
+    for copy_id in copy_ids:
+        assert copy_books.bids[copy_id] == plain_books.bids[SOL_UP]
+        assert copy_books.asks[copy_id] == plain_books.asks[SOL_UP]
+        assert copy_books.last_trade.get(copy_id) == plain_books.last_trade.get(SOL_UP)
+    # The plain client got the tape's own text for SOL-only frames: nothing re-encoded.
+    sol_frames = [f.text for f in updown.frames if f.plain and f.asset_ids == {SOL_UP}]
+    assert sol_frames and set(sol_frames) <= set(got["plain"])
+    stats = server.stats
+    assert stats.synthetic_snapshots_sent == 2 and stats.snapshots_sent == 3
+    assert stats.synthetic_events_sent > 0
+    assert stats.max_subscribed == 2 and stats.max_request_assets == 1
+    # The record: every request, its size, and when each snapshot went out.
+    second = server.connection_logs[1]
+    assert [r.operation for r in second.requests] == ["type", "subscribe"]
+    assert [r.asset_ids for r in second.requests] == [(copy_ids[0],), (copy_ids[1],)]
+    assert max(r.size_bytes for r in second.requests) == stats.max_message_bytes
+    assert set(second.snapshots) == set(copy_ids) == second.subscribed
+    assert second.closed_at is not None
+    assert set(server.snapshot_times) == {SOL_UP, *copy_ids}
+    assert server.subscribe_times[copy_ids[1]] >= server.subscribe_times[copy_ids[0]]
+
+
+async def test_unsubscribed_copy_gets_nothing_more(updown: Capture) -> None:
+    synthetic = Synthetic.build(updown.markets, 12)
+    (copy,) = (a.asset_id for a in synthetic.ordered if a.original == SOL_UP)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = ReplayServer(
+                tape=Tape(updown), max_speed=True, synthetic=synthetic, start_when_subscribed=False
+            )
+            await nursery.start(server.serve)
+            async with open_websocket_url(server.url) as ws:
+                await ws.send_message(subscribe([copy]))
+                await ws.send_message(
+                    json.dumps({"operation": "unsubscribe", "assets_ids": [copy]})
+                )
+                received = await drain_after_finished(server, ws)
+            nursery.cancel_scope.cancel()
+    # Only the snapshot (the tape may have sent a frame before the unsubscribe was read).
+    events = [e for text in received for e in orjson.loads(text)]
+    assert events[0]["event_type"] == "book" and events[0]["asset_id"] == copy
+    assert server.stats.synthetic_events_sent == len(events) - 1
