@@ -131,7 +131,7 @@ async def _serve_until_signal(config: Config, dsn: str) -> None:
 
             handle: App = await nursery.start(daemon)
             async for signum in signals:
-                if handle.cancel_scope.cancel_called:
+                if handle.stopping.is_set():
                     logger.warning("shutdown_forced", signal=signal.Signals(signum).name)
                     os._exit(1)
                 logger.info("shutdown_requested", signal=signal.Signals(signum).name)

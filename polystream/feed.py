@@ -214,16 +214,20 @@ class FeedPool:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start shards as they appear, ``feed.connect_stagger`` s apart; runs until cancelled."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while self._to_start:
-                    shard = self._to_start.pop(0)
-                    if shard.index in self.shards:
-                        nursery.start_soon(self._supervise, shard)
-                        await trio.sleep(self.config.connect_stagger)
+        with self.events:  # closed on exit: the router drains what is queued and ends
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await self._start_shards(nursery)
+
+    async def _start_shards(self, nursery: trio.Nursery) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._to_start:
+                shard = self._to_start.pop(0)
+                if shard.index in self.shards:
+                    nursery.start_soon(self._supervise, shard)
+                    await trio.sleep(self.config.connect_stagger)
 
     async def _supervise(self, shard: Shard) -> None:
         """Connect, serve, and reconnect with backoff until the shard is closed."""

@@ -66,6 +66,9 @@ DEFAULT_GAMMA_URL = "https://gamma-api.polymarket.com"
 """Gamma's public base URL (../shared/protocol.md, section 7)."""
 
 MAX_PER_REQUEST = 100
+
+WAKE_COALESCE = 0.5
+"""Seconds a wake-up waits so that a burst of position changes costs one round."""
 """Most ids or condition ids in one ``GET /markets`` (Gamma caps pages at 100)."""
 
 RefKind = Literal["id", "condition_id", "slug"]
@@ -473,6 +476,7 @@ class MetadataFiller:
                 pass  # logged by the link; the next round retries
             with trio.move_on_after(self.interval):
                 await self._wake.wait()
+                await trio.sleep(WAKE_COALESCE)  # one round for a burst of NOTIFYs
 
 
 async def run_metadata_filler(

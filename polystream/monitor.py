@@ -31,6 +31,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 import attrs
+import orjson
 import psycopg
 import structlog
 import trio
@@ -58,6 +59,9 @@ __all__ = [
 logger = structlog.get_logger(__name__)
 
 TRIGGERS_CHANNEL = "polystream_triggers"
+
+NO_PRICE_RETRY = 5.0
+"""Seconds before a prediction due while its asset has no quote is looked at again."""
 
 Timing = Literal["from_start", "from_end", "percentage", "edge"]
 DecisionKind = Literal["take_profit", "stop_loss", "prediction", "prediction_skipped"]
@@ -178,16 +182,30 @@ WHERE status = 'pending' AND token_id IS NOT NULL AND opens_at IS NOT NULL
 """
 
 
-def load_rules(conn: psycopg.Connection[Any]) -> RuleSet:
-    """Read every active TP/SL rule and pending prediction."""
+def load_rules(
+    conn: psycopg.Connection[Any],
+    position_ids: list[int] | None = None,
+    prediction_ids: list[int] | None = None,
+) -> RuleSet:
+    """
+    Read the active TP/SL rules and pending predictions: all of them, or,
+    with ``position_ids``/``prediction_ids``, only those rows (an incremental
+    reload after NOTIFY; a row absent from the result has no rule any more).
+    """
     rules = RuleSet()
-    for pid, token, tp, sl in conn.execute(_LOAD_TPSL).fetchall():
+    tpsl_query, prediction_query = _LOAD_TPSL, _LOAD_PREDICTIONS
+    params: dict[str, Any] = {}
+    if position_ids is not None or prediction_ids is not None:
+        tpsl_query += " AND id = ANY(%(positions)s)"
+        prediction_query += " AND id = ANY(%(predictions)s)"
+        params = {"positions": position_ids or [], "predictions": prediction_ids or []}
+    for pid, token, tp, sl in conn.execute(tpsl_query, params).fetchall():
         if tp is not None:
             rules.tpsl.append(TpSlRule(int(pid), str(token), "take_profit", tp))
         if sl is not None:
             rules.tpsl.append(TpSlRule(int(pid), str(token), "stop_loss", sl))
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        for row in cur.execute(_LOAD_PREDICTIONS).fetchall():
+        for row in cur.execute(prediction_query, params).fetchall():
             rules.predictions.append(Prediction.from_row(row))
     return rules
 
@@ -289,13 +307,52 @@ class Monitor:
                     del self._assets[prediction.asset_id]
 
     def replace_all(self, rules: RuleSet) -> None:
-        """Make the in-memory rules equal ``rules`` (a reload from the database)."""
+        """Make the in-memory rules equal ``rules`` (a full reload from the database)."""
         wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
         for key in [k for k in self._tpsl if k not in wanted]:
             self.remove_rule(*key)
         for key, rule in wanted.items():
             if self._tpsl.get(key) != rule:
                 self.add_rule(rule)
+        self._replace_predictions(rules)
+
+    async def replace_all_in_slices(self, rules: RuleSet, slice_size: int = 2000) -> None:
+        """:meth:`replace_all`, yielding to the scheduler every ``slice_size`` rules."""
+        wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
+        for count, key in enumerate([k for k in self._tpsl if k not in wanted]):
+            self.remove_rule(*key)
+            if count % slice_size == slice_size - 1:
+                await trio.lowlevel.checkpoint()
+        for count, (key, rule) in enumerate(wanted.items()):
+            if self._tpsl.get(key) != rule:
+                self.add_rule(rule)
+            if count % slice_size == slice_size - 1:
+                await trio.lowlevel.checkpoint()
+        self._replace_predictions(rules)
+
+    def apply_changes(
+        self, position_ids: set[int], prediction_ids: set[int], rules: RuleSet
+    ) -> None:
+        """Update only the rules of these rows (``rules`` holds their current state)."""
+        wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
+        for position_id in position_ids:
+            for kind in ("take_profit", "stop_loss"):
+                rule = wanted.get((position_id, kind))
+                if rule is None:
+                    self.remove_rule(position_id, kind)
+                elif self._tpsl.get((position_id, kind)) != rule:
+                    self.add_rule(rule)
+        pending = {p.id: p for p in rules.predictions}
+        for prediction_id in prediction_ids:
+            prediction = pending.get(prediction_id)
+            if prediction is None:
+                self.remove_prediction(prediction_id)
+            elif self._predictions.get(prediction_id) != prediction:
+                self.add_prediction(prediction)
+        self.stats.monitor_rules = len(self._tpsl)
+        self.stats.monitor_predictions = len(self._predictions)
+
+    def _replace_predictions(self, rules: RuleSet) -> None:
         pending = {p.id: p for p in rules.predictions}
         for prediction_id in [p for p in self._predictions if p not in pending]:
             self.remove_prediction(prediction_id)
@@ -378,8 +435,14 @@ class Monitor:
         self, prediction: Prediction, top: TopOfBook | None, now: float, *, edge_seen: bool
     ) -> None:
         """Decide now: place (``decided``) or skip, with the reason and the price seen."""
-        self.remove_prediction(prediction.id)
         ask = None if top is None else top.best_ask
+        if ask is None and not edge_seen and now + NO_PRICE_RETRY < prediction.closes_at:
+            # No quote yet (just started or reconnected): look again shortly.
+            self._seq += 1
+            self._scheduled[prediction.id] = self._seq
+            heapq.heappush(self._heap, (now + NO_PRICE_RETRY, self._seq, prediction.id))
+            return
+        self.remove_prediction(prediction.id)
         kind: DecisionKind
         if now > prediction.closes_at:
             kind, reason = "prediction_skipped", "window_closed"
@@ -450,90 +513,171 @@ class Monitor:
 class RuleLoader:
     """
     Keeps the monitor's rules equal to the database: a full reload at start,
-    on every ``wake()`` (NOTIFY on positions or predictions) and every
-    ``interval`` seconds.
+    every ``interval`` seconds and after the LISTEN connection comes back; in
+    between, NOTIFY payloads (``{"op", "id", ...}``) reload only the rows
+    that changed, so a burst of triggers does not reload 100,000 rules.
     """
 
     link: Any  # polystream.reconciler.DbLink (not imported: it imports feed)
     monitor: Monitor
     interval: float = 30.0
     _wake: trio.Event = attrs.field(factory=trio.Event)
+    _full: bool = False
+    _positions: set[int] = attrs.field(factory=set)
+    _predictions: set[int] = attrs.field(factory=set)
 
     def wake(self) -> None:
-        """Reload as soon as possible."""
+        """Reload everything as soon as possible."""
+        self._full = True
         self._wake.set()
 
+    def notify(self, notes: list[tuple[str, str]] | None) -> None:
+        """
+        Notifications from ``polystream_positions``/``polystream_predictions``
+        (``None``: reconnected, reload everything).
+        """
+        if notes is None:
+            self.wake()
+            return
+        for channel, payload in notes:
+            try:
+                row_id = int(orjson.loads(payload)["id"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                self._full = True
+                continue
+            if channel.endswith("predictions"):
+                self._predictions.add(row_id)
+            else:
+                self._positions.add(row_id)
+        self._wake.set()
+
+    async def _reload(self) -> None:
+        if self._full:
+            self._full = False
+            self._positions.clear()
+            self._predictions.clear()
+            rules: RuleSet = await self.link.call(load_rules)
+            await self.monitor.replace_all_in_slices(rules)
+            return
+        positions, self._positions = self._positions, set()
+        predictions, self._predictions = self._predictions, set()
+        try:
+            rules = await self.link.call(load_rules, sorted(positions), sorted(predictions))
+        except DatabaseError:
+            self._positions |= positions
+            self._predictions |= predictions
+            raise
+        self.monitor.apply_changes(positions, predictions, rules)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load now (before ``started``), then reload on wake or interval, until cancelled."""
+        """Load now (before ``started``), then reload on notifications or interval."""
+        self._full = True
         started = False
         while True:
             self._wake = trio.Event()
             try:
-                rules: RuleSet = await self.link.call(load_rules)
+                await self._reload()
             except DatabaseError:
-                pass  # logged by the link; retried next round
-            else:
-                self.monitor.replace_all(rules)
+                self._full = True  # logged by the link; retried next round
             if not started:
                 started = True
                 task_status.started()
-            with trio.move_on_after(self.interval):
+            with trio.move_on_after(self.interval) as scope:
                 await self._wake.wait()
+                await trio.sleep(0.02)  # one reload for a burst of notifications
+            if scope.cancelled_caught:
+                self._full = True
 
 
 # ------------------------------------------------------------------ executor
 
-_WRITE_POSITION_TRIGGER = """
-WITH moved AS (
-    UPDATE positions SET status = 'closing', updated_at = now()
-    WHERE id = %(position_id)s AND status = 'active'
-    RETURNING id
+_WRITE_POSITION_TRIGGERS = """
+WITH d AS (
+    SELECT * FROM unnest(%(position_id)s::bigint[], %(kind)s::text[], %(dedupe_key)s::text[],
+                         %(price)s::numeric[], %(reason)s::text[])
+        AS d(position_id, kind, dedupe_key, price, reason)
+), locked AS (
+    SELECT id FROM positions
+    WHERE id IN (SELECT position_id FROM d) AND status = 'active'
+    ORDER BY id
+    FOR NO KEY UPDATE
+), moved AS (
+    UPDATE positions AS p SET status = 'closing', updated_at = now()
+    FROM locked WHERE p.id = locked.id
+    RETURNING p.id
 ), inserted AS (
     INSERT INTO triggers (kind, position_id, dedupe_key, price, reason)
-    SELECT %(kind)s, id, %(dedupe_key)s, %(price)s, %(reason)s FROM moved
+    SELECT d.kind, d.position_id, d.dedupe_key, d.price, d.reason
+    FROM d JOIN moved ON moved.id = d.position_id
     ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING id
+    RETURNING id, dedupe_key
 )
-SELECT id, pg_notify('polystream_triggers', id::text) FROM inserted
+SELECT dedupe_key, id, pg_notify('polystream_triggers', id::text) FROM inserted
 """
 
-_WRITE_PREDICTION_TRIGGER = """
-WITH moved AS (
-    UPDATE predictions SET status = %(status)s, decided_at = to_timestamp(%(decided_at)s),
-        decision_price = %(price)s, decision_reason = %(reason)s, updated_at = now()
-    WHERE id = %(prediction_id)s AND status = 'pending'
-    RETURNING id
+_WRITE_PREDICTION_TRIGGERS = """
+WITH d AS (
+    SELECT * FROM unnest(%(prediction_id)s::bigint[], %(kind)s::text[], %(dedupe_key)s::text[],
+                         %(price)s::numeric[], %(reason)s::text[], %(status)s::text[],
+                         %(decided_at)s::float8[])
+        AS d(prediction_id, kind, dedupe_key, price, reason, status, decided_at)
+), locked AS (
+    SELECT id FROM predictions
+    WHERE id IN (SELECT prediction_id FROM d) AND status = 'pending'
+    ORDER BY id
+    FOR NO KEY UPDATE
+), moved AS (
+    UPDATE predictions AS p SET status = d.status, decided_at = to_timestamp(d.decided_at),
+        decision_price = d.price, decision_reason = d.reason, updated_at = now()
+    FROM locked JOIN d ON d.prediction_id = locked.id
+    WHERE p.id = locked.id
+    RETURNING p.id
 ), inserted AS (
     INSERT INTO triggers (kind, prediction_id, dedupe_key, price, reason)
-    SELECT %(kind)s, id, %(dedupe_key)s, %(price)s, %(reason)s FROM moved
+    SELECT d.kind, d.prediction_id, d.dedupe_key, d.price, d.reason
+    FROM d JOIN moved ON moved.id = d.prediction_id
     ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING id
+    RETURNING id, dedupe_key
 )
-SELECT id, pg_notify('polystream_triggers', id::text) FROM inserted
+SELECT dedupe_key, id, pg_notify('polystream_triggers', id::text) FROM inserted
 """
+
+
+def _columns(decisions: list[Decision], names: list[str]) -> dict[str, list[Any]]:
+    return {name: [getattr(d, name) for d in decisions] for name in names}
 
 
 def write_decisions(conn: psycopg.Connection[Any], decisions: list[Decision]) -> list[int | None]:
     """
-    Write each decision exactly once: compare-and-set of the row's status
-    (``active -> closing`` or ``pending -> decided|skipped``) and a
-    ``triggers`` row with a unique ``dedupe_key``, in one statement, then
-    ``NOTIFY polystream_triggers`` with the trigger id (delivered on commit).
+    Write decisions exactly once, as sets: compare-and-set of the rows'
+    status (``active -> closing`` or ``pending -> decided|skipped``, rows
+    locked in id order so that concurrent writers never deadlock) and a
+    ``triggers`` row with a unique ``dedupe_key`` each, in one statement per
+    kind of row, then ``NOTIFY polystream_triggers`` with each trigger id
+    (delivered on commit).
 
     Returns:
         Per decision, the trigger id, or None when another writer (a second
         daemon, a restart) already decided that rule.
     """
-    ids: list[int | None] = []
-    for decision in decisions:
-        params = attrs.asdict(decision)
-        if decision.position_id is not None:
-            row = conn.execute(_WRITE_POSITION_TRIGGER, params).fetchone()
-        else:
-            params["status"] = "decided" if decision.kind == "prediction" else "skipped"
-            row = conn.execute(_WRITE_PREDICTION_TRIGGER, params).fetchone()
-        ids.append(None if row is None else int(row[0]))
-    return ids
+    found: dict[str, int] = {}
+    on_positions = [d for d in decisions if d.position_id is not None]
+    on_predictions = [d for d in decisions if d.position_id is None]
+    if on_positions:
+        params = _columns(on_positions, ["position_id", "kind", "dedupe_key", "price", "reason"])
+        for key, trigger_id, _ in conn.execute(_WRITE_POSITION_TRIGGERS, params).fetchall():
+            found[key] = int(trigger_id)
+    if on_predictions:
+        params = _columns(
+            on_predictions,
+            ["prediction_id", "kind", "dedupe_key", "price", "reason", "decided_at"],
+        )
+        params["status"] = [
+            "decided" if d.kind == "prediction" else "skipped" for d in on_predictions
+        ]
+        for key, trigger_id, _ in conn.execute(_WRITE_PREDICTION_TRIGGERS, params).fetchall():
+            found[key] = int(trigger_id)
+    return [found.get(d.dedupe_key) for d in decisions]
 
 
 @attrs.define(eq=False)

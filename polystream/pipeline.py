@@ -111,14 +111,21 @@ WHERE m.id = v.id
 
 _WRITE_POSITIONS = """
 UPDATE positions AS p SET
-    current_price = v.price,
-    pnl_amount = p.size * (v.price - p.entry_price),
+    current_price = t.price,
+    pnl_amount = p.size * (t.price - p.entry_price),
     pnl_percentage = CASE WHEN p.entry_price > 0
-        THEN round((v.price - p.entry_price) / p.entry_price * 100, 4) END,
+        THEN round((t.price - p.entry_price) / p.entry_price * 100, 4) END,
     updated_at = now()
-FROM unnest(%s::text[], %s::numeric[]) AS v(token_id, price)
-WHERE p.token_id = v.token_id AND p.status = 'active'
-  AND (p.current_price IS DISTINCT FROM v.price OR p.pnl_amount IS NULL)
+FROM (
+    SELECT q.id, v.price
+    FROM positions AS q JOIN unnest(%s::text[], %s::numeric[]) AS v(token_id, price)
+        ON q.token_id = v.token_id
+    WHERE q.status = 'active'
+      AND (q.current_price IS DISTINCT FROM v.price OR q.pnl_amount IS NULL)
+    ORDER BY q.id
+    FOR NO KEY UPDATE OF q
+) AS t
+WHERE p.id = t.id
 """
 
 
@@ -177,6 +184,7 @@ class Router:
     positions: PositionWriter
     listeners: list[Callable[[str, TopOfBook], None]] = attrs.field(factory=list)
     _log_limit: RateLimitedLog = attrs.field(factory=RateLimitedLog)
+    frames_applied: int = 0
 
     def book(self, asset_id: str) -> AssetBook:
         """The book of ``asset_id``, created empty on first use."""
@@ -187,6 +195,7 @@ class Router:
 
     def apply(self, events: list[FeedEvent]) -> None:
         """Apply one frame's events and touch the markets they moved."""
+        self.frames_applied += 1
         touched: set[str] = set()
         for event in events:
             if isinstance(event, PriceChange):

@@ -34,14 +34,19 @@ from polystream.timing import Backoff
 
 __all__ = [
     "POSITIONS_CHANNEL",
+    "PREDICTIONS_CHANNEL",
     "DbLink",
     "DesiredSet",
+    "Notes",
     "Reconciler",
     "read_desired",
     "run_listener",
 ]
 
 logger = structlog.get_logger(__name__)
+
+COALESCE_SECONDS = 0.02
+"""After a wake-up, wait this long so that a burst of notifications costs one read."""
 
 POSITIONS_CHANNEL = "polystream_positions"
 PREDICTIONS_CHANNEL = "polystream_predictions"
@@ -255,28 +260,34 @@ class Reconciler:
                 task_status.started()
             with trio.move_on_at(self._next_run()):
                 await self._wake.wait()
+                await trio.sleep(COALESCE_SECONDS)  # one read for a burst of NOTIFYs
 
 
-async def _drain_forever(conn: psycopg.Connection[Any], on_notify: Callable[[], None]) -> None:
+Notes = list[tuple[str, str]] | None
+"""``(channel, payload)`` of each notification; None = reconnected, anything may have changed."""
+
+
+async def _drain_forever(conn: psycopg.Connection[Any], on_notify: Callable[[Notes], None]) -> None:
     """Wait for the socket to be readable, drain notifications, repeat."""
     while True:
         await trio.lowlevel.wait_readable(conn.fileno())
-        if any(True for _ in conn.notifies(timeout=0)):
-            on_notify()
+        notes = [(n.channel, n.payload) for n in conn.notifies(timeout=0)]
+        if notes:
+            on_notify(notes)
 
 
 async def run_listener(
     dsn: str,
-    on_notify: Callable[[], None],
+    on_notify: Callable[[Notes], None],
     *,
     retry_max: float = 30.0,
     channels: tuple[str, ...] = (POSITIONS_CHANNEL, PREDICTIONS_CHANNEL),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
-    ``LISTEN`` on ``channels`` and call ``on_notify()`` for each batch of
-    notifications, and once after every (re)connection so that a
-    notification lost while disconnected costs nothing. No thread: waits with
+    ``LISTEN`` on ``channels`` and call ``on_notify(notes)`` for each batch
+    of notifications, and ``on_notify(None)`` after every (re)connection so
+    that a notification lost while disconnected costs nothing. No thread: waits with
     ``trio.lowlevel.wait_readable`` on the connection's socket.
     """
     backoff = Backoff(0.5, retry_max)
@@ -296,7 +307,7 @@ async def run_listener(
                 conn.execute(f"LISTEN {channel}")
             logger.info("db_listening", channels=list(channels))
             backoff.reset()
-            on_notify()
+            on_notify(None)
             if not started:
                 started = True
                 task_status.started()

@@ -157,13 +157,19 @@ async def test_price_checks_at_decision_time(autojump_clock: trio.testing.MockCl
     async with trio.open_nursery() as nursery:
         await nursery.start(mon.run)
         mon.add_prediction(prediction(8, "from_start", delay_s=1.0, asset_id="b"))  # no price
+        mon.add_prediction(prediction(11, "from_start", delay_s=1.0, asset_id="d"))  # no price yet
         mon.on_price("c", top("c", "0.70", "0.75"))
         mon.add_prediction(prediction(9, "from_start", delay_s=2.0, asset_id="c"))  # above limit
-        await trio.sleep(150)
-        assert [(d.prediction_id, d.reason) for d in decisions] == [
-            (8, "no_price"),
-            (9, "price_above_limit"),
+        await trio.sleep(103)
+        assert [(d.prediction_id, d.reason) for d in decisions] == [(9, "price_above_limit")]
+        mon.on_price("d", top("d", "0.50", "0.55"))  # the quote arrives: decided at the retry
+        await trio.sleep(5)
+        assert [(d.prediction_id, d.reason, d.decided_at) for d in decisions][1:] == [
+            (11, "from_start", 106.0)
         ]
+        await trio.sleep(100)  # no quote ever for "b": skipped before the window closes
+        assert [(d.prediction_id, d.reason) for d in decisions][2:] == [(8, "no_price")]
+        assert 195 <= decisions[2].decided_at < 200
         nursery.cancel_scope.cancel()
 
 

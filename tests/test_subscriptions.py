@@ -117,13 +117,14 @@ async def test_killed_listen_connection_loses_nothing(
     db_dsn: str, daemon: tuple[App, ReplayServer]
 ) -> None:
     app, _ = daemon
+    listening = (
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE application_name = 'polystream-listen' AND datname = current_database()"
+    )
     with trio.fail_after(30):
-        killed = _sql(
-            db_dsn,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'polystream-listen' AND datname = current_database()",
-        )
-        assert killed == [(True,)]
+        [(old_pid,)] = _sql(db_dsn, listening)
+        assert _sql(db_dsn, "SELECT pg_terminate_backend(%s)", old_pid) == [(True,)]
+        await wait_until(lambda: (old_pid,) not in _sql(db_dsn, listening))
         # Written while nobody listens: the reconcile after re-LISTEN must find it,
         # long before the 300 s periodic check.
         _sql(
@@ -133,9 +134,6 @@ async def test_killed_listen_connection_loses_nothing(
             SOL_DOWN,
         )
         await wait_until(lambda: SOL_DOWN in app.pool.asset_shard)
-        rows = _sql(
-            db_dsn,
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
-            " 'polystream-listen' AND datname = current_database()",
-        )
-        assert rows == [(1,)]
+        await wait_until(lambda: len(_sql(db_dsn, listening)) == 1)
+        [(new_pid,)] = _sql(db_dsn, listening)
+        assert new_pid != old_pid
