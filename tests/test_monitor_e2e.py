@@ -7,23 +7,19 @@ crosses it (computed here from the recording, independently of the daemon).
 
 from __future__ import annotations
 
-import gzip
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import trio
+from expected import UPDOWN, best_bid_path, first_crossing, insert_position
 
 from polystream.app import App, run
-from polystream.book import AssetBook
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
 from polystream.markets import import_markets_file
-from polystream.protocol import PriceChange, parse_frame
 from polystream.replay import ReplayServer, serve_replay
 
-ROOT = Path(__file__).parent.parent
-UPDOWN = ROOT / "examples" / "updown-2025-12-11"
 D = Decimal
 
 # (market id, outcome, kind, level)
@@ -34,35 +30,6 @@ RULES = [
     ("900005", "Down", "stop_loss", "0.40"),
     ("900003", "Down", "take_profit", "0.99"),  # never reached: must not fire
 ]
-
-
-def best_bid_path() -> dict[str, list[Decimal | None]]:
-    """Best bid of each asset after each frame that touched it, from the recording."""
-    books: dict[str, AssetBook] = {}
-    path: dict[str, list[Decimal | None]] = {}
-    with gzip.open(f"{UPDOWN}.jsonl.gz", "rb") as handle:
-        for line in handle:
-            touched: set[str] = set()
-            for event in parse_frame(line).events:
-                if isinstance(event, PriceChange):
-                    for change in event.changes:
-                        book = books.setdefault(change.asset_id, AssetBook(change.asset_id))
-                        book.apply_change(change, event.timestamp_ms)
-                        touched.add(change.asset_id)
-                else:
-                    asset = event.asset_id  # type: ignore[union-attr]
-                    books.setdefault(asset, AssetBook(asset)).apply(event)
-                    touched.add(asset)
-            for asset in touched:
-                path.setdefault(asset, []).append(books[asset].best_bid)
-    return path
-
-
-def first_crossing(bids: list[Decimal | None], kind: str, level: Decimal) -> Decimal | None:
-    for bid in bids:
-        if bid is not None and (bid >= level if kind == "take_profit" else bid <= level):
-            return bid
-    return None
 
 
 def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
@@ -108,18 +75,16 @@ async def test_tpsl_fires_once_at_first_crossing(db_dsn: str) -> None:
         import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
         expected: dict[int, tuple[str, Decimal]] = {}
         for market, outcome, kind, level in RULES:
-            column = "take_profit_price" if kind == "take_profit" else "stop_loss_price"
-            ((pid, token),) = conn.execute(
-                f"""
-                INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price,
-                                       {column})
-                SELECT 'tpsl', m.id, %s, m.clob_token_ids ->> (o.ord::int - 1), 10, 0.5, %s
-                FROM markets m, jsonb_array_elements_text(m.outcomes) WITH ORDINALITY o(name, ord)
-                WHERE m.id = %s AND o.name = %s
-                RETURNING id, token_id
-                """,
-                (outcome, D(level), market, outcome),
-            ).fetchall()
+            pid, token = insert_position(
+                conn,
+                market,
+                outcome,
+                "10",
+                "0.5",
+                user="tpsl",
+                take_profit=level if kind == "take_profit" else None,
+                stop_loss=level if kind == "stop_loss" else None,
+            )
             crossing = first_crossing(path[token], kind, D(level))
             if crossing is not None:
                 expected[pid] = (kind, crossing)
