@@ -26,6 +26,7 @@ from throwaway_pg import ThrowawayPostgres
 from polystream import db
 from polystream.app import App, run
 from polystream.config import Config, DatabaseConfig, FeedConfig, HealthConfig, PipelineConfig
+from polystream.errors import DatabaseError
 from polystream.markets import import_markets_file
 from polystream.replay import ReplayServer, serve_replay
 
@@ -38,7 +39,7 @@ def _listening(dsn: str) -> bool:
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polystream-listen'"
             ).fetchone()
-    except Exception:  # noqa: BLE001 - the server may still be starting
+    except DatabaseError:  # the server may still be starting
         return False
     return row == (1,)
 
