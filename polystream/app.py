@@ -187,7 +187,7 @@ async def _run_intake(
         )
 
         def on_positions_changed(notes: Notes) -> None:
-            reconciler.wake()
+            reconciler.notify(notes)
             filler.wake()
             parts.loader.notify(notes)
 

@@ -217,6 +217,17 @@ def replay(
     exit_at_end: Annotated[
         bool, typer.Option("--exit-at-end", help="Stop after the last frame.")
     ] = False,
+    synthesize: Annotated[
+        int,
+        typer.Option(help="Extra synthetic assets, copies of recorded ones under new ids."),
+    ] = 0,
+    synthetic_events: Annotated[
+        bool,
+        typer.Option(
+            "--synthetic-events/--no-synthetic-events",
+            help="Send the copies' events too (else their snapshots only).",
+        ),
+    ] = True,
     config_path: ConfigOption = None,
 ) -> None:
     """Serve recorded frames as Polymarket's market channel, on ws://HOST:PORT/ws/market."""
@@ -226,7 +237,17 @@ def replay(
     if speed <= 0:
         _fail(f"--speed {speed}: expected a number > 0", 2)
     try:
-        run_replay_cli(paths, host, port, speed, max_speed, loop, exit_at_end=exit_at_end)
+        run_replay_cli(
+            paths,
+            host,
+            port,
+            speed,
+            max_speed,
+            loop,
+            exit_at_end=exit_at_end,
+            synthesize=synthesize,
+            synthetic_events=synthetic_events,
+        )
     except (PolystreamError, OSError) as exc:
         _fail(str(exc))
 

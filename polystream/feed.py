@@ -143,6 +143,17 @@ class Heartbeat:
 
     last_sent: float | None = None
     outstanding_since: float | None = None
+    last_received: float = 0.0
+
+    def silent_since(self) -> float | None:
+        """
+        Since when the link has been unanswered: the oldest unanswered PING,
+        or the last frame received after it (any frame proves the link is
+        alive, and a PONG queued behind a burst of data arrives late).
+        """
+        if self.outstanding_since is None:
+            return None
+        return max(self.outstanding_since, self.last_received)
 
     def sent(self, now: float) -> None:
         """A PING went out at ``now``."""
@@ -300,12 +311,14 @@ class FeedPool:
         next_ping = trio.current_time() + interval
         while True:
             deadline = next_ping
-            if beat.outstanding_since is not None:
-                deadline = min(deadline, beat.outstanding_since + timeout)
+            silent = beat.silent_since()
+            if silent is not None:
+                deadline = min(deadline, silent + timeout)
             await trio.sleep_until(deadline)
             now = trio.current_time()
-            if beat.outstanding_since is not None and now - beat.outstanding_since >= timeout:
-                raise FeedClosed(index, f"no PONG within {timeout:g} s")
+            silent = beat.silent_since()
+            if silent is not None and now - silent >= timeout:
+                raise FeedClosed(index, f"no PONG and no data within {timeout:g} s")
             if now >= next_ping:
                 beat.sent(now)
                 await ws.send_message("PING")
@@ -361,6 +374,7 @@ class FeedPool:
         while True:
             message = await ws.get_message()
             now = time.monotonic()
+            beat.last_received = trio.current_time()
             shard.stats.frames += 1
             shard.stats.last_frame_at = now
             stats.frames += 1

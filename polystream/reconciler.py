@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
+import orjson
 import psycopg
 import structlog
 import trio
@@ -46,7 +47,10 @@ __all__ = [
 logger = structlog.get_logger(__name__)
 
 COALESCE_SECONDS = 0.02
-"""After a wake-up, wait this long so that a burst of notifications costs one read."""
+"""After a close or delete, wait this long so that a burst costs one full read."""
+
+FULL_AFTER_NOTIFY = 1.0
+"""After a fast-path subscribe, the full reconcile (catalog, counts) follows within this."""
 
 POSITIONS_CHANNEL = "polystream_positions"
 PREDICTIONS_CHANNEL = "polystream_predictions"
@@ -136,11 +140,26 @@ SELECT token_id, market_id FROM predictions
 WHERE status = 'pending' AND (closes_at IS NULL OR closes_at > now() - interval '1 minute')
 """
 
+# Three index-friendly lookups (primary key, unique condition_id, GIN on
+# clob_token_ids) instead of one OR that scans the table.
 _MARKETS = """
 SELECT id, condition_id, clob_token_ids FROM markets
-WHERE jsonb_typeof(clob_token_ids) = 'array'
-  AND (id = ANY(%(ids)s) OR condition_id = ANY(%(ids)s) OR clob_token_ids ?| %(tokens)s)
+WHERE id = ANY(%(ids)s) AND jsonb_typeof(clob_token_ids) = 'array'
+UNION
+SELECT id, condition_id, clob_token_ids FROM markets
+WHERE condition_id = ANY(%(ids)s) AND jsonb_typeof(clob_token_ids) = 'array'
+UNION
+SELECT id, condition_id, clob_token_ids FROM markets
+WHERE clob_token_ids ?| %(tokens)s AND jsonb_typeof(clob_token_ids) = 'array'
 """
+
+
+def read_market_tokens(
+    conn: psycopg.Connection[Any], market_keys: list[str], tokens: list[str]
+) -> list[tuple[str, str | None, list[str]]]:
+    """``(id, condition_id, clob_token_ids)`` of markets named by id, condition id or token."""
+    rows = conn.execute(_MARKETS, {"ids": market_keys, "tokens": tokens}).fetchall()
+    return [(str(i), c, [str(t) for t in clob]) for i, c, clob in rows]
 
 
 def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> DesiredSet:
@@ -155,7 +174,7 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
     predicted = conn.execute(_PREDICTED).fetchall()
     market_keys = [m for _, m, _ in active if m] + [m for _, m in predicted if m]
     tokens = [t for t, _, _ in active if t] + [t for t, _ in predicted if t] + list(watch)
-    rows = conn.execute(_MARKETS, {"ids": market_keys, "tokens": tokens}).fetchall()
+    rows = read_market_tokens(conn, market_keys, tokens)
     catalog = Catalog()
     by_key: dict[str, str] = {}
     for market_id, condition_id, clob in rows:
@@ -168,18 +187,18 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
             catalog.asset_market[token] = market_id
     assets: set[str] = set(watch)
     for token, market_key, count in active:
-        market_id = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
-        if market_id is not None:
-            assets.update(catalog.market_tokens[market_id])
+        found = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
+        if found is not None:
+            assets.update(catalog.market_tokens[found])
         if token:
             assets.add(token)
-        key = market_id or token
+        key = found or token
         if key:
             catalog.positions_per_market[key] = catalog.positions_per_market.get(key, 0) + count
     for token, market_key in predicted:  # timed predictions need their prices too
-        market_id = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
-        if market_id is not None:
-            assets.update(catalog.market_tokens[market_id])
+        found = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
+        if found is not None:
+            assets.update(catalog.market_tokens[found])
         if token:
             assets.add(token)
     return DesiredSet(frozenset(assets), catalog)
@@ -206,10 +225,57 @@ class Reconciler:
     grace: float = 60.0
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _leaving: dict[str, float] = attrs.field(factory=dict)
+    _full_at: float | None = None
+    _added: dict[str, str | None] = attrs.field(factory=dict)  # market key -> token
 
     def wake(self) -> None:
-        """Reconcile as soon as possible."""
+        """Reconcile (fully) as soon as possible."""
+        self._full_at = trio.current_time()
         self._wake.set()
+
+    def notify(self, notes: list[tuple[str, str]] | None) -> None:
+        """
+        Position and prediction notifications. A row that became active is
+        subscribed at once through a small lookup of its market (the fast
+        path); everything else (closes, deletes, ``None`` after a LISTEN
+        reconnect) is left to a full reconcile, soon but coalesced.
+        """
+        if notes is None:
+            self.wake()
+            return
+        now = trio.current_time()
+        for _channel, payload in notes:
+            try:
+                note = orjson.loads(payload)
+                active = note["op"] != "DELETE" and note["status"] in ("active", "pending")
+                market, token = note.get("market_id"), note.get("token_id")
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                active, market, token = False, None, None
+            if active and (market or token):
+                self._added[str(market or token)] = None if token is None else str(token)
+            full_at = now + (FULL_AFTER_NOTIFY if active else COALESCE_SECONDS)
+            self._full_at = full_at if self._full_at is None else min(self._full_at, full_at)
+        self._wake.set()
+
+    async def _fast_path(self) -> None:
+        """Subscribe the markets of newly active rows without a full read."""
+        added, self._added = self._added, {}
+        keys = list(added)
+        tokens = [t for t in added.values() if t is not None]
+        rows = await self.link.call(read_market_tokens, keys, tokens)
+        assets = set(tokens)
+        for market_id, _condition_id, clob in rows:
+            assets.update(clob)
+            self.catalog.market_tokens[market_id] = tuple(clob)
+            for token in clob:
+                self.catalog.asset_market[token] = market_id
+            self.catalog.positions_per_market[market_id] = (
+                self.catalog.positions_per_market.get(market_id, 0) + 1
+            )
+        new = assets - set(self.pool.asset_shard)
+        if new:
+            self.pool.set_assets(set(self.pool.asset_shard) | new)
+            logger.info("subscriptions_added", assets=len(new), markets=len(rows))
 
     def _with_grace(self, desired: frozenset[str], now: float) -> set[str]:
         """``desired`` plus the assets still inside their unsubscribe grace period."""
@@ -231,36 +297,44 @@ class Reconciler:
         return desired
 
     def _next_run(self) -> float:
+        """When the next full reconcile is due (trio seconds)."""
         deadline = trio.current_time() + self.interval
         if self._leaving:
             deadline = min(deadline, min(self._leaving.values()))
+        if self._full_at is not None:
+            deadline = min(deadline, self._full_at)
         return deadline
 
+    async def _full(self, previous: frozenset[str] | None) -> frozenset[str] | None:
+        self._full_at = None
+        try:
+            desired = await self.reconcile()
+        except DatabaseError:
+            return previous  # logged by the link; the next interval retries
+        if desired.assets != previous:
+            logger.info(
+                "subscriptions_reconciled",
+                assets=len(desired.assets),
+                markets=len(desired.catalog.market_tokens),
+                leaving=len(self._leaving),
+            )
+        return desired.assets
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Reconcile now, then on every wake-up, interval or grace expiry; until cancelled."""
-        started = False
-        previous: frozenset[str] | None = None
+        """Reconcile now, then on notifications, interval or grace expiry; until cancelled."""
+        previous = await self._full(None)
+        task_status.started()
         while True:
             self._wake = trio.Event()
-            try:
-                desired = await self.reconcile()
-            except DatabaseError:
-                pass  # logged by the link; the next interval retries
-            else:
-                if desired.assets != previous:
-                    logger.info(
-                        "subscriptions_reconciled",
-                        assets=len(desired.assets),
-                        markets=len(desired.catalog.market_tokens),
-                        leaving=len(self._leaving),
-                    )
-                    previous = desired.assets
-            if not started:
-                started = True
-                task_status.started()
+            if self._added:
+                try:
+                    await self._fast_path()
+                except DatabaseError:
+                    self._full_at = trio.current_time()
             with trio.move_on_at(self._next_run()):
                 await self._wake.wait()
-                await trio.sleep(COALESCE_SECONDS)  # one read for a burst of NOTIFYs
+                continue
+            previous = await self._full(previous)
 
 
 Notes = list[tuple[str, str]] | None

@@ -131,8 +131,16 @@ def insert_position(
         WHERE m.id = %s AND o.name = %s
         RETURNING id, token_id
         """,
-        (user, outcome, Decimal(size), Decimal(entry), dec(take_profit), dec(stop_loss),
-         market, outcome),
+        (
+            user,
+            outcome,
+            Decimal(size),
+            Decimal(entry),
+            dec(take_profit),
+            dec(stop_loss),
+            market,
+            outcome,
+        ),
     ).fetchone()
     assert row is not None, (market, outcome)
     return int(row[0]), str(row[1])

@@ -205,15 +205,27 @@ def test_bad_file_value_names_key_and_form(
 @pytest.mark.parametrize(
     ("name", "text", "key", "expected"),
     [
-        ("POLYSTREAM_FEED__MAX_ASSETS_PER_CONNECTION", "501", "feed.max_assets_per_connection",
-         "1 to 500"),
-        ("POLYSTREAM_FEED__MAX_ASSETS_PER_CONNECTION", "many", "feed.max_assets_per_connection",
-         "1 to 500"),
+        (
+            "POLYSTREAM_FEED__MAX_ASSETS_PER_CONNECTION",
+            "501",
+            "feed.max_assets_per_connection",
+            "1 to 500",
+        ),
+        (
+            "POLYSTREAM_FEED__MAX_ASSETS_PER_CONNECTION",
+            "many",
+            "feed.max_assets_per_connection",
+            "1 to 500",
+        ),
         ("POLYSTREAM_FEED__URL", "http://x", "feed.url", "ws:// or wss://"),
         ("POLYSTREAM_FEED__WATCH", "[1, 2]", "feed.watch", "list of asset id strings"),
         ("POLYSTREAM_FEED__WATCH", '["a", ', "feed.watch", "list of asset id strings"),
-        ("POLYSTREAM_FEED__CUSTOM_FEATURE_ENABLED", "maybe", "feed.custom_feature_enabled",
-         "true or false"),
+        (
+            "POLYSTREAM_FEED__CUSTOM_FEATURE_ENABLED",
+            "maybe",
+            "feed.custom_feature_enabled",
+            "true or false",
+        ),
         ("POLYSTREAM_PIPELINE__DEBOUNCE", "soon", "pipeline.debounce", "seconds >= 0"),
         ("POLYSTREAM_PIPELINE__DEBOUNCE", "-1", "pipeline.debounce", "seconds >= 0"),
         ("POLYSTREAM_POSITIONS__MARK", "last", "positions.mark", '"display"'),

@@ -53,6 +53,7 @@ class RecordingServer:
     port: int = 0
     peers: list[Peer] = attrs.field(factory=list)
     changed: trio.Event = attrs.field(factory=trio.Event)
+    answer_pings: bool = True
 
     async def handler(self, request: WebSocketRequest) -> None:
         ws = await request.accept()
@@ -73,7 +74,7 @@ class RecordingServer:
                     message = await ws.get_message()
                     assert isinstance(message, str)
                     peer.received.append(message)
-                    if message == "PING":
+                    if message == "PING" and self.answer_pings:
                         await ws.send_message("PONG")
                     self._notify()
         except* ConnectionClosed:
@@ -244,3 +245,17 @@ async def test_ping_and_events(server: RecordingServer, nursery: trio.Nursery) -
         assert stats.shards[0].ping_rtt is not None
         assert stats.shards[0].state == "connected"
         assert stats.shards[0].reconnects == 0
+
+
+async def test_unanswered_ping_reconnects(server: RecordingServer, nursery: trio.Nursery) -> None:
+    """A half-open link: the socket stays open, PINGs go unanswered, nothing arrives."""
+    server.answer_pings = False
+    pool, _, stats = _pool(server, ping_interval=0.05, pong_timeout=0.3)
+    await nursery.start(pool.run)
+    with trio.fail_after(10):
+        pool.set_assets({ASSETS[0]})
+        await server.wait_for(lambda: len(server.peers) >= 2)
+    first = server.peers[0]
+    assert first.received.count("PING") >= 2
+    assert stats.shards[0].reconnects >= 1
+    assert "no PONG" in (stats.shards[0].last_error or "")

@@ -346,9 +346,7 @@ def test_current_price_change_v2() -> None:
         (asset, Decimal("0.5"), Decimal("3400"), "BUY"),
         (asset, Decimal("0.7"), Decimal("3400"), "BUY"),
     ]
-    assert {(c.best_bid, c.best_ask) for c in event.changes} == {
-        (Decimal("0.6"), Decimal("0.7"))
-    }
+    assert {(c.best_bid, c.best_ask) for c in event.changes} == {(Decimal("0.6"), Decimal("0.7"))}
 
 
 def test_legacy_changes_price_change() -> None:
@@ -590,8 +588,9 @@ def test_price_without_leading_zero() -> None:
         }
     )
     (event,) = parse_frame(frame).events
-    assert event == LastTradePrice("7", "0xm", Decimal("0.48"), Decimal("219.217767"), "BUY",
-                                   1750428146322)
+    assert event == LastTradePrice(
+        "7", "0xm", Decimal("0.48"), Decimal("219.217767"), "BUY", 1750428146322
+    )
     (pc,) = parse_frame(_pc(_pc_entry(price=".48", best_bid=".47", best_ask=".5"))).events
     assert isinstance(pc, PriceChange)
     assert (pc.changes[0].price, pc.changes[0].best_bid) == (Decimal("0.48"), Decimal("0.47"))
@@ -734,13 +733,13 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
     max_leaves=25,
 )
-number_text = (
-    st.decimals(allow_nan=True, allow_infinity=True).map(str)
-    | st.sampled_from(["", "0", "1", ".48", "-0.5", "1e3", "0x10", "1_0", " 0.5 ", "1e-999999"])
+number_text = st.decimals(allow_nan=True, allow_infinity=True).map(str) | st.sampled_from(
+    ["", "0", "1", ".48", "-0.5", "1e3", "0x10", "1_0", " 0.5 ", "1e-999999"]
 )
 FIELD_NAMES = [
     "asset_id",
@@ -948,8 +947,14 @@ prices = st.builds(
 ).filter(lambda d: d <= 1)
 sizes = st.decimals(min_value=0, max_value=10**9, places=2)
 entries = st.lists(
-    st.tuples(asset_ids, prices, sizes, st.sampled_from(["BUY", "SELL", "buy", "sell"]),
-              st.none() | prices, st.none() | prices),
+    st.tuples(
+        asset_ids,
+        prices,
+        sizes,
+        st.sampled_from(["BUY", "SELL", "buy", "sell"]),
+        st.none() | prices,
+        st.none() | prices,
+    ),
     min_size=1,
     max_size=6,
 )
@@ -1067,4 +1072,3 @@ def test_chunk_asset_ids_property(ids: list[str], max_bytes: int) -> None:
         assert chunk
         for message in _all_encodings(chunk):
             assert len(message.encode()) <= max_bytes
-
