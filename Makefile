@@ -30,8 +30,13 @@ lint: setup
 	$(BIN)/ruff check polystream tests bench
 	$(BIN)/mypy
 
+# Benchmarks (about 10 minutes): results in bench/results*.json and bench/results*.md.
+# Server: POLYSTREAM_BENCH_DSN, else POLYSTREAM_TEST_DSN, else an embedded PostgreSQL.
 bench: setup
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.subscriptions
+	$(BIN)/python -m bench.monitor
+	@if [ -f bench/recovery.py ]; then $(BIN)/python -m bench.recovery; fi
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache .hypothesis
