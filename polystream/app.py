@@ -220,6 +220,8 @@ async def run(
     parts = _build(config, dsn)
     stats = parts.stats
     send, receive = trio.open_memory_channel[list[FeedEvent]](config.pipeline.queue_size)
+    stats.queue_depth = lambda: receive.statistics().current_buffer_used
+    stats.executor_pending = lambda: parts.executor.pending
     try:
         with trio.CancelScope() as scope:
             async with (

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import structlog
 import trio
@@ -258,32 +258,57 @@ def status(
     url: Annotated[
         str | None, typer.Option(help="Health URL (default: from health.listen).")
     ] = None,
+    watch: Annotated[
+        float | None, typer.Option("--watch", help="Refresh every SECONDS until Ctrl-C.")
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """
     Show the running daemon's state, read from its health endpoint.
 
     Exit codes: 0 healthy; 1 running but unhealthy; 3 not running
-    (endpoint unreachable); 2 bad configuration.
+    (endpoint unreachable); 2 bad configuration. When the daemon is down and
+    ``database.dsn`` is set, what the database knows is shown instead.
     """
-    from polystream.status import fetch_health, render_health
+    import time
 
     config = _setup(config_path)
     target = url or f"http://{config.health.listen}/health"
+    while True:
+        code = _status_once(config, target, json_output, clear=watch is not None)
+        if watch is None:
+            raise typer.Exit(code)
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            raise typer.Exit(code) from None
+
+
+def _status_once(config: Config, target: str, json_output: bool, *, clear: bool) -> int:
+    from polystream.status import database_summary, dumps, fetch_health, render_health
+
     code, document, error = fetch_health(target)
+    if clear:
+        typer.echo("\x1b[2J\x1b[H", nl=False)
     if json_output:
         typer.echo(
-            _json(
-                {"url": target, "reachable": document is not None, "error": error}
-                if document is None
-                else document
+            dumps(
+                document
+                if document is not None
+                else {"url": target, "reachable": False, "error": error}
             )
         )
-    elif document is None:
-        typer.echo(f"polystream is not running: {target} unreachable ({error})")
-    else:
+        return code
+    if document is not None:
         typer.echo(render_health(document))
-    raise typer.Exit(code)
+        return code
+    typer.echo(f"polystream is not running: {target} unreachable ({error})")
+    if config.database.dsn:
+        try:
+            typer.echo(database_summary(config.database.dsn))
+        except PolystreamError as exc:
+            typer.echo(f"database: {exc}")
+    return code
 
 
 @app.command()
@@ -303,12 +328,6 @@ def demo(
     except (PolystreamError, OSError) as exc:
         _fail(str(exc))
     raise typer.Exit(code)
-
-
-def _json(value: Any) -> str:
-    import orjson
-
-    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import make_asgi_app
 
-from polystream.stats import Stats, StatsCollector
+from polystream.stats import Stats
 
 __all__ = ["health_app", "serve_health"]
 
@@ -32,9 +32,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 def health_app(stats: Stats) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """An ASGI app serving ``/health`` and ``/metrics`` for ``stats``."""
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(StatsCollector(stats))
-    metrics = make_asgi_app(registry)
+    metrics = make_asgi_app(stats.registry)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -700,6 +700,11 @@ class Executor:
     _pending: list[Decision] = attrs.field(factory=list)
     _wake: trio.Event = attrs.field(factory=trio.Event)
 
+    @property
+    def pending(self) -> int:
+        """Decisions not yet written."""
+        return len(self._pending)
+
     def submit(self, decision: Decision) -> None:
         """Queue a decision (never blocks)."""
         self._pending.append(decision)

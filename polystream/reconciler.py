@@ -93,6 +93,7 @@ class DbLink:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in a worker thread; raises DatabaseError."""
         async with self._lock:
+            started = time.monotonic()
             try:
                 result = await trio.to_thread.run_sync(self._call_sync, fn, args)
             except DatabaseError as exc:
@@ -104,7 +105,11 @@ class DbLink:
                 raise
         if self.stats is not None:
             self.stats.db_connected = True
-            self.stats.last_write_at = time.monotonic()
+            self.stats.last_write_at = now = time.monotonic()
+            self.stats.db_seconds.labels(self.name).observe(now - started)
+            batch = args[0] if args and isinstance(args[0], list | tuple) else None
+            if batch is not None:
+                self.stats.db_batch_rows.labels(self.name).observe(len(batch))
         return result
 
     def close(self) -> None:

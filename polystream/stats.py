@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -112,6 +113,30 @@ class Stats:
     triggers_written: int = 0
     triggers_duplicate: int = 0
     poll_snapshot: Callable[[float], dict[str, Any]] | None = None
+    queue_depth: Callable[[], int] | None = None
+    executor_pending: Callable[[], int] | None = None
+    registry: CollectorRegistry = attrs.field(init=False)
+    db_seconds: Histogram = attrs.field(init=False)
+    db_batch_rows: Histogram = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # One registry per daemon (never prometheus_client's global one).
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(StatsCollector(self))
+        self.db_seconds = Histogram(
+            "polystream_db_call_seconds",
+            "Database round trips (one batch each), by owner",
+            ["link"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.db_batch_rows = Histogram(
+            "polystream_db_batch_rows",
+            "Items per database round trip, by owner",
+            ["link"],
+            registry=self.registry,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+        )
 
     def shard(self, index: int) -> ShardStats:
         """The stats of shard ``index``, created on first use."""
@@ -148,7 +173,12 @@ class Stats:
             "control_frames": dict(self.control),
             "foreign_events": self.foreign_events,
             "rows_written": dict(self.rows_written),
-            "pending": {"markets": self.pending_markets, "positions": self.pending_positions},
+            "pending": {
+                "markets": self.pending_markets,
+                "positions": self.pending_positions,
+                "triggers": 0 if self.executor_pending is None else self.executor_pending(),
+                "router_queue": 0 if self.queue_depth is None else self.queue_depth(),
+            },
             "database": {
                 "connected": self.db_connected,
                 "errors": self.db_errors,
@@ -244,9 +274,29 @@ class StatsCollector(Collector):
             covered.add_metric([str(shard.index)], len(shard.seen_assets))
             if shard.last_frame_at is not None:
                 age.add_metric([str(shard.index)], now - shard.last_frame_at)
+        rtt = GaugeMetricFamily(
+            "polystream_ping_rtt_seconds", "Last PING/PONG round trip", labels=["shard"]
+        )
+        reconnects = CounterMetricFamily(
+            "polystream_shard_reconnects", "Reconnects per shard", labels=["shard"]
+        )
+        for shard in stats.shards.values():
+            if shard.ping_rtt is not None:
+                rtt.add_metric([str(shard.index)], shard.ping_rtt)
+            reconnects.add_metric([str(shard.index)], shard.reconnects)
         yield assets
         yield covered
         yield age
+        yield rtt
+        yield reconnects
+        depth = GaugeMetricFamily("polystream_queue_depth", "Items waiting", labels=["queue"])
+        depth.add_metric(["router"], 0 if stats.queue_depth is None else stats.queue_depth())
+        depth.add_metric(["markets"], stats.pending_markets)
+        depth.add_metric(["positions"], stats.pending_positions)
+        depth.add_metric(
+            ["triggers"], 0 if stats.executor_pending is None else stats.executor_pending()
+        )
+        yield depth
         yield GaugeMetricFamily(
             "polystream_database_connected",
             "1 when the writers' connection works",

@@ -68,6 +68,8 @@ def render_health(doc: dict[str, Any]) -> str:
         f"{_counts(doc.get('pending', {}))}",
         f"database: {'connected' if database.get('connected') else 'NOT connected'}, "
         f"last write {_age(database.get('last_write_age_s'))} ago, errors {database.get('errors', 0)}",
+        _monitor_line(doc.get("monitor") or {}),
+        _poll_line(doc.get("poll")),
         "",
         f"{'shard':>5}  {'state':<10} {'assets':>6} {'w/data':>6} {'frames':>8} "
         f"{'last frame':>10} {'rtt':>8} {'reconn':>6}",
@@ -82,6 +84,63 @@ def render_health(doc: dict[str, Any]) -> str:
         )
     if not doc.get("shards"):
         lines.append("    (no shards: nothing to subscribe yet)")
+    return "\n".join(lines)
+
+
+def _monitor_line(monitor: dict[str, Any]) -> str:
+    next_in = monitor.get("next_decision_in_s")
+    return (
+        f"monitor: {monitor.get('rules', 0)} TP/SL rules, {monitor.get('predictions', 0)} "
+        f"predictions, next decision {'-' if next_in is None else 'in ' + _age(next_in)}; "
+        f"triggers: {_counts(monitor.get('triggers', {}))} "
+        f"(written {monitor.get('triggers_written', 0)}, "
+        f"duplicates refused {monitor.get('triggers_duplicate', 0)})"
+    )
+
+
+def _poll_line(poll: dict[str, Any] | None) -> str:
+    if not poll:
+        return "fallback polling: off"
+    state = "ACTIVE" if poll.get("active") else "idle"
+    return (
+        f"fallback polling: {state}, {poll.get('assets', 0)} assets, "
+        f"{poll.get('polls', 0)} polls, {poll.get('errors', 0)} errors"
+    )
+
+
+_DB_SUMMARY = """
+SELECT 'markets ' || coalesce(source, '?'), count(*), max(updated_at) FROM markets GROUP BY source
+UNION ALL
+SELECT 'positions ' || status, count(*), max(updated_at) FROM positions GROUP BY status
+UNION ALL
+SELECT 'triggers ' || status, count(*), max(created_at) FROM triggers GROUP BY status
+ORDER BY 1
+"""
+
+
+def database_summary(dsn: str) -> str:
+    """
+    What the database knows while the daemon is down: rows and the newest
+    ``updated_at`` per ``markets.source``, per position status, per trigger status.
+
+    Raises:
+        DatabaseError: the database cannot be reached.
+    """
+    import psycopg
+
+    from polystream import db
+    from polystream.errors import DatabaseError
+
+    with db.connect(dsn, application_name="polystream-status", statement_timeout_s=5) as conn:
+        try:
+            rows = conn.execute(_DB_SUMMARY).fetchall()
+        except psycopg.Error as exc:
+            raise DatabaseError(f"cannot read the schema: {exc}".splitlines()[0]) from None
+    if not rows:
+        return "database: no rows yet"
+    lines = ["what the database knows:", f"  {'table / kind':<22} {'rows':>8}  newest"]
+    for kind, count, newest in rows:
+        lines.append(f"  {kind:<22} {count:>8}  {newest}")
     return "\n".join(lines)
 
 
