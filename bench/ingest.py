@@ -40,6 +40,7 @@ import gzip
 import math
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -82,9 +83,21 @@ class BenchError(Exception):
 # --- the workload ----------------------------------------------------------------
 
 
+_TIMESTAMP = re.compile(rb'"timestamp":"(\d+)"')
+
+
+def shift_timestamps(line: bytes, offset_ms: int) -> bytes:
+    """The frame with every ``timestamp`` moved ``offset_ms`` later (a later repetition
+    must look newer, or the daemon rightly drops its events as stale)."""
+    if not offset_ms:
+        return line
+    return _TIMESTAMP.sub(lambda m: b'"timestamp":"%d"' % (int(m.group(1)) + offset_ms), line)
+
+
 @attrs.frozen
 class Tape:
-    """One repetition of the capture, encoded once as server-to-client text frames."""
+    """The capture repeated ``repeat`` times, encoded once as server-to-client text frames;
+    each repetition's timestamps follow the previous one's."""
 
     blob: bytes
     frames: int
@@ -97,14 +110,19 @@ class Tape:
 
         lines = [line for line in gzip.decompress(path.read_bytes()).split(b"\n") if line.strip()]
         encoder = FrameProtocol(client=False, extensions=[])
-        parts: list[bytes] = []
+        stamps = [int(m) for line in lines for m in _TIMESTAMP.findall(line)]
+        span_ms = max(stamps) - min(stamps) + 1000
         events = 0
         for line in lines:
             data = orjson.loads(line)
             events += len(data) if isinstance(data, list) else 1
-            parts.append(bytes(encoder.send_data(line.decode(), fin=True)))
         if repeat is None:
             repeat = math.ceil(MIN_FRAMES / len(lines))
+        parts: list[bytes] = []
+        for lap in range(repeat):
+            for line in lines:
+                text = shift_timestamps(line, lap * span_ms).decode()
+                parts.append(bytes(encoder.send_data(text, fin=True)))
         return cls(blob=b"".join(parts), frames=len(lines), events=events, repeat=repeat)
 
     @property
@@ -117,7 +135,7 @@ class Tape:
 
     @property
     def total_bytes(self) -> int:
-        return len(self.blob) * self.repeat
+        return len(self.blob)
 
 
 @attrs.frozen
@@ -237,10 +255,9 @@ class Sender:
             nursery.start_soon(_discard_incoming, stream, ws, lock, nursery.cancel_scope)
             view = memoryview(self.tape.blob)
             session.first_byte_at = time.monotonic()
-            for _ in range(self.tape.repeat):
-                for offset in range(0, len(view), CHUNK_BYTES):
-                    async with lock:
-                        await stream.send_all(view[offset : offset + CHUNK_BYTES])
+            for offset in range(0, len(view), CHUNK_BYTES):
+                async with lock:
+                    await stream.send_all(view[offset : offset + CHUNK_BYTES])
             session.sent_all_at = time.monotonic()
 
 

@@ -122,6 +122,23 @@ class Recording:
     times_ms: tuple[int, ...]
     events: int
     bids: dict[str, list[tuple[int, Decimal]]]
+    lines: tuple[bytes, ...] = ()
+
+    def lap(self, number: int) -> tuple[bytes, ...]:
+        """The frames of repetition ``number``, timestamps moved after the previous one's
+        (a repeated, older timestamp is rightly dropped by the daemon as stale)."""
+        if number == 0:
+            return self.frames
+        from wsproto.frame_protocol import FrameProtocol
+
+        from bench.ingest import shift_timestamps
+
+        encoder = FrameProtocol(client=False, extensions=[])
+        offset = number * (self.times_ms[-1] - min(self.times_ms) + 1000)
+        return tuple(
+            bytes(encoder.send_data(shift_timestamps(line, offset).decode(), fin=True))
+            for line in self.lines
+        )
 
     @classmethod
     def load(cls, path: Path) -> Recording:
@@ -161,7 +178,8 @@ class Recording:
                 bid = books[asset].best_bid
                 if bid is not None:
                     bids.setdefault(asset, []).append((index, bid))
-        return cls(tuple(frames), tuple(times), events, bids)
+        lines = [line for line in gzip.decompress(path.read_bytes()).split(b"\n") if line.strip()]
+        return cls(tuple(frames), tuple(times), events, bids, tuple(lines))
 
     @property
     def bytes(self) -> int:
@@ -502,6 +520,12 @@ class Playback:
     pongs: int = 0
     other_text: Counter[str] = attrs.field(factory=Counter)
     error: str | None = None
+    all_frames: tuple[bytes, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        self.all_frames = tuple(
+            frame for lap in range(self.repeat) for frame in self.recording.lap(lap)
+        )
 
     @property
     def total_frames(self) -> int:
@@ -509,10 +533,10 @@ class Playback:
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         """``(start, end)`` global frame ranges: <= 64 KiB, ending at every cut frame."""
-        frames, n = self.recording.frames, len(self.recording.frames)
+        frames, n = self.all_frames, len(self.recording.frames)
         start, size = 0, 0
         for g in range(self.total_frames):
-            size += len(frames[g % n])
+            size += len(frames[g])
             if size >= CHUNK_BYTES or (g < n and g in self.cuts) or g == self.total_frames - 1:
                 yield start, g + 1
                 start, size = g + 1, 0
@@ -570,7 +594,7 @@ class Sender:
 
 async def _play(stream: trio.SocketStream, lock: trio.StrictFIFOLock, playback: Playback) -> None:
     recording, speed = playback.recording, playback.speed
-    frames, n = recording.frames, len(recording.frames)
+    n = len(recording.frames)
     playback.sent_at = array.array("d", bytes(8 * n))
     start = trio.current_time()
     playback.first_byte_at = time.monotonic()
@@ -578,7 +602,7 @@ async def _play(stream: trio.SocketStream, lock: trio.StrictFIFOLock, playback: 
         if speed is not None:  # the chunk's last frame is due at its recorded offset / speed
             offset_ms = recording.times_ms[(end - 1) % n] - recording.times_ms[0]
             await trio.sleep_until(start + offset_ms / 1000 / speed)
-        data = b"".join(frames[g % n] for g in range(begin, end))
+        data = b"".join(playback.all_frames[begin:end])
         async with lock:
             await stream.send_all(data)
         stamp = time.monotonic()

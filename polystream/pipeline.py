@@ -262,7 +262,7 @@ class Router:
         async with receive:
             async for events in receive:
                 self.apply(events)
-                for _ in range(512):  # drain what queued meanwhile, no checkpoint each
+                for _ in range(16):  # drain what queued meanwhile, no checkpoint each
                     try:
                         more = receive.receive_nowait()
                     except trio.WouldBlock:

@@ -79,14 +79,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import heapq
+import socket
+import struct
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import orjson
@@ -103,15 +105,23 @@ from trio_websocket import (
 from polystream.errors import ReplayError
 
 __all__ = [
+    "DROP_MODES",
+    "FAULT_ACTIONS",
+    "GARBAGE_KINDS",
     "Capture",
     "ConnectionLog",
+    "FaultRecord",
     "Frame",
+    "Garbage",
+    "RawFrame",
     "ReplayServer",
     "ReplayStats",
     "RequestRecord",
+    "ScheduledFault",
     "Synthetic",
     "SyntheticAsset",
     "Tape",
+    "garbage_frames",
     "run_replay_cli",
     "serve_replay",
     "synthetic_asset_id",
@@ -612,6 +622,315 @@ class Tape:
         return {**base, "market": label.market, "asset_id": label.asset_id, "hash": digest}
 
 
+# --- faults --------------------------------------------------------------------------
+
+DropMode = Literal["tcp", "reset", "close"]
+DROP_MODES: tuple[DropMode, ...] = ("tcp", "reset", "close")
+"""How :meth:`ReplayServer.drop` ends a connection (see there)."""
+
+FAULT_ACTIONS = (
+    "drop-tcp",
+    "drop-reset",
+    "drop-close",
+    "half-open",
+    "silence",
+    "stall",
+    "garbage",
+    "pause",
+)
+"""Actions a :class:`ScheduledFault` (and ``--fault``) can name."""
+
+_WS_TEXT, _WS_BINARY = 0x1, 0x2
+
+
+@attrs.frozen
+class RawFrame:
+    """
+    Bytes written to the socket as they are, bypassing wsproto (an outbox entry).
+
+    Used for what wsproto refuses to send: a text frame whose payload is not
+    UTF-8 (:func:`ws_frame`), or part of a frame (:meth:`ReplayServer.stall`).
+    """
+
+    data: bytes
+
+
+def ws_frame(payload: bytes, opcode: int = _WS_TEXT) -> bytes:
+    """
+    One final, unmasked server-to-client WebSocket frame (RFC 6455, section 5.2).
+
+    No extension is ever negotiated by trio-websocket, so a server frame is
+    the 2-10 byte header and the payload as is; wsproto keeps no per-message
+    state for unextended frames, so writing one beside it is safe.
+    """
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 2**16:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return header + payload
+
+
+async def _write_raw(ws: WebSocketConnection, data: bytes) -> None:
+    """
+    Write ``data`` to the connection's byte stream under its send lock.
+
+    trio-websocket 0.12 has no public raw-write API. Its own ``_send`` writes
+    what wsproto produced to ``ws._stream`` holding ``ws._stream_lock`` (a
+    ``trio.StrictFIFOLock``); taking the same lock keeps a raw write from
+    interleaving with a PONG or a close frame sent meanwhile. These two
+    private attributes are the only internals the replay touches (also
+    :func:`_abort_stream`); wsproto's state is never touched.
+
+    Raises:
+        ConnectionClosed: the peer is gone.
+    """
+    async with ws._stream_lock:
+        try:
+            await ws._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(None) from exc  # type: ignore[arg-type]
+
+
+async def _abort_stream(ws: WebSocketConnection, *, reset: bool) -> None:
+    """
+    Close the TCP connection under ``ws`` without a WebSocket close frame:
+    a FIN, or with ``reset`` a RST (``SO_LINGER`` 0). trio-websocket's reader
+    task then sees the stream closed and ends the connection (code 1006).
+    """
+    stream = ws._stream
+    if reset and isinstance(stream, trio.SocketStream):
+        try:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already gone: the close below is all that is left to do
+    await stream.aclose()
+
+
+@attrs.frozen
+class ScheduledFault:
+    """
+    A fault the tape triggers by itself, at a chosen frame.
+
+    Attributes:
+        action: one of :data:`FAULT_ACTIONS`: ``drop-tcp`` / ``drop-reset`` /
+            ``drop-close`` (:meth:`ReplayServer.drop`), ``half-open``
+            (:meth:`ReplayServer.half_open`), ``silence``
+            (:meth:`ReplayServer.silence`), ``stall``
+            (:meth:`ReplayServer.stall`), ``garbage``
+            (:meth:`ReplayServer.inject_garbage`, the whole catalogue but
+            ``not_utf8_text``) or ``pause`` (:meth:`ReplayServer.pause`).
+        after: fire once, after this many frames of a pass were dispatched (>= 1).
+        every: fire after every this many frames (>= 1).
+        duration: for ``pause``: seconds until the tape resumes (0: never).
+
+    Exactly one of ``after`` and ``every`` is set. The fault hits every
+    connection open at that moment, between two frames.
+    """
+
+    action: str = attrs.field(validator=attrs.validators.in_(FAULT_ACTIONS))
+    after: int | None = None
+    every: int | None = None
+    duration: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if (self.after is None) == (self.every is None):
+            raise ReplayError(f"fault {self.action}: give exactly one of after= and every=")
+        if (self.after or self.every or 0) < 1:
+            raise ReplayError(f"fault {self.action}: the frame count must be >= 1")
+
+    @classmethod
+    def parse(cls, spec: str) -> ScheduledFault:
+        """
+        Read ``ACTION:after=N``, ``ACTION:every=N`` (the ``--fault`` flag), with
+        an optional ``,duration=S`` for ``pause``: ``drop-tcp:after=5000``,
+        ``garbage:every=500``, ``pause:after=100,duration=3``.
+
+        Raises:
+            ReplayError: not of that form, or an unknown action.
+        """
+        action, _, rest = spec.partition(":")
+        values: dict[str, str] = {}
+        for part in filter(None, rest.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("after", "every", "duration"):
+                raise ReplayError(f"--fault {spec!r}: expected ACTION:after=N or ACTION:every=N")
+            values[key] = value
+        if action not in FAULT_ACTIONS:
+            raise ReplayError(f"--fault {spec!r}: action must be one of {', '.join(FAULT_ACTIONS)}")
+        try:
+            return cls(
+                action,
+                after=int(values["after"]) if "after" in values else None,
+                every=int(values["every"]) if "every" in values else None,
+                duration=float(values.get("duration", 0.0)),
+            )
+        except ValueError as exc:
+            raise ReplayError(f"--fault {spec!r}: {exc}") from exc
+
+    def due(self, count: int) -> bool:
+        """Whether it fires once ``count`` frames of the pass were dispatched."""
+        if self.every is not None:
+            return count % self.every == 0
+        return count == self.after
+
+
+@attrs.frozen
+class FaultRecord:
+    """
+    One fault the server applied (kept always, in :attr:`ReplayServer.fault_log`).
+
+    Attributes:
+        action: what was done (``drop-tcp``, ``silence``, ``reject-429``,
+            ``oversize-close``, ``garbage``, ...).
+        at: ``time.monotonic()`` when it was applied (for a drop: before the
+            socket was closed).
+        clients: the connection numbers it hit.
+        frame: frames of the tape dispatched so far (all passes).
+    """
+
+    action: str
+    at: float
+    clients: tuple[int, ...]
+    frame: int
+
+
+GARBAGE_KINDS: dict[str, str] = {
+    "truncated_json": "invalid_json",
+    "not_an_object": "not_an_object",
+    "binary_frame": "binary_frame",
+    "unknown_event_type": "unknown_event_type",
+    "missing_field": "missing_field",
+    "bad_field": "bad_field",
+    "price_out_of_range": "price_out_of_range",
+    "nan_size": "bad_number",
+    "negative_size": "negative_size",
+    "crossed_book": "crossed_book",
+    "stale_event": "stale_event",
+    "foreign_asset": "foreign_events",
+    "not_utf8_text": "not_utf8",
+}
+"""
+The bad-input catalogue: garbage kind -> the counter a correct client bumps
+(a ``parse_errors`` kind of polystream, or ``foreign_events``).
+"""
+
+FOREIGN_ASSET = "1" * 77
+"""An asset id no capture has: the ``foreign_asset`` garbage names it."""
+
+
+@attrs.frozen
+class Garbage:
+    """
+    One bad input as sent: ``frames`` go out back to back between two tape frames.
+
+    Attributes:
+        kind: a key of :data:`GARBAGE_KINDS`.
+        counts_as: its value: what a client should count it under.
+        asset_id: the asset it names ("" when none).
+        frames: text (``str``), binary (``bytes``) or raw wire bytes
+            (:class:`RawFrame`). ``crossed_book`` is a crossed price change
+            followed by the venue's corrective ``book`` snapshot of that
+            asset (the tape's current book), so a client that repairs the
+            crossed book ends in the true state; the others change nothing
+            in a client that refuses them.
+    """
+
+    kind: str
+    counts_as: str
+    asset_id: str
+    frames: tuple[str | bytes | RawFrame, ...]
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def garbage_frames(
+    tape: Tape, asset_ids: Iterable[str], kinds: Iterable[str] | None = None
+) -> list[Garbage]:
+    """
+    One :class:`Garbage` of each of ``kinds`` (default: every kind but
+    ``not_utf8_text``) about the first of ``asset_ids`` (sorted) with a
+    two-sided book on the tape and a timestamp; built from the tape's
+    current state, so ``stale_event`` is older than the asset's last event
+    and ``crossed_book`` crosses its current best price.
+
+    ``not_utf8_text`` is a *text* frame whose payload is not UTF-8: wsproto
+    cannot send it, so it is a :class:`RawFrame`. A conforming WebSocket
+    client fails the connection with 1007 (RFC 6455, section 8.1) rather
+    than handing the frame to the application.
+
+    Raises:
+        ReplayError: an unknown kind, or no such asset among ``asset_ids``.
+    """
+    chosen = list(GARBAGE_KINDS if kinds is None else kinds)
+    if kinds is None:
+        chosen.remove("not_utf8_text")
+    unknown = [k for k in chosen if k not in GARBAGE_KINDS]
+    if unknown:
+        raise ReplayError(f"garbage: unknown kinds {unknown}")
+    asset, book = _garbage_asset(tape, asset_ids)
+    stamp = int(book.timestamp or 0)
+    best_ask = min(book.asks)
+    market = book.market
+    trade = {
+        "event_type": "last_trade_price",
+        "asset_id": asset,
+        "market": market,
+        "price": book.last_trade_price or "0.5",
+        "size": "1",
+        "side": "BUY",
+        "timestamp": str(stamp),
+    }
+
+    def change(price: str, size: str, side: str, timestamp: int) -> str:
+        return _dumps(
+            {
+                "event_type": "price_change",
+                "market": market,
+                "timestamp": str(timestamp),
+                "price_changes": [{"asset_id": asset, "price": price, "size": size, "side": side}],
+            }
+        )
+
+    ask_text = book.asks[best_ask][0]
+    bid_text = book.bids[max(book.bids)][0]
+    low_bid = "0.001"
+    built: dict[str, tuple[str | bytes | RawFrame, ...]] = {
+        "truncated_json": (change(low_bid, "5", "BUY", stamp)[:40],),
+        "not_an_object": ("[1, 2, 3]",),
+        "binary_frame": (orjson.dumps(trade),),
+        "unknown_event_type": (_dumps({**trade, "event_type": "price_surprise"}),),
+        "missing_field": (_dumps({k: v for k, v in trade.items() if k != "price"}),),
+        "bad_field": (_dumps({**trade, "asset_id": 12345}),),
+        "price_out_of_range": (_dumps({**trade, "price": "1.5"}),),
+        "nan_size": (change(low_bid, "NaN", "BUY", stamp),),
+        "negative_size": (change(low_bid, "-5", "BUY", stamp),),
+        "crossed_book": (
+            change(ask_text, "1", "BUY", stamp),
+            _dumps(tape.snapshot(asset)),
+        ),
+        # removes the best bid, if it were applied
+        "stale_event": (change(bid_text, "0", "BUY", max(stamp - 60_000, 1)),),
+        "foreign_asset": (_dumps({**trade, "asset_id": FOREIGN_ASSET}),),
+        "not_utf8_text": (
+            RawFrame(ws_frame(b'{"event_type": "book", "asset_id": "\xff\xfe"}')),
+        ),
+    }
+    return [Garbage(kind, GARBAGE_KINDS[kind], asset, built[kind]) for kind in chosen]
+
+
+def _garbage_asset(tape: Tape, asset_ids: Iterable[str]) -> tuple[str, _Book]:
+    for asset_id in sorted(asset_ids):
+        book = tape._books.books.get(asset_id)
+        if book is not None and book.bids and book.asks and book.timestamp:
+            return asset_id, book
+    raise ReplayError("garbage: no asset with a two-sided, timestamped book among those given")
+
+
 # --- connections ---------------------------------------------------------------------
 
 
@@ -676,20 +995,22 @@ class _Client:
     ws: WebSocketConnection
     capacity: int
     number: int
+    mode: str = "normal"  # normal | silent | half_open | stalled | dropped
+    nursery: trio.Nursery | None = None
     subscribed: set[str] = attrs.Factory(set)
     copies: dict[int, set[str]] = attrs.Factory(dict)
     copy_origins: dict[str, set[int]] = attrs.Factory(dict)
     custom: bool = False
     typed: bool = False
     closed: bool = False
-    outbox: deque[str | _Snapshots] = attrs.Factory(deque)
+    outbox: deque[str | _Snapshots | bytes | RawFrame] = attrs.Factory(deque)
     sending: bool = False
     log: ConnectionLog | None = None
     on_snapshots_sent: Callable[[ConnectionLog, tuple[str, ...]], None] | None = None
     _data: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, alias="_data")
     _space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, alias="_space")
 
-    def push(self, item: str | _Snapshots) -> None:
+    def push(self, item: str | _Snapshots | bytes | RawFrame) -> None:
         """Queue ``item`` (no wait: callers wait for room first, and may overshoot by one)."""
         self.outbox.append(item)
         if self._data:
@@ -730,7 +1051,14 @@ class _Client:
             self.sending = True
             item = self.outbox.popleft()
             try:
-                await self.ws.send_message(item if isinstance(item, str) else item.text)
+                if isinstance(item, str):
+                    await self.ws.send_message(item)
+                elif isinstance(item, _Snapshots):
+                    await self.ws.send_message(item.text)
+                elif isinstance(item, bytes):
+                    await self.ws.send_message(item)  # a binary frame
+                else:
+                    await _write_raw(self.ws, item.data)
             finally:
                 self.sending = False
             if isinstance(item, _Snapshots) and self.log and self.on_snapshots_sent:
@@ -795,6 +1123,11 @@ class ReplayStats:
         max_subscribed: the largest subscription set one connection ever held.
         synthetic_snapshots_sent: of ``snapshots_sent``, those of synthetic assets.
         synthetic_events_sent: of ``events_sent``, events re-labelled for synthetic assets.
+        rejected: handshakes answered ``429 Too Many Requests`` (``storm_limit``).
+        oversized_subscribes: subscribe messages over ``max_subscribe_bytes`` /
+            ``max_subscribe_ids`` (each closed the connection).
+        faults: faults applied, by action (:attr:`ReplayServer.fault_log` has each).
+        garbage_sent: garbage inputs queued, by kind (:data:`GARBAGE_KINDS`).
     """
 
     connections: int = 0
@@ -809,6 +1142,10 @@ class ReplayStats:
     max_subscribed: int = 0
     synthetic_snapshots_sent: int = 0
     synthetic_events_sent: int = 0
+    rejected: int = 0
+    oversized_subscribes: int = 0
+    faults: Counter[str] = attrs.Factory(Counter)
+    garbage_sent: Counter[str] = attrs.Factory(Counter)
 
 
 @attrs.define(eq=False)
@@ -841,6 +1178,20 @@ class ReplayServer:
             the latest subscription request naming it was read.
         snapshot_times: with ``record``, asset id -> when its latest snapshot was
             written to a socket.
+        faults: :class:`ScheduledFault` s the tape triggers by itself.
+        max_subscribe_bytes, max_subscribe_ids: a subscribe message larger
+            than this (UTF-8 bytes) or naming more ids is not served and the
+            connection is closed ``oversize_close_delay`` s later, the way
+            ``oversize_close`` (:data:`DROP_MODES`) says, as observed on the
+            real venue (protocol.md, section 4); 0 = no limit.
+        storm_limit, storm_window: a handshake arriving when ``storm_limit``
+            connections were accepted in the last ``storm_window`` s is
+            answered ``429 Too Many Requests`` (rejected ones do not count);
+            0 = no limit.
+        garbage_assets: assets scheduled ``garbage`` may name (None: any the
+            client holds); keeps ``crossed_book`` off assets with TP/SL rules.
+        fault_log: every fault applied, in order (:class:`FaultRecord`).
+        paused: the tape is held (:meth:`pause`); connections stay served.
     """
 
     tape: Tape
@@ -860,11 +1211,29 @@ class ReplayServer:
     connection_logs: list[ConnectionLog] = attrs.Factory(list)
     subscribe_times: dict[str, float] = attrs.Factory(dict)
     snapshot_times: dict[str, float] = attrs.Factory(dict)
+    faults: tuple[ScheduledFault, ...] = ()
+    max_subscribe_bytes: int = 0
+    max_subscribe_ids: int = 0
+    oversize_close_delay: float = 0.15
+    oversize_close: DropMode = "tcp"
+    storm_limit: int = 0
+    storm_window: float = 1.0
+    garbage_assets: frozenset[str] | None = None
+    fault_log: list[FaultRecord] = attrs.Factory(list)
+    paused: bool = False
     _clients: set[_Client] = attrs.field(factory=set, alias="_clients")
+    _muted: set[_Client] = attrs.field(factory=set, alias="_muted")
+    _resumed: trio.Event = attrs.field(factory=trio.Event, alias="_resumed")
+    _nursery: trio.Nursery | None = attrs.field(default=None, alias="_nursery")
+    _accepted_at: deque[float] = attrs.field(factory=deque, alias="_accepted_at")
 
     def subscriptions(self) -> dict[int, frozenset[str]]:
         """Connection number -> its current subscription set, for open connections."""
-        return {c.number: frozenset(c.subscribed) for c in self._clients if not c.closed}
+        return {
+            c.number: frozenset(c.subscribed)
+            for c in (*self._clients, *self._muted)
+            if not c.closed and c.mode != "dropped"
+        }
 
     @property
     def finished(self) -> trio.Event:
@@ -913,6 +1282,7 @@ class ReplayServer:
                 loop=self.loop,
                 synthetic=len(self.synthetic.assets) if self.synthetic else 0,
             )
+            self._nursery = nursery
             nursery.start_soon(self._play)
             task_status.started(self)
 
@@ -965,6 +1335,8 @@ class ReplayServer:
         start = trio.current_time()
         for index, frame in enumerate(frames):
             self.tape.position = index
+            if self.paused:
+                start += await self._wait_resumed()
             if self.max_speed:
                 await trio.lowlevel.checkpoint()
             else:
@@ -972,7 +1344,18 @@ class ReplayServer:
             for client in list(self._clients):
                 await client.wait_room()
             self._dispatch(frame)
+            if self.faults:
+                for fault in self.faults:
+                    if fault.due(index + 1):
+                        self._scheduled(fault)
         self.tape.position = len(frames)
+
+    async def _wait_resumed(self) -> float:
+        """Wait while paused; returns the seconds waited (the schedule shifts by them)."""
+        began = trio.current_time()
+        while self.paused:
+            await self._resumed.wait()
+        return trio.current_time() - began
 
     def _dispatch(self, frame: Frame) -> None:
         """Apply ``frame``, queue it to every client; no checkpoint, so atomic w.r.t. subscribes."""
