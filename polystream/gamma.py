@@ -43,6 +43,7 @@ from polystream import db
 from polystream.errors import DatabaseError, ImportDataError, PolystreamError
 from polystream.markets import GammaMarket, upsert_markets
 from polystream.reconciler import DbLink
+from polystream.rest import chunks, retry_delay
 
 __all__ = [
     "DEFAULT_GAMMA_URL",
@@ -75,7 +76,6 @@ RefKind = Literal["id", "condition_id", "slug"]
 
 _GAMMA_ID = re.compile(r"^[0-9]+$")
 _CONDITION_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_RETRY_AFTER_MAX = 60.0  # seconds; a larger Retry-After is clamped
 
 
 class GammaError(PolystreamError):
@@ -98,22 +98,6 @@ def classify_ref(ref: str) -> RefKind:
     return "slug"
 
 
-def _retry_delay(exc: Exception) -> bool | float:
-    """Backoff hook for stamina: retry transport errors, 429 (honouring Retry-After) and 5xx."""
-    if isinstance(exc, httpx.TransportError):
-        return True
-    if not isinstance(exc, httpx.HTTPStatusError):
-        return False
-    status = exc.response.status_code
-    if status == 429:
-        after = exc.response.headers.get("retry-after", "")
-        try:
-            return min(max(float(after), 0.0), _RETRY_AFTER_MAX)
-        except ValueError:
-            return True
-    return status >= 500
-
-
 def _parse_items(items: Iterable[object]) -> list[GammaMarket]:
     """Decode market objects; a malformed one is logged and skipped."""
     markets: list[GammaMarket] = []
@@ -123,11 +107,6 @@ def _parse_items(items: Iterable[object]) -> list[GammaMarket]:
         except ImportDataError as exc:
             logger.warning("gamma_market_malformed", error=str(exc)[:300])
     return markets
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 @attrs.frozen
@@ -170,7 +149,7 @@ class GammaClient:
         """GET with retries; returns a 2xx or 404 response. Raises GammaError."""
         try:
             async for attempt in stamina.retry_context(
-                on=_retry_delay,
+                on=retry_delay,
                 attempts=self.attempts,
                 timeout=None,
                 wait_initial=self.wait_initial,
@@ -198,7 +177,7 @@ class GammaClient:
 
     async def _list(self, param: str, values: Sequence[str]) -> list[GammaMarket]:
         markets: list[GammaMarket] = []
-        for chunk in _chunks(values, MAX_PER_REQUEST):
+        for chunk in chunks(values, MAX_PER_REQUEST):
             params = httpx.QueryParams([(param, value) for value in chunk])
             params = params.add("limit", str(len(chunk)))
             response = await self._get("/markets", params)
@@ -430,7 +409,7 @@ class MetadataFiller:
         now = trio.current_time()
         due = self.schedule.due(missing, now)
         resolved = 0
-        for chunk in _chunks(due, MAX_PER_REQUEST):
+        for chunk in chunks(due, MAX_PER_REQUEST):
             try:
                 lookup = await self.client.lookup(chunk)
             except GammaError as exc:

@@ -55,6 +55,7 @@ import trio
 
 from polystream.errors import PolystreamError
 from polystream.feed import Shard
+from polystream.rest import chunks, retry_delay
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -82,7 +83,6 @@ DEFAULT_BATCH_SIZE = 500
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
 _TWO = Decimal(2)
-_RETRY_AFTER_MAX = 60.0  # seconds; a larger Retry-After is clamped
 
 OnQuotes = Callable[[str, Decimal | None, Decimal | None, Decimal | None], None]
 """``on_quotes(asset_id, best_bid, best_ask, midpoint)``; None = unknown or empty side."""
@@ -111,23 +111,9 @@ class Quote:
 class Fetch(Protocol):
     """``await fetch(token_ids)``: token id -> :class:`Quote`; raises :class:`ClobError`."""
 
-    async def __call__(self, token_ids: Sequence[str]) -> dict[str, Quote]: ...
-
-
-def _retry_delay(exc: Exception) -> bool | float:
-    """Backoff hook for stamina: retry transport errors, 429 (honouring Retry-After) and 5xx."""
-    if isinstance(exc, httpx.TransportError):
-        return True
-    if not isinstance(exc, httpx.HTTPStatusError):
-        return False
-    status = exc.response.status_code
-    if status == 429:
-        after = exc.response.headers.get("retry-after", "")
-        try:
-            return min(max(float(after), 0.0), _RETRY_AFTER_MAX)
-        except ValueError:
-            return True
-    return status >= 500
+    async def __call__(self, token_ids: Sequence[str]) -> dict[str, Quote]:
+        """Quotes of ``token_ids`` (probabilities in [0, 1]); absent ids are unknown."""
+        ...
 
 
 def _probability(value: object) -> Decimal | None:
@@ -158,11 +144,6 @@ def _side(
         bad.append((token_id, sides[side]))
         return None
     return None if price == empty else price
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 @attrs.define(eq=False)
@@ -196,7 +177,7 @@ class ClobClient:
         headers = {"content-type": "application/json"}
         try:
             async for attempt in stamina.retry_context(
-                on=_retry_delay,
+                on=retry_delay,
                 attempts=self.attempts,
                 timeout=None,
                 wait_initial=self.wait_initial,
@@ -242,7 +223,7 @@ class ClobClient:
             ClobError: a request failed after its retries.
         """
         result: dict[str, Decimal] = {}
-        for chunk in _chunks(token_ids, self.batch_size):
+        for chunk in chunks(token_ids, self.batch_size):
             answer = await self._post("/midpoints", [{"token_id": t} for t in chunk])
             bad: list[tuple[str, object]] = []
             for token_id in chunk:
@@ -271,7 +252,7 @@ class ClobClient:
         """
         result: dict[str, tuple[Decimal | None, Decimal | None]] = {}
         size = max(1, self.batch_size // 2)
-        for chunk in _chunks(token_ids, size):
+        for chunk in chunks(token_ids, size):
             body = [{"token_id": t, "side": side} for t in chunk for side in ("BUY", "SELL")]
             answer = await self._post("/prices", body)
             bad: list[tuple[str, object]] = []
@@ -450,7 +431,7 @@ class Poller:
         :class:`ClobError` (counted in ``poll_errors``).
         """
         delivered = 0
-        for chunk in _chunks(sorted(assets), self.batch_size):
+        for chunk in chunks(sorted(assets), self.batch_size):
             try:
                 quotes = await self.fetch(chunk)
             except ClobError as exc:

@@ -72,6 +72,33 @@ request received (time, size in bytes, ids) and when each snapshot was
 written to the socket (:class:`ConnectionLog`), plus the latest of those
 times per asset; :class:`ReplayStats` always counts message sizes and
 subscription peaks.
+
+Faults (for the fault tests and ``bench/recovery.py``). Each is a method to
+call at a chosen moment, a :class:`ScheduledFault` the tape fires by itself
+after frame N or every N frames (``--fault ACTION:after=N``), or a policy:
+
+* :meth:`ReplayServer.drop`: end connections abruptly, by a TCP FIN or RST
+  without a close frame, or by a close frame;
+* :meth:`ReplayServer.half_open`: the socket stays open, nothing comes back
+  (no ``PONG``, no data);
+* :meth:`ReplayServer.silence`: ``PONG`` keeps coming, data does not;
+* :meth:`ReplayServer.stall`: half of one frame's bytes, then nothing;
+* :meth:`ReplayServer.inject` / :meth:`ReplayServer.inject_garbage`: bad
+  input between two real frames, from the catalogue :data:`GARBAGE_KINDS`
+  (:func:`garbage_frames`);
+* :meth:`ReplayServer.pause`: a quiet market (the tape holds, links stay up);
+* ``max_subscribe_bytes`` / ``max_subscribe_ids``: an oversized subscribe
+  closes the connection ``oversize_close_delay`` (0.15) s later, unserved;
+* ``storm_limit`` / ``storm_window``: handshakes beyond K accepted in T s get
+  HTTP 429.
+
+A faulted connection is taken off the tape (the tape neither sends to it nor
+waits for it) and a new connection is served normally, with the books as they
+stand, so a client that reconnects converges on the undisturbed final state.
+Raw bytes (a partial frame, a text frame that is not UTF-8) go through
+trio-websocket's own stream and send lock (:func:`_write_raw`): it has no
+public API for them. With no fault configured, the tape's per-frame cost is
+two truth tests.
 """
 
 from __future__ import annotations
@@ -179,11 +206,13 @@ class Capture:
         frames: in replay order; frame times never decrease.
         markets: every asset id of the capture -> its condition id.
         paths: the files read.
+        first_ms: asset id -> the earliest ``timestamp`` of its events (ms).
     """
 
     frames: tuple[Frame, ...]
     markets: dict[str, str]
     paths: tuple[Path, ...]
+    first_ms: dict[str, int] = attrs.field(factory=dict)
 
     @classmethod
     def load(cls, paths: Sequence[Path]) -> Capture:
@@ -208,7 +237,15 @@ class Capture:
         for frame in frames:
             scratch.apply_checked(frame)
         markets = {asset: book.market for asset, book in scratch.books.items()}
-        return cls(frames=frames, markets=markets, paths=tuple(Path(p) for p in paths))
+        first_ms: dict[str, int] = {}
+        for frame in frames:
+            for event in frame.events:
+                stamp = event.get("timestamp")
+                if stamp is not None:
+                    for asset_id in _event_assets(event):
+                        first_ms[asset_id] = min(first_ms.get(asset_id, int(stamp)), int(stamp))
+        paths_read = tuple(Path(p) for p in paths)
+        return cls(frames=frames, markets=markets, paths=paths_read, first_ms=first_ms)
 
     def schedule(self, speed: float) -> list[float]:
         """
@@ -597,7 +634,10 @@ class Tape:
         The current ``book`` event of ``asset_id``, or None when the capture never names it.
 
         An asset that has no book yet (trades only, or before its first
-        snapshot) gets empty ``bids`` / ``asks`` and its last trade price.
+        snapshot) gets empty ``bids`` / ``asks`` and its last trade price,
+        stamped 1 ms before its first recorded event (so that no recorded
+        event of it is older than the snapshot; raw event times can be
+        older than the frame times the tape walks by).
         With ``label`` (a synthetic copy of ``asset_id``) the event carries the
         copy's asset id and market instead, and a ``hash`` derived from the
         original's and the copy's id (the levels are built once per frame played
@@ -608,6 +648,8 @@ class Tape:
             return None
         book = self._books.books.get(asset_id) or _Book(market=market)
         now = self._time_ms if self._time_ms is not None else self.capture.frames[0].time_ms
+        if book.timestamp is None and asset_id in self.capture.first_ms:
+            now = min(now, self.capture.first_ms[asset_id] - 1)
         if label is None:
             return book.snapshot(asset_id, str(now))
         # Copies of one book share its levels: build them once per frame played.
@@ -691,7 +733,7 @@ async def _write_raw(ws: WebSocketConnection, data: bytes) -> None:
         try:
             await ws._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ConnectionClosed(None) from exc  # type: ignore[arg-type]
+            raise ConnectionClosed(None) from exc
 
 
 async def _abort_stream(ws: WebSocketConnection, *, reset: bool) -> None:
@@ -916,9 +958,7 @@ def garbage_frames(
         # removes the best bid, if it were applied
         "stale_event": (change(bid_text, "0", "BUY", max(stamp - 60_000, 1)),),
         "foreign_asset": (_dumps({**trade, "asset_id": FOREIGN_ASSET}),),
-        "not_utf8_text": (
-            RawFrame(ws_frame(b'{"event_type": "book", "asset_id": "\xff\xfe"}')),
-        ),
+        "not_utf8_text": (RawFrame(ws_frame(b'{"event_type": "book", "asset_id": "\xff\xfe"}')),),
     }
     return [Garbage(kind, GARBAGE_KINDS[kind], asset, built[kind]) for kind in chosen]
 
@@ -1066,6 +1106,10 @@ class _Client:
             if len(self.outbox) <= low_water:
                 self._space.unpark_all()
 
+    def close_space(self) -> None:
+        """Wake the tape if it waits for room in this outbox."""
+        self._space.unpark_all()
+
     def close(self) -> None:
         self.closed = True
         self.outbox.clear()
@@ -1123,7 +1167,7 @@ class ReplayStats:
         max_subscribed: the largest subscription set one connection ever held.
         synthetic_snapshots_sent: of ``snapshots_sent``, those of synthetic assets.
         synthetic_events_sent: of ``events_sent``, events re-labelled for synthetic assets.
-        rejected: handshakes answered ``429 Too Many Requests`` (``storm_limit``).
+        rejected: handshakes rejected (``storm_limit``: 429; ``refusing``).
         oversized_subscribes: subscribe messages over ``max_subscribe_bytes`` /
             ``max_subscribe_ids`` (each closed the connection).
         faults: faults applied, by action (:attr:`ReplayServer.fault_log` has each).
@@ -1190,6 +1234,8 @@ class ReplayServer:
             0 = no limit.
         garbage_assets: assets scheduled ``garbage`` may name (None: any the
             client holds); keeps ``crossed_book`` off assets with TP/SL rules.
+        refusing: an HTTP status (e.g. 429 or 503) every handshake is answered
+            with while non-zero: the venue down for good; 0 = accept.
         fault_log: every fault applied, in order (:class:`FaultRecord`).
         paused: the tape is held (:meth:`pause`); connections stay served.
     """
@@ -1219,6 +1265,7 @@ class ReplayServer:
     storm_limit: int = 0
     storm_window: float = 1.0
     garbage_assets: frozenset[str] | None = None
+    refusing: int = 0
     fault_log: list[FaultRecord] = attrs.Factory(list)
     paused: bool = False
     _clients: set[_Client] = attrs.field(factory=set, alias="_clients")
@@ -1291,12 +1338,235 @@ class ReplayServer:
         Close every open connection with ``code`` (1001, going away), waiting at
         most 5 s for the closing handshakes; returns how many were closed.
         """
-        clients = list(self._clients)
+        clients = [*self._clients, *self._muted]
         with trio.move_on_after(5):
             async with trio.open_nursery() as nursery:
                 for client in clients:
                     nursery.start_soon(client.ws.aclose, code, reason)
         return len(clients)
+
+    # --- faults (module docstring, "Faults") ---
+
+    def _targets(self, clients: Collection[int] | None) -> list[_Client]:
+        """Open, not yet dropped connections; all, or those numbered in ``clients``."""
+        return [
+            c
+            for c in (*self._clients, *self._muted)
+            if not c.closed and c.mode != "dropped" and (clients is None or c.number in clients)
+        ]
+
+    def _mute(self, client: _Client, mode: str) -> None:
+        """Take ``client`` off the tape: it gets no frame from now on, and is not waited for."""
+        client.mode = mode
+        if client in self._clients:
+            self._clients.discard(client)
+            self._muted.add(client)
+        client.outbox.clear()
+        client.close_space()
+
+    def _record(self, action: str, clients: Iterable[_Client]) -> list[_Client]:
+        hit = list(clients)
+        self.stats.faults[action] += 1
+        self.fault_log.append(
+            FaultRecord(
+                action, time.monotonic(), tuple(c.number for c in hit), self.tape.frames_played
+            )
+        )
+        logger.info("replay_fault", action=action, clients=[c.number for c in hit])
+        return hit
+
+    async def drop(
+        self,
+        how: DropMode = "tcp",
+        *,
+        clients: Collection[int] | None = None,
+        code: int = 1011,
+        reason: str = "replay fault",
+    ) -> int:
+        """
+        End connections abruptly: all, or those numbered in ``clients``; returns
+        how many. They get no frame after this call. ``how``:
+
+        * ``"tcp"``: close the TCP connection (FIN) without a close frame; the
+          client sees an abnormal closure (1006);
+        * ``"reset"``: the same with a RST (``SO_LINGER`` 0);
+        * ``"close"``: a WebSocket close frame with ``code`` and ``reason``,
+          waiting at most 2 s for the client's answer.
+
+        Returns once every socket is closed.
+        """
+        targets = self._record(f"drop-{how}", self._targets(clients))
+        for client in targets:
+            self._mute(client, "dropped")
+        async with trio.open_nursery() as nursery:
+            for client in targets:
+                nursery.start_soon(self._close, client, how, code, reason)
+        return len(targets)
+
+    def drop_soon(self, how: DropMode = "tcp", *, clients: Collection[int] | None = None) -> int:
+        """:meth:`drop` from synchronous code: connections are muted now, closed just after."""
+        targets = self._record(f"drop-{how}", self._targets(clients))
+        for client in targets:
+            self._mute(client, "dropped")
+            if client.nursery is not None:
+                client.nursery.start_soon(self._close, client, how, 1011, "replay fault")
+        return len(targets)
+
+    async def _close(self, client: _Client, how: DropMode, code: int, reason: str) -> None:
+        if how == "close":
+            with trio.move_on_after(2):
+                await client.ws.aclose(code, reason)
+        await _abort_stream(client.ws, reset=how == "reset")
+
+    def half_open(self, *, clients: Collection[int] | None = None) -> int:
+        """
+        Make connections half-open: the socket stays open but they get nothing
+        any more, ``PONG`` included (what a dead link looks like to the client).
+        trio-websocket still answers protocol-level pings and a close frame.
+        Returns how many connections were hit.
+        """
+        targets = self._record("half-open", self._targets(clients))
+        for client in targets:
+            self._mute(client, "half_open")
+        return len(targets)
+
+    def silence(self, *, clients: Collection[int] | None = None) -> int:
+        """
+        A silent feed: connections keep answering ``PING`` with ``PONG`` but get
+        no data frame any more (the RTDS failure mode, protocol.md, section 5).
+        The tape goes on without them; a new connection is served normally.
+        """
+        targets = self._record("silence", self._targets(clients))
+        for client in targets:
+            self._mute(client, "silent")
+        return len(targets)
+
+    def heal(self, *, clients: Collection[int] | None = None) -> int:
+        """
+        End ``silence`` / ``half_open`` on open connections: they get the tape's
+        frames again from the next one (frames missed meanwhile are not sent).
+        """
+        healed = [c for c in self._targets(clients) if c.mode in ("silent", "half_open")]
+        for client in self._record("heal", healed):
+            client.mode = "normal"
+            self._muted.discard(client)
+            self._clients.add(client)
+        return len(healed)
+
+    def stall(self, *, clients: Collection[int] | None = None) -> int:
+        """
+        Stall mid-frame: write the header and half the payload of one frame
+        (the books of the client's assets, as a snapshot array) and then
+        nothing: no data, no ``PONG``. The client's WebSocket reader waits for
+        the rest of the frame. Later bytes trio-websocket writes by itself (the
+        answer to a close frame) land inside that frame's payload, so the
+        client never sees them either.
+        """
+        targets = self._record("stall", self._targets(clients))
+        for client in targets:
+            self._mute(client, "stalled")
+            if client.nursery is not None:
+                client.nursery.start_soon(self._write_partial_frame, client)
+        return len(targets)
+
+    async def _write_partial_frame(self, client: _Client) -> None:
+        books = [b for a in sorted(client.subscribed) if (b := self.tape.snapshot(a)) is not None]
+        payload = orjson.dumps(books or [{"event_type": "book", "padding": "x" * 4096}])
+        frame = ws_frame(payload)
+        await _write_raw(client.ws, frame[: len(frame) - len(payload) // 2])
+
+    def inject(
+        self,
+        frames: Iterable[str | bytes | RawFrame],
+        *,
+        clients: Collection[int] | None = None,
+    ) -> int:
+        """
+        Queue ``frames`` to connections being served normally (text, binary, or
+        raw wire bytes), between two tape frames; returns how many connections.
+        """
+        items = list(frames)
+        targets = [c for c in self._targets(clients) if c.mode == "normal"]
+        for client in targets:
+            for item in items:
+                client.push(item)
+        return len(targets)
+
+    def inject_garbage(
+        self,
+        kinds: Iterable[str] | None = None,
+        *,
+        clients: Collection[int] | None = None,
+        asset_ids: Iterable[str] | None = None,
+    ) -> dict[int, list[Garbage]]:
+        """
+        Queue one bad input of each of ``kinds`` (:func:`garbage_frames`;
+        default: all but ``not_utf8_text``) to each connection served normally,
+        about one of its assets (restricted to ``asset_ids`` when given).
+        Returns connection number -> what it was sent (a connection without
+        such an asset gets nothing and is left out).
+
+        Raises:
+            ReplayError: an unknown kind.
+        """
+        chosen = None if kinds is None else list(kinds)
+        if chosen is not None and (unknown := set(chosen) - GARBAGE_KINDS.keys()):
+            raise ReplayError(f"garbage: unknown kinds {sorted(unknown)}")
+        allowed = None if asset_ids is None else set(asset_ids)
+        sent: dict[int, list[Garbage]] = {}
+        targets = [c for c in self._targets(clients) if c.mode == "normal"]
+        for client in self._record("garbage", targets):
+            assets = client.subscribed if allowed is None else client.subscribed & allowed
+            try:
+                garbage = garbage_frames(self.tape, assets, chosen)
+            except ReplayError as exc:  # e.g. no two-sided book yet: nothing to spoil
+                logger.info("replay_garbage_skipped", client=client.number, reason=str(exc))
+                continue
+            for item in garbage:
+                for frame in item.frames:
+                    client.push(frame)
+                self.stats.garbage_sent[item.kind] += 1
+            sent[client.number] = garbage
+        return sent
+
+    def pause(self, duration: float = 0.0) -> None:
+        """
+        Hold the tape (a quiet market): connections stay open, answer ``PING``
+        and get nothing new; with ``duration`` > 0 it resumes by itself then.
+        Pacing resumes where it stopped (the schedule shifts by the pause).
+        """
+        self._record("pause", [])
+        self.paused = True
+        if duration > 0 and self._nursery is not None:
+            self._nursery.start_soon(self._resume_after, duration)
+
+    async def _resume_after(self, duration: float) -> None:
+        await trio.sleep(duration)
+        self.resume()
+
+    def resume(self) -> None:
+        """Let a paused tape go on."""
+        self.paused = False
+        self._resumed.set()
+        self._resumed = trio.Event()
+
+    def _scheduled(self, fault: ScheduledFault) -> None:
+        """Apply a :class:`ScheduledFault` that came due (no checkpoint)."""
+        action = fault.action
+        if action.startswith("drop-"):
+            how = action.removeprefix("drop-")
+            assert how in DROP_MODES
+            self.drop_soon(how)
+        elif action == "half-open":
+            self.half_open()
+        elif action == "silence":
+            self.silence()
+        elif action == "stall":
+            self.stall()
+        elif action == "garbage":
+            self.inject_garbage(asset_ids=self.garbage_assets)
+        elif action == "pause":
+            self.pause(fault.duration)
 
     # --- the tape loop ---
 
@@ -1412,6 +1682,17 @@ class ReplayServer:
     # --- connections ---
 
     async def _serve_client(self, request: WebSocketRequest) -> None:
+        status = self.refusing
+        if not status and self.storm_limit and self._storm(time.monotonic()):
+            status = 429
+        if status:
+            self.stats.rejected += 1
+            self._record(f"reject-{status}", [])
+            try:
+                await request.reject(status, body=b"Too Many Requests" if status == 429 else None)
+            except ConnectionClosed:
+                pass
+            return
         try:
             ws = await request.accept()
         except ConnectionClosed:
@@ -1429,6 +1710,7 @@ class ReplayServer:
         self._clients.add(client)
         try:
             async with trio.open_nursery() as nursery:
+                client.nursery = nursery
                 nursery.start_soon(client.write_loop)
                 await self._read_loop(client)
         except* ConnectionClosed:
@@ -1438,9 +1720,39 @@ class ReplayServer:
         finally:
             client.close()
             self._clients.discard(client)
+            self._muted.discard(client)
             if client.log is not None:
                 client.log.closed_at = time.monotonic()
             log.info("replay_client_disconnected", subscribed=len(client.subscribed))
+
+    def _storm(self, now: float) -> bool:
+        """Whether a handshake now exceeds ``storm_limit``; else count it as accepted."""
+        accepted = self._accepted_at
+        while accepted and now - accepted[0] > self.storm_window:
+            accepted.popleft()
+        if len(accepted) >= self.storm_limit:
+            return True
+        accepted.append(now)
+        return False
+
+    def _oversized(self, client: _Client, size: int, assets: list[str]) -> bool:
+        """Whether a subscribe is over the limits; if so, close the connection a little later."""
+        if not (
+            (self.max_subscribe_bytes and size > self.max_subscribe_bytes)
+            or (self.max_subscribe_ids and len(assets) > self.max_subscribe_ids)
+        ):
+            return False
+        self.stats.oversized_subscribes += 1
+        self._record("oversize-close", [client])
+        if client.nursery is not None and client.mode != "dropped":
+            client.nursery.start_soon(self._close_later, client)
+        return True
+
+    async def _close_later(self, client: _Client) -> None:
+        await trio.sleep(self.oversize_close_delay)
+        if client.mode != "dropped":
+            self._mute(client, "dropped")
+            await self._close(client, self.oversize_close, 1009, "subscribe too large")
 
     def _snapshots_sent(self, log: ConnectionLog, asset_ids: tuple[str, ...]) -> None:
         now = time.monotonic()
@@ -1474,7 +1786,8 @@ class ReplayServer:
             self.stats.messages_ignored += 1
             return
         if message == "PING":
-            client.push("PONG")
+            if client.mode in ("normal", "silent"):
+                client.push("PONG")
             return
         try:
             request = orjson.loads(message)
@@ -1488,6 +1801,9 @@ class ReplayServer:
             self.stats.messages_ignored += 1
             return
         operation = request.get("operation")
+        limited = self.max_subscribe_bytes or self.max_subscribe_ids
+        if limited and operation != "unsubscribe" and self._oversized(client, size, assets):
+            return
         if operation == "unsubscribe":
             self._unsubscribe(client, assets)
         elif operation == "subscribe" or (operation is None and "type" in request):
@@ -1530,7 +1846,7 @@ class ReplayServer:
                     client.add_copy(label)
         if assets:
             self.tape_started.set()
-        if request.get("initial_dump", True) is False:
+        if request.get("initial_dump", True) is False or client.mode != "normal":
             return
         books: list[Event] = []
         synthetic_books = 0
@@ -1572,6 +1888,12 @@ async def serve_replay(
     synthesize: int = 0,
     synthetic_events: bool = True,
     record: bool = False,
+    faults: Sequence[ScheduledFault] = (),
+    max_subscribe_bytes: int = 0,
+    max_subscribe_ids: int = 0,
+    oversize_close_delay: float = 0.15,
+    storm_limit: int = 0,
+    storm_window: float = 1.0,
     task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -1583,7 +1905,9 @@ async def serve_replay(
     asset, so a client started after the server misses nothing. ``synthesize``
     adds that many synthetic assets (``server.synthetic``; module docstring),
     ``synthetic_events`` forwards events to them, ``record`` keeps per-connection
-    request and snapshot logs (:attr:`ReplayServer.connection_logs`).
+    request and snapshot logs (:attr:`ReplayServer.connection_logs`). The
+    fault options are :class:`ReplayServer`'s attributes of the same names
+    (module docstring, "Faults").
 
     Raises:
         ReplayError: a capture cannot be loaded (see :meth:`Capture.load`), or
@@ -1600,6 +1924,10 @@ async def serve_replay(
         synthetic_events=synthetic_events,
         record=record,
     )
+    server.faults = tuple(faults)
+    server.max_subscribe_bytes, server.max_subscribe_ids = max_subscribe_bytes, max_subscribe_ids
+    server.oversize_close_delay = oversize_close_delay
+    server.storm_limit, server.storm_window = storm_limit, storm_window
     await server.serve(host=host, port=port, task_status=task_status)
 
 
@@ -1639,6 +1967,12 @@ def run_replay_cli(
     exit_at_end: bool = False,
     synthesize: int = 0,
     synthetic_events: bool = True,
+    faults: Sequence[str] = (),
+    max_subscribe_bytes: int = 0,
+    max_subscribe_ids: int = 0,
+    oversize_close_delay: float = 0.15,
+    storm_limit: int = 0,
+    storm_window: float = 1.0,
 ) -> None:
     """
     Run the replay server (``polystream replay PATH...``) until Ctrl-C.
@@ -1647,12 +1981,15 @@ def run_replay_cli(
     summary at the end of the tape. The server keeps serving the final books
     afterwards unless ``exit_at_end``. ``synthesize`` adds that many synthetic
     assets (module docstring), ``synthetic_events`` forwards events to them.
+    ``faults`` are ``--fault`` specs (:meth:`ScheduledFault.parse`); the other
+    fault options are :class:`ReplayServer`'s attributes of the same names.
     Configure structlog before calling.
 
     Raises:
-        ReplayError: a capture cannot be loaded, ``synthesize`` is negative, or
-            the address cannot be bound.
+        ReplayError: a capture cannot be loaded, ``synthesize`` is negative, a
+            fault spec is malformed, or the address cannot be bound.
     """
+    scheduled = tuple(ScheduledFault.parse(spec) for spec in faults)
     server = _build_server(
         paths,
         speed=speed,
@@ -1662,6 +1999,10 @@ def run_replay_cli(
         synthesize=synthesize,
         synthetic_events=synthetic_events,
     )
+    server.faults = scheduled
+    server.max_subscribe_bytes, server.max_subscribe_ids = max_subscribe_bytes, max_subscribe_ids
+    server.oversize_close_delay = oversize_close_delay
+    server.storm_limit, server.storm_window = storm_limit, storm_window
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -44,7 +44,7 @@ import trio
 
 from polystream.stats import Stats
 
-__all__ = ["Notifier", "run_watchdog", "stats_status", "status_line"]
+__all__ = ["Notifier", "notify_running", "run_watchdog", "stats_status", "status_line"]
 
 logger = structlog.get_logger(__name__)
 
@@ -228,6 +228,39 @@ async def run_watchdog(
         else:
             notifier.status(status())
         await trio.sleep(period)
+
+
+async def notify_running(
+    notifier: Notifier,
+    stats: Stats,
+    stopping: trio.Event,
+    *,
+    grace: float = 300.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    ``READY=1`` now, then :func:`run_watchdog` on a running daemon's stats.
+
+    Start it once :func:`polystream.app.run` has handed over its ``App``
+    (the database answered and the feed tasks have started). Healthy means
+    ``stats.problems()`` is empty; the status is :func:`stats_status`, or
+    ``stopping`` once ``stopping`` is set. Runs until cancelled.
+
+    Args:
+        notifier: where to send.
+        stats: the daemon's counters (``App.stats``).
+        stopping: set when shutdown begins (``App.stopping``).
+        grace: seconds of continuous ill health before pings stop.
+        task_status: started once ``READY=1`` has been sent.
+    """
+
+    def status() -> str:
+        return "stopping" if stopping.is_set() else stats_status(stats)
+
+    notifier.ready(status())
+    await run_watchdog(
+        notifier, lambda: not stats.problems(), status, grace=grace, task_status=task_status
+    )
 
 
 def status_line(

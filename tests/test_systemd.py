@@ -12,13 +12,16 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import pytest
 import structlog
 import trio
 import trio.testing
 
+from polystream.app import App, run
+from polystream.config import Config, FeedConfig, HealthConfig
 from polystream.stats import Stats
-from polystream.systemd import Notifier, run_watchdog, stats_status, status_line
+from polystream.systemd import Notifier, notify_running, run_watchdog, stats_status, status_line
 
 
 class Receiver:
@@ -314,3 +317,53 @@ def test_stats_status() -> None:
     assert "unhealthy" not in text
     stats.db_connected = False
     assert stats_status(stats).endswith("; unhealthy: database not connected")
+
+
+# --- with the daemon ---------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_notify_running_with_the_daemon(
+    db_dsn: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READY once app.run has started; pings while healthy; none once a shard cannot connect."""
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    notifier = Notifier.from_environ()
+    config = Config(
+        feed=FeedConfig(
+            url=f"ws://127.0.0.1:{_closed_port()}/ws/market",
+            backoff_initial=0.05,
+            backoff_max=0.1,
+            reconcile_interval=0.2,
+        ),
+        health=HealthConfig(listen="127.0.0.1:0"),
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            app: App = await nursery.start(run, config, db_dsn)
+            await nursery.start(
+                partial(notify_running, grace=0.0), notifier, app.stats, app.stopping
+            )
+            ready = await receiver.aget()
+            assert ready.startswith("READY=1\nSTATUS=0 assets on 0 shards, 0 frames, ")
+            assert (await receiver.aget()).startswith("WATCHDOG=1\nSTATUS=0 assets")
+            with psycopg.connect(db_dsn) as conn:
+                conn.execute(
+                    "INSERT INTO positions (user_id, market_id, token_id, size,"
+                    " entry_price) VALUES ('u', 'm', '123', 10, 0.5)"
+                )
+            while not (message := await receiver.aget()).startswith("STATUS="):
+                assert message.startswith("WATCHDOG=1")
+            assert "unhealthy: " in message and "shard 0" in message
+            notifier.stopping()
+            app.stop()
+            while (message := await receiver.aget()) != "STOPPING=1\nSTATUS=stopping":
+                assert message.startswith("STATUS="), message  # no WATCHDOG while unhealthy
+            nursery.cancel_scope.cancel()  # the CLI cancels it when run() returns
+    notifier.close()
