@@ -12,11 +12,13 @@ use, ...); 2 bad configuration or usage. ``status`` has its own codes (see
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -26,7 +28,10 @@ import typer
 
 from polystream.config import Config, load_config
 from polystream.errors import ConfigError, PolystreamError
+from polystream.logcat import logs_command
 from polystream.logs import configure_logging
+from polystream.service import service_app
+from polystream.systemd import Notifier
 
 __all__ = ["app", "main"]
 
@@ -43,6 +48,8 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 markets_app = typer.Typer(help="Market metadata.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(markets_app, name="markets")
+app.add_typer(service_app, name="service")
+app.command("logs")(logs_command)
 
 ConfigOption = Annotated[
     Path | None,
@@ -92,15 +99,23 @@ def _migrate(dsn: str) -> list[str]:
 def run(config_path: ConfigOption = None) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT (a second signal exits at once)."""
     config = _setup(config_path)
+    # Read and remove NOTIFY_SOCKET/WATCHDOG_* before the embedded PostgreSQL is spawned.
+    notifier = Notifier.from_environ(unset_environment=True)
+    if notifier.enabled:
+        faulthandler.enable()  # on a watchdog SIGABRT: every thread's traceback in the journal
+    notifier.status("starting: database")
     try:
         with _database(config) as dsn:
             if not config.database.dsn:
                 _migrate(dsn)
             _check_schema(dsn)
-            trio.run(_serve_until_signal, config, dsn)
+            notifier.status("starting: feed")
+            trio.run(_serve_until_signal, config, dsn, notifier)
     except PolystreamError as exc:
+        notifier.status(f"failed: {exc}")
         _fail(str(exc))
     except OSError as exc:
+        notifier.status(f"failed: {exc}")
         _fail(f"cannot start: {exc}")
 
 
@@ -116,9 +131,10 @@ def _check_schema(dsn: str) -> None:
         )
 
 
-async def _serve_until_signal(config: Config, dsn: str) -> None:
+async def _serve_until_signal(config: Config, dsn: str, notifier: Notifier) -> None:
     from polystream.app import App
     from polystream.app import run as run_daemon
+    from polystream.systemd import notify_running
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -127,14 +143,22 @@ async def _serve_until_signal(config: Config, dsn: str) -> None:
                 try:
                     await run_daemon(config, dsn, task_status=task_status)
                 finally:
-                    nursery.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()  # also ends the watchdog task
 
             handle: App = await nursery.start(daemon)
+            # Database reachable (_check_schema) and feed tasks started: READY=1, then pings.
+            await nursery.start(
+                partial(notify_running, grace=config.systemd.unhealthy_grace),
+                notifier,
+                handle.stats,
+                handle.stopping,
+            )
             async for signum in signals:
                 if handle.stopping.is_set():
                     logger.warning("shutdown_forced", signal=signal.Signals(signum).name)
                     os._exit(1)
                 logger.info("shutdown_requested", signal=signal.Signals(signum).name)
+                notifier.stopping()
                 handle.stop()
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "PollConfig",
     "PositionsConfig",
     "StateConfig",
+    "SystemdConfig",
     "load_config",
 ]
 
@@ -243,6 +244,21 @@ class HealthConfig:
 
 
 @attrs.frozen
+class SystemdConfig:
+    """
+    ``[systemd]``.
+
+    Attributes:
+        unhealthy_grace: seconds the daemon may stay unhealthy (``/health``
+            503) before it stops sending watchdog pings, so that systemd
+            restarts it (``WatchdogSec=`` later); 0 = at once. A wedged event
+            loop stops the pings at once regardless.
+    """
+
+    unhealthy_grace: float = 300.0
+
+
+@attrs.frozen
 class StateConfig:
     """
     ``[state]``.
@@ -292,6 +308,7 @@ class Config:
     monitor: MonitorConfig = MonitorConfig()
     execute: ExecuteConfig = ExecuteConfig()
     health: HealthConfig = HealthConfig()
+    systemd: SystemdConfig = SystemdConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
 
@@ -376,6 +393,7 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
     ("monitor", "reload_interval"): ("float", _positive, "seconds > 0"),
     ("execute", "mode"): ("str", lambda v: v in ("outbox", "log"), 'one of "outbox", "log"'),
     ("health", "listen"): ("str", _listen, "host:port, for example 127.0.0.1:9108"),
+    ("systemd", "unhealthy_grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("state", "dir"): ("str", None, "a directory path, or empty"),
     ("log", "level"): (
         "str",
@@ -399,6 +417,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "monitor": MonitorConfig,
     "execute": ExecuteConfig,
     "health": HealthConfig,
+    "systemd": SystemdConfig,
     "state": StateConfig,
     "log": LogConfig,
 }

@@ -35,24 +35,40 @@ def expected_assets(*captures: Path) -> dict[str, dict[str, Any]]:
     return assets
 
 
+def apply_frame(books: dict[str, AssetBook], line: bytes) -> set[str]:
+    """Apply one recorded frame to ``books`` (created as needed); returns the assets touched."""
+    touched: set[str] = set()
+    for event in parse_frame(line).events:
+        if isinstance(event, PriceChange):
+            for change in event.changes:
+                book = books.setdefault(change.asset_id, AssetBook(change.asset_id))
+                book.apply_change(change, event.timestamp_ms)
+                touched.add(change.asset_id)
+        else:
+            asset = event.asset_id  # type: ignore[union-attr]
+            books.setdefault(asset, AssetBook(asset)).apply(event)
+            touched.add(asset)
+    return touched
+
+
+def books_after(capture: Path = UPDOWN, frames: int | None = None) -> dict[str, AssetBook]:
+    """The books after the first ``frames`` frames of ``capture`` (all when None)."""
+    books: dict[str, AssetBook] = {}
+    with gzip.open(f"{capture}.jsonl.gz", "rb") as handle:
+        for number, line in enumerate(handle):
+            if number == frames:
+                break
+            apply_frame(books, line)
+    return books
+
+
 def best_bid_path(capture: Path = UPDOWN) -> dict[str, list[Decimal | None]]:
     """Best bid of each asset after each frame that touched it, from the recording."""
     books: dict[str, AssetBook] = {}
     path: dict[str, list[Decimal | None]] = {}
     with gzip.open(f"{capture}.jsonl.gz", "rb") as handle:
         for line in handle:
-            touched: set[str] = set()
-            for event in parse_frame(line).events:
-                if isinstance(event, PriceChange):
-                    for change in event.changes:
-                        book = books.setdefault(change.asset_id, AssetBook(change.asset_id))
-                        book.apply_change(change, event.timestamp_ms)
-                        touched.add(change.asset_id)
-                else:
-                    asset = event.asset_id  # type: ignore[union-attr]
-                    books.setdefault(asset, AssetBook(asset)).apply(event)
-                    touched.add(asset)
-            for asset in touched:
+            for asset in apply_frame(books, line):
                 path.setdefault(asset, []).append(books[asset].best_bid)
     return path
 

@@ -7,7 +7,6 @@ of the last frame it applied.
 
 from __future__ import annotations
 
-import gzip
 import os
 import signal
 import socket
@@ -20,14 +19,10 @@ from typing import Any
 import orjson
 import psycopg
 import trio
+from expected import UPDOWN, books_after
 
-from polystream.book import AssetBook
 from polystream.markets import import_markets_file
-from polystream.protocol import PriceChange, parse_frame
 from polystream.replay import ReplayServer, serve_replay
-
-ROOT = Path(__file__).parent.parent
-UPDOWN = ROOT / "examples" / "updown-2025-12-11"
 
 
 def _free_port() -> int:
@@ -35,24 +30,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-def _state_after(frames: int) -> dict[str, AssetBook]:
-    """Books after the first ``frames`` lines of the capture."""
-    books: dict[str, AssetBook] = {}
-    with gzip.open(f"{UPDOWN}.jsonl.gz", "rb") as handle:
-        for number, line in enumerate(handle):
-            if number == frames:
-                break
-            for event in parse_frame(line).events:
-                if isinstance(event, PriceChange):
-                    for change in event.changes:
-                        book = books.setdefault(change.asset_id, AssetBook(change.asset_id))
-                        book.apply_change(change, event.timestamp_ms)
-                else:
-                    asset = event.asset_id  # type: ignore[union-attr]
-                    books.setdefault(asset, AssetBook(asset)).apply(event)
-    return books
 
 
 async def test_sigterm_mid_replay_keeps_every_asset_seen(db_dsn: str, tmp_path: Path) -> None:
@@ -99,7 +76,7 @@ async def test_sigterm_mid_replay_keeps_every_asset_seen(db_dsn: str, tmp_path: 
     # before the tape started); then the capture's lines, in order.
     seen = applied - 1
     assert 1000 < seen < 14_342, "the signal must land mid-replay"
-    books = _state_after(seen)
+    books = books_after(UPDOWN, seen)
 
     with psycopg.connect(db_dsn) as conn:
         positions: list[tuple[Any, ...]] = conn.execute(
