@@ -943,7 +943,7 @@ def garbage_frames(
     low_bid = "0.001"
     built: dict[str, tuple[str | bytes | RawFrame, ...]] = {
         "truncated_json": (change(low_bid, "5", "BUY", stamp)[:40],),
-        "not_an_object": ("[1, 2, 3]",),
+        "not_an_object": ("[42]",),
         "binary_frame": (orjson.dumps(trade),),
         "unknown_event_type": (_dumps({**trade, "event_type": "price_surprise"}),),
         "missing_field": (_dumps({k: v for k, v in trade.items() if k != "price"}),),

@@ -373,7 +373,9 @@ def install_command(
             help="Configuration directory (default /etc/polystream or ~/.config/polystream)."
         ),
     ] = None,
-    user: Annotated[str, typer.Option(help="User= of the system unit.")] = SERVICE_NAME,
+    user: Annotated[
+        str, typer.Option("--user-name", help="User= of the system unit.")
+    ] = SERVICE_NAME,
 ) -> None:
     """Write polystream.service (and a config and env file if missing); print the next steps."""
     try:

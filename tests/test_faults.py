@@ -194,9 +194,8 @@ async def open_rig(
     rules = seed(dsn, bid_path)
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            server = ReplayServer(
-                tape=Tape(capture), max_speed=True, faults=faults, **(server_options or {})
-            )
+            options = {"max_speed": True, **(server_options or {})}
+            server = ReplayServer(tape=Tape(capture), faults=faults, **options)
             await nursery.start(server.serve)
             clob = FakeClob(tape_quotes(server.tape))
             hyper = HypercornConfig()
