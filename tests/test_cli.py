@@ -130,3 +130,26 @@ async def test_status_healthy_then_unhealthy(db_dsn: str) -> None:
             )
             assert "polystream_subscribed_assets" in metrics
             app.stop()
+
+
+def test_service_install_as_the_readme_says(tmp_path: Path) -> None:
+    units, etc = tmp_path / "units", tmp_path / "etc"
+    result = _polystream(
+        "service", "install", "--user", "--unit-dir", str(units), "--config-dir", str(etc)
+    )
+    assert result.returncode == 0, result.stderr
+    unit = (units / "polystream.service").read_text()
+    assert "Type=notify" in unit and "User=" not in unit
+    assert "systemctl --user enable --now polystream" in result.stdout
+    system = _polystream(
+        "service",
+        "install",
+        "--user-name",
+        "trader",
+        "--unit-dir",
+        str(tmp_path / "sys"),
+        "--config-dir",
+        str(tmp_path / "sysetc"),
+    )
+    assert system.returncode == 0, system.stderr
+    assert "User=trader" in (tmp_path / "sys" / "polystream.service").read_text()
