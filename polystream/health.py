@@ -21,7 +21,7 @@ from prometheus_client import make_asgi_app
 
 from polystream.stats import Stats
 
-__all__ = ["health_app", "serve_health"]
+__all__ = ["answer_lifespan", "health_app", "serve_asgi", "serve_health"]
 
 logger = structlog.get_logger(__name__)
 
@@ -36,13 +36,8 @@ def health_app(stats: Stats) -> Callable[[Scope, Receive, Send], Awaitable[None]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["path"] == "/metrics":
             await metrics(scope, receive, send)
             return
@@ -64,14 +59,25 @@ def health_app(stats: Stats) -> Callable[[Scope, Receive, Send], Awaitable[None]
     return app
 
 
-async def serve_health(
-    stats: Stats,
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI ``lifespan`` scope: nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def serve_asgi(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
     listen: str,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
-    Serve ``/health`` and ``/metrics`` on ``listen`` (``host:port``) until cancelled.
+    Serve an ASGI ``app`` with hypercorn on ``listen`` (``host:port``) until cancelled.
 
     ``task_status.started`` receives the bound addresses
     (``["http://127.0.0.1:9108"]``); port 0 binds a free port.
@@ -84,4 +90,19 @@ async def serve_health(
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0.5
-    await serve(health_app(stats), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
+    await serve(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
+
+
+async def serve_health(
+    stats: Stats,
+    listen: str,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    Serve ``/health`` and ``/metrics`` on ``listen`` (``host:port``) until cancelled.
+
+    Raises:
+        OSError: the address is in use or not available.
+    """
+    await serve_asgi(health_app(stats), listen, task_status=task_status)

@@ -61,7 +61,7 @@ from polystream.replay import (
 
 CAPTURE = Path(f"{UPDOWN}.jsonl.gz")
 PAUSE_AT = 5000  # frames; every rule below crossed by frame 4,800
-TIMEOUT = 40
+TIMEOUT = 15
 RULES = [
     ("900003", "Up", "take_profit", "0.60"),  # the final snapshot (0.99) crosses again
     ("900003", "Down", "stop_loss", "0.40"),

@@ -17,8 +17,6 @@ import orjson
 import pytest
 import structlog
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from polystream.db import connect
 from polystream.errors import ImportDataError
@@ -33,6 +31,7 @@ from polystream.gamma import (
     open_gamma_client,
     run_metadata_filler,
 )
+from polystream.health import answer_lifespan, serve_asgi
 from polystream.reconciler import DbLink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,13 +100,8 @@ class FakeGamma:
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         path = scope["path"]
         query = parse_qsl(scope["query_string"].decode(), keep_blank_values=True)
         self.requests.append((path, query))
@@ -129,14 +123,7 @@ class FakeGamma:
 @pytest.fixture
 async def gamma(nursery: trio.Nursery) -> FakeGamma:
     fake = FakeGamma(_real_markets())
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 0.1
-    urls: list[str] = await nursery.start(
-        partial(serve, fake.app, config, mode="asgi")  # type: ignore[arg-type]
-    )
+    urls: list[str] = await nursery.start(serve_asgi, fake.app, "127.0.0.1:0")
     fake.url = urls[0]
     return fake
 

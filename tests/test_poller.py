@@ -20,10 +20,9 @@ import pytest
 import structlog
 import trio
 import trio.testing
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from polystream.feed import Shard
+from polystream.health import answer_lifespan, serve_asgi
 from polystream.poller import (
     ClobClient,
     ClobError,
@@ -115,13 +114,8 @@ class FakeClob:
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         data = b""
         while True:
             message = await receive()
@@ -152,14 +146,7 @@ class FakeClob:
 @pytest.fixture
 async def clob(nursery: trio.Nursery) -> FakeClob:
     fake = FakeClob(real_quotes())
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 0.1
-    urls: list[str] = await nursery.start(
-        partial(serve, fake.app, config, mode="asgi")  # type: ignore[arg-type]
-    )
+    urls: list[str] = await nursery.start(serve_asgi, fake.app, "127.0.0.1:0")
     fake.url = urls[0]
     return fake
 
