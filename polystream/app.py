@@ -129,7 +129,7 @@ def _build(config: Config, dsn: str) -> _Parts:
     )
     monitor = Monitor(executor.submit, stats, trigger_price=config.monitor.trigger_price)
     loader = RuleLoader(links["rules"], monitor, config.monitor.reload_interval)
-    router = Router(books, catalog, markets, positions, listeners=[monitor.on_price])
+    router = Router(books, catalog, markets, positions, listeners=[monitor.on_book])
     return _Parts(
         config,
         dsn,

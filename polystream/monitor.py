@@ -37,7 +37,7 @@ import structlog
 import trio
 from sortedcontainers import SortedList
 
-from polystream.book import TopOfBook
+from polystream.book import AssetBook, TopOfBook
 from polystream.errors import DatabaseError
 from polystream.pipeline import mark_price
 from polystream.stats import Stats
@@ -247,6 +247,7 @@ class Monitor:
     _seq: int = 0
     _fired: set[str] = attrs.field(factory=set)
     _tops: dict[str, TopOfBook] = attrs.field(factory=dict)
+    _books: dict[str, AssetBook] = attrs.field(factory=dict)
     _wake: trio.Event = attrs.field(factory=trio.Event)
 
     # ------------------------------------------------------------ rules
@@ -266,7 +267,7 @@ class Monitor:
         side = self._asset(rule.asset_id)
         target = side.take_profit if rule.kind == "take_profit" else side.stop_loss
         target.add((rule.threshold, rule.position_id))
-        top = self._tops.get(rule.asset_id)
+        top = self._latest(rule.asset_id)
         if top is not None:  # a rule already crossed when it arrives fires at once
             self._check_tpsl(rule.asset_id, top)
 
@@ -290,7 +291,7 @@ class Monitor:
         heapq.heappush(self._heap, (decision_time(prediction), self._seq, prediction.id))
         if prediction.timing == "edge":
             self._asset(prediction.asset_id).edge[prediction.id] = prediction
-            top = self._tops.get(prediction.asset_id)
+            top = self._latest(prediction.asset_id)
             if top is not None:
                 self._check_edge(prediction.asset_id, top)
         self._wake.set()
@@ -373,6 +374,19 @@ class Monitor:
         return self._heap[0][0] if self._heap else None
 
     # ------------------------------------------------------------ prices
+
+    def on_book(self, asset_id: str, book: AssetBook) -> None:
+        """
+        The router moved ``book``: check its rules (the router's listener).
+        Builds a top of book only for assets that have rules.
+        """
+        self._books[asset_id] = book
+        if asset_id in self._assets:
+            self.on_price(asset_id, book.top())
+
+    def _latest(self, asset_id: str) -> TopOfBook | None:
+        book = self._books.get(asset_id)
+        return book.top() if book is not None else self._tops.get(asset_id)
 
     def on_price(self, asset_id: str, top: TopOfBook) -> None:
         """A new top of book for ``asset_id``: fire every rule it crosses."""
@@ -498,7 +512,7 @@ class Monitor:
             now = self.clock()
             for prediction in self.due(now):
                 self._decide_prediction(
-                    prediction, self._tops.get(prediction.asset_id), now, edge_seen=False
+                    prediction, self._latest(prediction.asset_id), now, edge_seen=False
                 )
 
     def _fire(self, decision: Decision) -> None:

@@ -182,7 +182,7 @@ class Router:
     catalog: Catalog
     markets: MarketWriter
     positions: PositionWriter
-    listeners: list[Callable[[str, TopOfBook], None]] = attrs.field(factory=list)
+    listeners: list[Callable[[str, AssetBook], None]] = attrs.field(factory=list)
     _log_limit: RateLimitedLog = attrs.field(factory=RateLimitedLog)
     frames_applied: int = 0
 
@@ -221,7 +221,7 @@ class Router:
             self.markets.touch(market)
             self.positions.touch(market, now)
             for listener in self.listeners:
-                listener(asset_id, self.books[asset_id].top())
+                listener(asset_id, self.books[asset_id])
 
     def apply_quote(
         self,
@@ -241,7 +241,7 @@ class Router:
         self.markets.touch(market)
         self.positions.touch(market, trio.current_time())
         for listener in self.listeners:
-            listener(asset_id, book.top())
+            listener(asset_id, book)
 
     def _bad_input(self, kind: str, asset_id: str, timestamp_ms: int) -> None:
         """Count a refused or repaired event; log it once per kind per 10 s."""

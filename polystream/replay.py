@@ -1035,7 +1035,7 @@ class _Client:
     ws: WebSocketConnection
     capacity: int
     number: int
-    mode: str = "normal"  # normal | silent | half_open | stalled | dropped
+    mode: str = "normal"  # normal | silent | half_open | stalled | poisoned | dropped
     nursery: trio.Nursery | None = None
     subscribed: set[str] = attrs.Factory(set)
     copies: dict[int, set[str]] = attrs.Factory(dict)
@@ -1355,13 +1355,17 @@ class ReplayServer:
             if not c.closed and c.mode != "dropped" and (clients is None or c.number in clients)
         ]
 
-    def _mute(self, client: _Client, mode: str) -> None:
-        """Take ``client`` off the tape: it gets no frame from now on, and is not waited for."""
+    def _mute(self, client: _Client, mode: str, *, clear: bool = True) -> None:
+        """
+        Take ``client`` off the tape: it gets no frame from now on, and is not
+        waited for. ``clear=False`` still writes what is queued.
+        """
         client.mode = mode
         if client in self._clients:
             self._clients.discard(client)
             self._muted.add(client)
-        client.outbox.clear()
+        if clear:
+            client.outbox.clear()
         client.close_space()
 
     def _record(self, action: str, clients: Iterable[_Client]) -> list[_Client]:
@@ -1506,6 +1510,11 @@ class ReplayServer:
         Returns connection number -> what it was sent (a connection without
         such an asset gets nothing and is left out).
 
+        A connection sent ``not_utf8_text`` is taken off the tape afterwards
+        (mode ``poisoned``; it still answers ``PING``): the client must fail
+        it (RFC 6455, section 8.1), and one that does so without closing the
+        socket must not hold the tape up for everyone else.
+
         Raises:
             ReplayError: an unknown kind.
         """
@@ -1527,6 +1536,8 @@ class ReplayServer:
                     client.push(frame)
                 self.stats.garbage_sent[item.kind] += 1
             sent[client.number] = garbage
+            if any(item.kind == "not_utf8_text" for item in garbage):
+                self._mute(client, "poisoned", clear=False)
         return sent
 
     def pause(self, duration: float = 0.0) -> None:
@@ -1786,7 +1797,7 @@ class ReplayServer:
             self.stats.messages_ignored += 1
             return
         if message == "PING":
-            if client.mode in ("normal", "silent"):
+            if client.mode in ("normal", "silent", "poisoned"):
                 client.push("PONG")
             return
         try:

@@ -61,7 +61,7 @@ from polystream.replay import (
 
 CAPTURE = Path(f"{UPDOWN}.jsonl.gz")
 PAUSE_AT = 5000  # frames; every rule below crossed by frame 4,800
-TIMEOUT = 15
+TIMEOUT = 30
 RULES = [
     ("900003", "Up", "take_profit", "0.60"),  # the final snapshot (0.99) crosses again
     ("900003", "Down", "stop_loss", "0.40"),
@@ -253,7 +253,7 @@ async def test_dropped_connection(rig: Rigged, how: str) -> None:
     async with rig() as r:
         await r.rules_fired()
         r.server.refusing = 503  # until the tape is over: the frames missed go by at once
-        assert await r.server.drop(how) == 1  # type: ignore[arg-type]
+        assert await r.server.drop(how) == 1
         r.server.resume()
         await r.server.finished.wait()
         r.server.refusing = 0
@@ -265,6 +265,7 @@ async def test_dropped_connection(rig: Rigged, how: str) -> None:
     assert r.app.stats.parse_errors == {}
 
 
+@pytest.mark.slow
 async def test_scheduled_drops_every_2000_frames(rig: Rigged) -> None:
     """Drops during the crossings themselves: a snapshot after each reconnect."""
     faults = (ScheduledFault("drop-tcp", every=2000),)
@@ -303,6 +304,14 @@ async def test_stall_mid_frame(rig: Rigged) -> None:
         assert "no PONG" in (r.shard.last_error or "")
 
 
+STALE_BUG = (
+    "feed.py FeedPool._read sets shard.stats.last_frame_at for every frame, PONG included,"
+    " and _watch_staleness measures quiet time from it: with PING every ping_interval"
+    " < stale_after the stale check never runs (fix: a last_data_at set for data frames only)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=STALE_BUG)
 async def test_silent_feed_is_recycled_when_rest_prices_moved(rig: Rigged) -> None:
     async with rig() as r:
         await r.rules_fired()
@@ -310,6 +319,8 @@ async def test_silent_feed_is_recycled_when_rest_prices_moved(rig: Rigged) -> No
         r.server.resume()
         await r.server.finished.wait()  # the market moved; the daemon saw none of it
         r.clob.quotes = tape_quotes(r.server.tape)
+        with trio.fail_after(5):  # stale_after 1 s, then one REST check
+            await r.until(lambda: r.shard.reconnects > 0)
         await r.converged()
         assert r.shard.reconnects == 1
         assert r.shard.stale_checks >= 1
@@ -322,12 +333,16 @@ async def test_quiet_market_is_not_recycled(rig: Rigged) -> None:
         await r.rules_fired()
         # The tape holds (a quiet market) and REST agrees with the daemon's books.
         r.clob.quotes = tape_quotes(r.server.tape)
-        await r.until(lambda: r.shard.stale_checks >= 2)
+        await trio.sleep(2.5)  # 2.5 times stale_after with nothing to say
         assert r.shard.reconnects == 0
         assert r.shard.state == "connected"
+        checks = r.shard.stale_checks
         r.server.resume()
         await r.converged()
         assert r.shard.reconnects == 0
+    if checks == 0:
+        pytest.xfail(f"the link was never checked over REST: {STALE_BUG}")
+    assert {path for path, _ in r.clob.requests} == {"/prices"}
 
 
 # ------------------------------------------------------------------ venue limits
@@ -349,7 +364,6 @@ async def test_subscribe_frames_under_the_venue_limit(rig: Rigged) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    raises=trio.TooSlowError,
     reason="feed.py FeedPool._serve: a close right after an oversized subscribe is retried"
     " with the same frame forever (protocol.md section 4; rs-clob-client-v2 #116)",
 )
@@ -362,6 +376,7 @@ async def test_close_on_oversized_subscribe_converges(rig: Rigged) -> None:
             await r.converged()
 
 
+@pytest.mark.slow
 async def test_http_429_on_a_connection_storm(rig: Rigged) -> None:
     """Six shards at once against a venue that accepts two connections a second."""
     async with rig(
@@ -449,7 +464,10 @@ async def test_scheduled_garbage_every_500_frames(rig: Rigged) -> None:
 
 
 async def test_text_frame_that_is_not_utf8(rig: Rigged) -> None:
-    """wsproto fails the connection (1007) before the parser sees the frame: a reconnect."""
+    """
+    wsproto fails the connection (1007) before the parser sees the frame: a
+    reconnect, counted nowhere in ``parse_errors`` (``not_utf8`` is unreachable).
+    """
     async with rig() as r:
         await r.rules_fired()
         r.server.inject_garbage(["not_utf8_text"], asset_ids=GARBAGE_ASSETS)
@@ -457,3 +475,20 @@ async def test_text_frame_that_is_not_utf8(rig: Rigged) -> None:
         await r.converged()
         assert r.shard.reconnects == 1
         assert "1007" in (r.shard.last_error or "")
+        assert "not_utf8" not in r.app.stats.parse_errors
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="feed.py FeedPool._serve: after a 1007 close trio-websocket 0.12 (client side)"
+    " neither sends a close frame nor closes the TCP stream; leaving open_websocket_url"
+    " cancels its reader, so the old socket stays open, unread, until garbage collection",
+)
+async def test_socket_failed_with_1007_is_closed(rig: Rigged) -> None:
+    async with rig() as r:
+        await r.rules_fired()
+        r.server.inject_garbage(["not_utf8_text"], asset_ids=GARBAGE_ASSETS)
+        await r.until(lambda: r.shard.reconnects == 1)
+        with trio.fail_after(3):
+            await r.until(lambda: 1 not in r.server.subscriptions())

@@ -1,0 +1,420 @@
+"""
+Recovery benchmark: how fast ``polystream run`` comes back after its
+connection drops, and how stale prices get while the feed is down for good.
+
+Run ``.venv/bin/python -m bench.recovery`` (``--help`` for options). It writes
+``bench/results-recovery.json`` (``{"value", "unit"}`` per figure) and
+``bench/results-recovery.md`` and prints the table.
+
+The daemon runs as a child process (``python -m polystream run``, configured
+through ``POLYSTREAM_*`` environment variables) against the replay server in
+this process (``polystream.replay``, ``record`` on) playing the updown capture
+at ``--speed`` (15x: the 15-minute capture lasts a minute), with an active
+position on each of its 12 tokens in a fresh database.
+
+* **Time to recover after a dropped connection**: ``--drops`` times (default
+  50), 0.3 to 0.6 s apart, the server closes the daemon's connection
+  (``ReplayServer.drop("tcp")``: a TCP FIN, no close frame). Per drop, from the
+  moment the server closed it (``time.monotonic()`` in this process) to: the
+  server reading the daemon's resubscribe; the server writing the fresh
+  snapshots of all 12 assets to the new socket; ``/health`` first showing the
+  shard ``connected`` again (polled every ~2 ms over HTTP, so this one
+  includes up to a few ms of polling). ``feed.backoff_initial`` is 0.05 s;
+  the first reconnect delay is drawn in [0, backoff_initial] (jittered).
+* **Staleness bound with the HTTP fallback**: the server then answers every
+  handshake ``429`` and drops the connection: the feed is down for good. A
+  fake CLOB REST server here answers ``POST /prices`` with prices that move on
+  every request. Every 50 ms this process reads, for the 6 held markets, the
+  age of ``markets.updated_at`` (PostgreSQL's clock) and keeps the largest,
+  from the first ``source = 'poll'`` write on, for ``--outage`` seconds.
+  Compare with ``poll.interval`` (``--poll-interval``, default 1 s; also
+  ``poll.grace`` 1 s and ``poll.check_interval`` 0.1 s).
+
+Times are on a shared, noisy machine: compare figures within one run only.
+
+PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin
+DSN), else ``postgresql://postgres@127.0.0.1:5432/postgres``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from polystream import db
+from polystream.markets import import_markets_file
+from polystream.replay import Capture, ReplayServer, Tape
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPTURE = ROOT / "examples" / "updown-2025-12-11"
+OUT_DIR = Path(__file__).resolve().parent
+BACKOFF_INITIAL = 0.05
+BACKOFF_MAX = 0.5
+POLL_GRACE = 1.0
+POLL_CHECK = 0.1
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BenchError(Exception):
+    """A measurement could not be made."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _health(url: str) -> dict[str, Any]:
+    """The ``/health`` document (it answers 503 while unhealthy, with the same body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    value: dict[str, Any] = orjson.loads(body)
+    return value
+
+
+def _prepare(dsn: str) -> list[str]:
+    """Markets and one active position per token; returns the token ids."""
+    with psycopg.connect(dsn) as conn:
+        db.migrate(conn)
+        import_markets_file(conn, Path(f"{CAPTURE}.markets.json"))
+        rows = conn.execute(
+            "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
+            " SELECT 'bench', m.id, o.name, m.clob_token_ids ->> (o.ord::int - 1), 10, 0.5"
+            " FROM markets m,"
+            " jsonb_array_elements_text(m.outcomes) WITH ORDINALITY o(name, ord)"
+            " RETURNING token_id"
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+class MovingClob:
+    """``POST /prices`` like the CLOB, every answer a new price (bid, bid + 0.02)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        data = b""
+        while True:
+            message = await receive()
+            data += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.requests += 1
+        bid = Decimal("0.30") + Decimal("0.01") * (self.requests % 40)
+        answer: dict[str, Any] = {}
+        if scope["path"] == "/prices":
+            for item in orjson.loads(data or b"[]"):
+                price = bid if item["side"] == "BUY" else bid + Decimal("0.02")
+                answer.setdefault(item["token_id"], {})[item["side"]] = str(price)
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": orjson.dumps(answer)})
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Poll ``condition`` every ~2 ms (it reads another process: nothing to wait on)."""
+    with trio.move_on_after(within) as scope:
+        while not await condition():  # noqa: ASYNC110
+            await trio.sleep(0.002)
+    if scope.cancelled_caught:
+        raise BenchError(f"timed out waiting for {what}")
+
+
+async def measure_drops(
+    server: ReplayServer, health_url: str, drops: int
+) -> dict[str, list[float]]:
+    """Drop the daemon's connection ``drops`` times; per drop, the three delays in ms."""
+    fetch = partial(trio.to_thread.run_sync, _health, health_url)
+
+    async def shard() -> dict[str, Any]:
+        shards = (await fetch())["shards"]
+        return shards[0] if shards else {}
+
+    async def connected() -> bool:
+        return (await shard()).get("state") == "connected" and bool(server.subscriptions())
+
+    resub: list[float] = []
+    snap: list[float] = []
+    health: list[float] = []
+    for _ in range(drops):
+        await _until(connected, 10, "a connected shard")
+        await trio.sleep(random.uniform(0.3, 0.6))
+        before = (await shard())["reconnects"]
+        await server.drop("tcp")
+        dropped_at = server.fault_log[-1].at
+
+        async def back(before: int = before) -> bool:
+            now = await shard()
+            return now.get("state") == "connected" and now["reconnects"] > before
+
+        await _until(back, 10, "the shard to reconnect")
+        health.append((time.monotonic() - dropped_at) * 1000)
+        await _until(partial(_served, server, dropped_at), 10, "the fresh snapshots")
+        log = _opened_after(server, dropped_at)[0]
+        resub.append((log.requests[0].received_at - dropped_at) * 1000)
+        snap.append((max(log.snapshots.values()) - dropped_at) * 1000)
+    return {"resubscribe": resub, "snapshots": snap, "health": health}
+
+
+def _opened_after(server: ReplayServer, at: float) -> list[Any]:
+    return [log for log in server.connection_logs if log.opened_at > at]
+
+
+async def _served(server: ReplayServer, at: float) -> bool:
+    """Whether the first connection opened after ``at`` got its 12 snapshots written."""
+    await trio.lowlevel.checkpoint()
+    logs = _opened_after(server, at)
+    return bool(logs and logs[0].requests and len(logs[0].snapshots) == 12)
+
+
+def _ages(dsn: str) -> tuple[float, bool]:
+    """Largest age of ``markets.updated_at`` over held markets (s), and whether any is 'poll'."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT max(extract(epoch FROM clock_timestamp() - updated_at)),"
+            " bool_or(source = 'poll')"
+            " FROM markets WHERE id IN (SELECT market_id FROM positions)"
+        ).fetchone()
+    assert row is not None
+    return float(row[0]), bool(row[1])
+
+
+async def measure_outage(
+    server: ReplayServer, dsn: str, clob: MovingClob, outage: float
+) -> dict[str, float]:
+    """Feed down for good; the largest age of the stored prices while polling."""
+    server.refusing = 429
+    await server.drop("tcp")
+    down_at = time.monotonic()
+    while True:
+        _, polled = await trio.to_thread.run_sync(_ages, dsn)
+        if polled:
+            break
+        if time.monotonic() - down_at > 30:
+            raise BenchError("no 'poll' write within 30 s of the outage")
+        await trio.sleep(0.02)
+    first_poll = time.monotonic() - down_at
+    ages: list[float] = []
+    end = time.monotonic() + outage
+    while time.monotonic() < end:
+        age, _ = await trio.to_thread.run_sync(_ages, dsn)
+        ages.append(age)
+        await trio.sleep(0.05)
+    return {
+        "first_poll_write_s": first_poll,
+        "max_age_s": max(ages),
+        "p50_age_s": statistics.median(ages),
+        "samples": float(len(ages)),
+        "clob_requests": float(clob.requests),
+        "rejected_handshakes": float(server.stats.rejected),
+    }
+
+
+def _daemon_env(
+    dsn: str, url: str, clob_url: str, health: int, poll_interval: float
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
+    env.update(
+        {
+            "POLYSTREAM_LOG__FORMAT": "json",
+            "POLYSTREAM_LOG__LEVEL": "info",
+            "POLYSTREAM_DATABASE__DSN": dsn,
+            "POLYSTREAM_FEED__URL": url,
+            "POLYSTREAM_FEED__BACKOFF_INITIAL": str(BACKOFF_INITIAL),
+            "POLYSTREAM_FEED__BACKOFF_MAX": str(BACKOFF_MAX),
+            "POLYSTREAM_POLL__URL": clob_url,
+            "POLYSTREAM_POLL__INTERVAL": str(poll_interval),
+            "POLYSTREAM_POLL__GRACE": str(POLL_GRACE),
+            "POLYSTREAM_POLL__CHECK_INTERVAL": str(POLL_CHECK),
+            "POLYSTREAM_POLL__ATTEMPTS": "1",
+            "POLYSTREAM_PIPELINE__MARKET_FLUSH_INTERVAL": "0.05",
+            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health}",
+        }
+    )
+    return env
+
+
+async def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
+    capture = Capture.load([Path(f"{CAPTURE}.jsonl.gz")])
+    server = ReplayServer(tape=Tape(capture), speed=args.speed, loop=True, record=True)
+    clob = MovingClob()
+    health_port = _free_port()
+    log_path = Path(args.log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        hyper = HypercornConfig()
+        hyper.bind = ["127.0.0.1:0"]
+        hyper.accesslog = hyper.errorlog = None
+        urls = await nursery.start(partial(serve, clob.app, hyper, mode="asgi"))  # type: ignore[arg-type]
+        env = _daemon_env(dsn, server.url, urls[0], health_port, args.poll_interval)
+        log = await trio.to_thread.run_sync(partial(log_path.open, "wb"))
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "polystream", "run"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        finally:
+            log.close()
+        try:
+            health_url = f"http://127.0.0.1:{health_port}/health"
+
+            async def up() -> bool:
+                if process.poll() is not None:
+                    raise BenchError(f"daemon exited {process.returncode}; log {log_path}")
+                try:
+                    return bool(await trio.to_thread.run_sync(_health, health_url))
+                except OSError:
+                    return False
+
+            await _until(up, 30, "the daemon's /health")
+            drops = await measure_drops(server, health_url, args.drops)
+            outage = await measure_outage(server, dsn, clob, args.outage)
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                with trio.move_on_after(10):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+            nursery.cancel_scope.cancel()
+    return {"drops": drops, "outage": outage}
+
+
+def _results(measured: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    names = {
+        "resubscribe": "drop to resubscribe read by the server",
+        "snapshots": "drop to fresh snapshots written by the server",
+        "health": "drop to /health shard connected",
+    }
+    for key, label in names.items():
+        values = measured["drops"][key]
+        for q, tag in ((0.5, "p50"), (0.99, "p99")):
+            results[f"recover_{key}_{tag}_ms"] = {
+                "value": round(_percentile(values, q), 1),
+                "unit": "ms",
+                "what": f"{label}, {tag} of {len(values)} drops",
+            }
+    results["backoff_initial_s"] = {
+        "value": BACKOFF_INITIAL,
+        "unit": "s",
+        "what": "feed.backoff_initial",
+    }
+    outage = measured["outage"]
+    results["poll_interval_s"] = {
+        "value": args.poll_interval,
+        "unit": "s",
+        "what": "poll.interval (X)",
+    }
+    results["poll_grace_s"] = {"value": POLL_GRACE, "unit": "s", "what": "poll.grace"}
+    results["outage_first_poll_write_s"] = {
+        "value": round(outage["first_poll_write_s"], 3),
+        "unit": "s",
+        "what": "feed down to first source='poll' row",
+    }
+    results["outage_max_price_age_s"] = {
+        "value": round(outage["max_age_s"], 3),
+        "unit": "s",
+        "what": f"largest markets.updated_at age while polling, {args.outage:g} s sampled every 50 ms",
+    }
+    results["outage_p50_price_age_s"] = {
+        "value": round(outage["p50_age_s"], 3),
+        "unit": "s",
+        "what": "median of those ages",
+    }
+    return results
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| figure | value | unit | what |", "|---|---:|---|---|"]
+    for name, figure in results.items():
+        lines.append(f"| {name} | {figure['value']} | {figure['unit']} | {figure['what']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1] if __doc__ else None)
+    parser.add_argument("--drops", type=int, default=50)
+    parser.add_argument("--speed", type=float, default=15.0)
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument("--outage", type=float, default=15.0, help="seconds sampled while down")
+    parser.add_argument("--log", default="/tmp/polystream-bench-recovery.log")
+    args = parser.parse_args()
+    admin = os.environ.get(
+        "POLYSTREAM_BENCH_DSN",
+        os.environ.get("POLYSTREAM_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    name = f"polystream_bench_recovery_{os.getpid()}"
+    db.drop_database(admin, name)
+    db.create_database(admin, name)
+    try:
+        dsn = db.dsn_with_dbname(admin, name)
+        _prepare(dsn)
+        measured = trio.run(run, args, dsn)
+    finally:
+        db.drop_database(admin, name)
+    results = _results(measured, args)
+    (OUT_DIR / "results-recovery.json").write_text(
+        json.dumps(
+            {k: {"value": v["value"], "unit": v["unit"]} for k, v in results.items()}, indent=2
+        )
+        + "\n"
+    )
+    table = _table(results)
+    (OUT_DIR / "results-recovery.md").write_text(
+        "# Recovery benchmark (`python -m bench.recovery`)\n\n"
+        + (__doc__ or "").split("\n\n", 1)[1].split("\n\nPostgreSQL:")[0]
+        + "\n\n"
+        + table
+        + "\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
