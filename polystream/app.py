@@ -18,6 +18,7 @@ the health server are cancelled and flush the coalesced state in their
 
 from __future__ import annotations
 
+import gc
 import time
 from decimal import Decimal
 from functools import partial
@@ -309,6 +310,11 @@ async def run(
                     mark=config.positions.mark,
                 )
                 task_status.started(app)
+                # Everything loaded at start-up (100,000s of rules, the books) lives
+                # as long as the process: keep it out of the cyclic collector's full
+                # passes, which otherwise stall the event loop (and the heartbeat)
+                # for a second or more.
+                gc.freeze()
                 await app.stopping.wait()
                 logger.info("daemon_stopping", frames=stats.frames)
                 intake.cancel()  # readers close their channel: the router drains and ends
