@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -182,6 +182,16 @@ WHERE status = 'pending' AND token_id IS NOT NULL AND opens_at IS NOT NULL
 """
 
 
+def _rows_in_batches(cursor: Any, size: int = 2000) -> Iterator[Any]:
+    """
+    Rows ``size`` at a time: psycopg converts a whole ``fetchall`` in C without
+    releasing the GIL, which would stall the event loop's thread for a second
+    on 100,000 rows; between batches the interpreter can switch threads.
+    """
+    while rows := cursor.fetchmany(size):
+        yield from rows
+
+
 def load_rules(
     conn: psycopg.Connection[Any],
     position_ids: list[int] | None = None,
@@ -199,13 +209,13 @@ def load_rules(
         tpsl_query += " AND id = ANY(%(positions)s)"
         prediction_query += " AND id = ANY(%(predictions)s)"
         params = {"positions": position_ids or [], "predictions": prediction_ids or []}
-    for pid, token, tp, sl in conn.execute(tpsl_query, params).fetchall():
+    for pid, token, tp, sl in _rows_in_batches(conn.execute(tpsl_query, params)):
         if tp is not None:
             rules.tpsl.append(TpSlRule(int(pid), str(token), "take_profit", tp))
         if sl is not None:
             rules.tpsl.append(TpSlRule(int(pid), str(token), "stop_loss", sl))
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        for row in cur.execute(prediction_query, params).fetchall():
+        for row in _rows_in_batches(cur.execute(prediction_query, params)):
             rules.predictions.append(Prediction.from_row(row))
     return rules
 
