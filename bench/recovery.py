@@ -19,8 +19,11 @@ position on each of its 12 tokens in a fresh database.
   server reading the daemon's resubscribe; the server writing the fresh
   snapshots of all 12 assets to the new socket; ``/health`` first showing the
   shard ``connected`` again (polled every ~2 ms over HTTP, so this one
-  includes up to a few ms of polling). ``feed.backoff_initial`` is 0.05 s;
-  the first reconnect delay is drawn in [0, backoff_initial] (jittered).
+  includes up to a few ms of polling). ``feed.backoff_initial`` is 0.05 s,
+  ``backoff_max`` 0.5 s; a delay is drawn in [0, initial * 2**attempt]
+  (full jitter), and the attempt count resets only once a connection stayed
+  up ``backoff_max`` s, so a drop 0.3 to 0.5 s after the last reconnect
+  draws from a doubled range: that is the p99 tail.
 * **Staleness bound with the HTTP fallback**: the server then answers every
   handshake ``429`` and drops the connection: the feed is down for good. A
   fake CLOB REST server here answers ``POST /prices`` with prices that move on
