@@ -252,6 +252,27 @@ def replay(
             help="Send the copies' events too (else their snapshots only).",
         ),
     ] = True,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Inject a fault: ACTION:after=N or ACTION:every=N (frames); ACTION one of "
+            "drop-tcp, drop-reset, drop-close, half-open, silence, stall, garbage, pause "
+            "(repeatable)."
+        ),
+    ] = None,
+    max_subscribe_bytes: Annotated[
+        int, typer.Option(help="Close connections whose subscribe frame is larger (0 = off).")
+    ] = 0,
+    max_subscribe_ids: Annotated[
+        int, typer.Option(help="Close connections subscribing more ids at once (0 = off).")
+    ] = 0,
+    oversize_close_delay: Annotated[
+        float, typer.Option(help="Seconds before such a close (observed: 0.1-0.2).")
+    ] = 0.15,
+    storm_limit: Annotated[
+        int, typer.Option(help="Answer HTTP 429 past this many new connections (0 = off).")
+    ] = 0,
+    storm_window: Annotated[float, typer.Option(help="... within this many seconds.")] = 1.0,
     config_path: ConfigOption = None,
 ) -> None:
     """Serve recorded frames as Polymarket's market channel, on ws://HOST:PORT/ws/market."""
@@ -271,6 +292,12 @@ def replay(
             exit_at_end=exit_at_end,
             synthesize=synthesize,
             synthetic_events=synthetic_events,
+            faults=fault or (),
+            max_subscribe_bytes=max_subscribe_bytes,
+            max_subscribe_ids=max_subscribe_ids,
+            oversize_close_delay=oversize_close_delay,
+            storm_limit=storm_limit,
+            storm_window=storm_window,
         )
     except (PolystreamError, OSError) as exc:
         _fail(str(exc))

@@ -19,7 +19,8 @@ channel; it never waits on the database.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 import structlog
@@ -51,6 +52,9 @@ FEED_ERRORS = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceErr
 StaleCheck = Callable[[list[str]], Awaitable[bool]]
 """``await check(asset_ids)``: True when those assets' prices moved (over REST)."""
 _MESSAGE_QUEUE = 256  # frames trio-websocket buffers before it stops reading
+_CLOSE_KINDS = {1007: "not_utf8", 1009: "frame_too_large"}  # RFC 6455, section 7.4.1
+_REFUSED_WITHIN = 1.0  # seconds: a close this soon after subscribing refuses the subscribe
+_MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
 
 
 @attrs.define(eq=False)
@@ -70,6 +74,7 @@ class Shard:
     pending_unsubscribe: set[str] = attrs.field(factory=set)
     changed: trio.Event = attrs.field(factory=trio.Event)
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    subscribe_bytes: int = 0  # this shard's subscribe-frame cap; 0 = feed.max_subscribe_bytes
 
     def add(self, asset_ids: Iterable[str]) -> None:
         """Subscribe ``asset_ids`` (sent on the open connection, or at connect)."""
@@ -250,12 +255,8 @@ class FeedPool:
                 try:
                     await self._serve(shard, backoff)
                 except* FEED_ERRORS as group:
-                    for exc in group.exceptions:
-                        if (
-                            isinstance(exc, ConnectionClosed)
-                            and getattr(exc.reason, "code", None) == 1009
-                        ):
-                            self.stats.parse_errors["frame_too_large"] += 1
+                    self._count_close(group.exceptions)
+                    self._shrink_if_refused(shard, log)
                     reason = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
                     shard.stats.last_error = reason[:300]
                     log.warning("feed_disconnected", reason=shard.stats.last_error)
@@ -266,6 +267,28 @@ class FeedPool:
                 log.info("feed_reconnect_scheduled", backoff_s=round(delay, 3))
                 await trio.sleep(delay)
 
+    def _count_close(self, errors: Sequence[BaseException]) -> None:
+        """Count closes that carry a bad-input reason (RFC 6455 close codes)."""
+        for exc in errors:
+            code = getattr(getattr(exc, "reason", None), "code", None)
+            if isinstance(exc, ConnectionClosed) and code in _CLOSE_KINDS:
+                self.stats.parse_errors[_CLOSE_KINDS[code]] += 1
+
+    def _shrink_if_refused(self, shard: Shard, log: Any) -> None:
+        """
+        A venue that closes right after our subscribe refuses its size
+        (observed: a few thousand ids in one frame earn a close 100 to 200 ms
+        later; protocol.md, section 4): halve this shard's subscribe frames.
+        """
+        subscribed = shard.stats.connected_at
+        if subscribed is None or time.monotonic() - subscribed > _REFUSED_WITHIN:
+            return
+        current = shard.subscribe_bytes or self.config.max_subscribe_bytes
+        smaller = max(_MIN_SUBSCRIBE_BYTES, current // 2)
+        if smaller < current:
+            shard.subscribe_bytes = smaller
+            log.warning("feed_subscribe_frames_halved", max_subscribe_bytes=smaller)
+
     async def _serve(self, shard: Shard, backoff: Backoff) -> None:
         async with open_websocket_url(
             self.config.url,
@@ -274,28 +297,36 @@ class FeedPool:
             connect_timeout=10,
             disconnect_timeout=2,
         ) as ws:
-            initial = shard.take_initial()
-            chunks = chunk_asset_ids(initial, self.config.max_subscribe_bytes)
-            custom = self.config.custom_feature_enabled
+            try:
+                await self._subscribe_and_read(ws, shard, backoff)
+            finally:
+                # After an abnormal close trio-websocket (0.12) may leave the TCP
+                # stream open and unread; close it for sure.
+                await trio.aclose_forcefully(ws._stream)
+
+    async def _subscribe_and_read(
+        self, ws: WebSocketConnection, shard: Shard, backoff: Backoff
+    ) -> None:
+        initial = shard.take_initial()
+        chunks = chunk_asset_ids(initial, shard.subscribe_bytes or self.config.max_subscribe_bytes)
+        custom = self.config.custom_feature_enabled
+        await ws.send_message(
+            encode_subscribe(chunks[0] if chunks else [], custom_feature_enabled=custom)
+        )
+        for chunk in chunks[1:]:
             await ws.send_message(
-                encode_subscribe(chunks[0] if chunks else [], custom_feature_enabled=custom)
+                encode_operation("subscribe", chunk, custom_feature_enabled=custom)
             )
-            for chunk in chunks[1:]:
-                await ws.send_message(
-                    encode_operation("subscribe", chunk, custom_feature_enabled=custom)
-                )
-            shard.stats.state = "connected"
-            shard.stats.connected_at = time.monotonic()
-            logger.info(
-                "feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks)
-            )
-            beat = Heartbeat()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._ping, ws, beat, shard.index)
-                nursery.start_soon(self._send_changes, ws, shard)
-                nursery.start_soon(self._reset_backoff_when_healthy, backoff)
-                nursery.start_soon(self._watch_staleness, shard)
-                await self._read(ws, shard, beat)
+        shard.stats.state = "connected"
+        shard.stats.connected_at = time.monotonic()
+        logger.info("feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks))
+        beat = Heartbeat()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ping, ws, beat, shard.index)
+            nursery.start_soon(self._send_changes, ws, shard)
+            nursery.start_soon(self._reset_backoff_when_healthy, backoff)
+            nursery.start_soon(self._watch_staleness, shard)
+            await self._read(ws, shard, beat)
 
     async def _reset_backoff_when_healthy(self, backoff: Backoff) -> None:
         await trio.sleep(self.config.backoff_max)
@@ -332,7 +363,7 @@ class FeedPool:
         """
         after = self.config.stale_after
         while True:
-            last = shard.stats.last_frame_at or shard.stats.connected_at or time.monotonic()
+            last = shard.stats.last_data_at or shard.stats.connected_at or time.monotonic()
             quiet_for = time.monotonic() - last
             if quiet_for < after:
                 await trio.sleep(after - quiet_for)
@@ -347,7 +378,7 @@ class FeedPool:
 
     async def _send_changes(self, ws: WebSocketConnection, shard: Shard) -> None:
         custom = self.config.custom_feature_enabled
-        limit = self.config.max_subscribe_bytes
+        limit = shard.subscribe_bytes or self.config.max_subscribe_bytes
         while True:
             await shard.changed.wait()
             shard.changed = trio.Event()
@@ -396,6 +427,7 @@ class FeedPool:
                     if rtt is not None:
                         shard.stats.ping_rtt = rtt
                 continue
+            shard.stats.last_data_at = now
             for kind in parsed.event_types:
                 stats.events[kind] += 1
             for problem in parsed.problems:

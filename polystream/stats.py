@@ -39,6 +39,7 @@ class ShardStats:
     stale_checks: int = 0
     connected_at: float | None = None
     last_frame_at: float | None = None
+    last_data_at: float | None = None
     last_pong_at: float | None = None
     ping_rtt: float | None = None
     last_error: str | None = None
