@@ -106,6 +106,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import heapq
+import re
 import socket
 import struct
 import time
@@ -683,6 +684,19 @@ FAULT_ACTIONS = (
 """Actions a :class:`ScheduledFault` (and ``--fault``) can name."""
 
 _WS_TEXT, _WS_BINARY = 0x1, 0x2
+
+
+_TIMESTAMP = re.compile(r'"timestamp":(\s*)"(\d+)"')
+
+
+def shift_frame(frame: Frame, offset_ms: int) -> Frame:
+    """``frame`` with every ``timestamp`` moved ``offset_ms`` later (a looped lap)."""
+    text = _TIMESTAMP.sub(
+        lambda m: f'"timestamp":{m.group(1)}"{int(m.group(2)) + offset_ms}"', frame.text
+    )
+    data = orjson.loads(text)
+    events = tuple(data) if frame.is_array else (data,)
+    return attrs.evolve(frame, text=text, time_ms=frame.time_ms + offset_ms, events=events)
 
 
 @attrs.frozen
@@ -1587,8 +1601,10 @@ class ReplayServer:
         self.tape_started.set()
         log = logger.bind(url=self.url)
         log.info("replay_started", clients=len(self._clients))
-        frames = self.tape.capture.frames
+        recorded = self.tape.capture.frames
+        frames: Sequence[Frame] = recorded
         schedule = self.tape.capture.schedule(self.speed)
+        span_ms = recorded[-1].time_ms - recorded[0].time_ms + 1000 if recorded else 0
         begun = trio.current_time()
         while True:
             await self._play_pass(frames, schedule)
@@ -1596,6 +1612,9 @@ class ReplayServer:
                 break
             self.tape.laps += 1
             log.info("replay_lap", laps=self.tape.laps)
+            # A new lap is later in time: a consumer rightly drops events older than
+            # what it holds, so every timestamp moves on by the capture's span.
+            frames = [shift_frame(f, self.tape.laps * span_ms) for f in recorded]
         self.tape.laps += 1
         for client in list(self._clients):
             await client.wait_drained()

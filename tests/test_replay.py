@@ -531,3 +531,19 @@ async def test_unsubscribed_copy_gets_nothing_more(updown: Capture) -> None:
     events = [e for text in received for e in orjson.loads(text)]
     assert events[0]["event_type"] == "book" and events[0]["asset_id"] == copy
     assert server.stats.synthetic_events_sent == len(events) - 1
+
+
+async def test_loop_moves_timestamps_on(tmp_path: Path) -> None:
+    """A looped lap is later in time, or a consumer would drop it as stale."""
+    times_ms = [1_000, 1_500, 4_000]
+    path = write_capture(tmp_path / "loop.jsonl", [trade("A", t) for t in times_ms])
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = ReplayServer(tape=Tape(Capture.load([path])), max_speed=True, loop=True)
+            await nursery.start(server.serve)
+            async with open_websocket_url(server.url) as ws:
+                await ws.send_message(subscribe(["A"], initial_dump=False))
+                stamps = [int(json.loads(await ws.get_message())["timestamp"]) for _ in range(9)]
+            nursery.cancel_scope.cancel()
+    span = 4_000 - 1_000 + 1_000
+    assert stamps == [t + lap * span for lap in range(3) for t in times_ms]
