@@ -102,7 +102,7 @@ def _build(config: Config, dsn: str) -> _Parts:
     books: dict[str, AssetBook] = {}
     catalog = Catalog()
     timeout = config.database.statement_timeout
-    names = ("markets", "positions", "reconciler", "gamma", "rules", "triggers")
+    names = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules", "triggers")
     links = {name: DbLink(dsn, name, stats, timeout) for name in names}
     pipeline = config.pipeline
     markets = MarketWriter(
@@ -262,6 +262,7 @@ async def run(
                     config.feed.watch,
                     config.feed.reconcile_interval,
                     grace=config.feed.unsubscribe_grace,
+                    fast_link=parts.links["subscribe"],
                 )
                 # Writers and the monitor first: they outlive intake, to flush at shutdown.
                 await nursery.start(parts.markets.run)

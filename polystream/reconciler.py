@@ -232,6 +232,9 @@ class Reconciler:
     _leaving: dict[str, float] = attrs.field(factory=dict)
     _full_at: float | None = None
     _added: dict[str, str | None] = attrs.field(factory=dict)  # market key -> token
+    _fast_wake: trio.Event = attrs.field(factory=trio.Event)
+    _fast_markets: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    fast_link: DbLink | None = None  # the fast path's own connection (else ``link``)
 
     def wake(self) -> None:
         """Reconcile (fully) as soon as possible."""
@@ -258,6 +261,7 @@ class Reconciler:
                 active, market, token = False, None, None
             if active and (market or token):
                 self._added[str(market or token)] = None if token is None else str(token)
+                self._fast_wake.set()
             full_at = now + (FULL_AFTER_NOTIFY if active else COALESCE_SECONDS)
             self._full_at = full_at if self._full_at is None else min(self._full_at, full_at)
         self._wake.set()
@@ -267,10 +271,11 @@ class Reconciler:
         added, self._added = self._added, {}
         keys = list(added)
         tokens = [t for t in added.values() if t is not None]
-        rows = await self.link.call(read_market_tokens, keys, tokens)
+        rows = await (self.fast_link or self.link).call(read_market_tokens, keys, tokens)
         assets = set(tokens)
         for market_id, _condition_id, clob in rows:
             assets.update(clob)
+            self._fast_markets[market_id] = tuple(clob)
             self.catalog.market_tokens[market_id] = tuple(clob)
             for token in clob:
                 self.catalog.asset_market[token] = market_id
@@ -293,7 +298,16 @@ class Reconciler:
 
     async def reconcile(self) -> DesiredSet:
         """Read the desired set and apply it; raises DatabaseError."""
+        self._fast_markets.clear()
         desired = await self.link.call(read_desired, self.watch)
+        if self._fast_markets:  # subscribed by the fast path while we were reading
+            assets = set(desired.assets)
+            for market_id, clob in self._fast_markets.items():
+                desired.catalog.market_tokens.setdefault(market_id, clob)
+                for token in clob:
+                    desired.catalog.asset_market.setdefault(token, market_id)
+                assets.update(clob)
+            desired = DesiredSet(frozenset(assets), desired.catalog)
         self.catalog.market_tokens = desired.catalog.market_tokens
         self.catalog.asset_market = desired.catalog.asset_market
         self.catalog.positions_per_market = desired.catalog.positions_per_market
@@ -325,21 +339,29 @@ class Reconciler:
             )
         return desired.assets
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Reconcile now, then on notifications, interval or grace expiry; until cancelled."""
-        previous = await self._full(None)
-        task_status.started()
+    async def _run_fast_path(self) -> None:
+        """Its own task, so that a long full reconcile never delays a new subscription."""
         while True:
-            self._wake = trio.Event()
+            await self._fast_wake.wait()
+            self._fast_wake = trio.Event()
             if self._added:
                 try:
                     await self._fast_path()
                 except DatabaseError:
-                    self._full_at = trio.current_time()
-            with trio.move_on_at(self._next_run()):
-                await self._wake.wait()
-                continue
-            previous = await self._full(previous)
+                    self.wake()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile now, then on notifications, interval or grace expiry; until cancelled."""
+        previous = await self._full(None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_fast_path)
+            task_status.started()
+            while True:
+                self._wake = trio.Event()
+                with trio.move_on_at(self._next_run()):
+                    await self._wake.wait()
+                    continue
+                previous = await self._full(previous)
 
 
 Notes = list[tuple[str, str]] | None
