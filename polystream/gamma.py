@@ -35,7 +35,6 @@ import attrs
 import httpx
 import orjson
 import psycopg
-import stamina
 import structlog
 import trio
 
@@ -43,7 +42,7 @@ from polystream import db
 from polystream.errors import DatabaseError, ImportDataError, PolystreamError
 from polystream.markets import GammaMarket, upsert_markets
 from polystream.reconciler import DbLink
-from polystream.rest import chunks, retry_delay
+from polystream.rest import chunks, send_with_retries
 
 __all__ = [
     "DEFAULT_GAMMA_URL",
@@ -148,25 +147,18 @@ class GammaClient:
     async def _get(self, path: str, params: httpx.QueryParams | None = None) -> httpx.Response:
         """GET with retries; returns a 2xx or 404 response. Raises GammaError."""
         try:
-            async for attempt in stamina.retry_context(
-                on=retry_delay,
+            return await send_with_retries(
+                lambda: self.http.get(path, params=params),
                 attempts=self.attempts,
-                timeout=None,
                 wait_initial=self.wait_initial,
                 wait_max=self.wait_max,
-                wait_jitter=self.wait_initial,
-            ):
-                with attempt:
-                    response = await self.http.get(path, params=params)
-                    if response.status_code != 404:
-                        response.raise_for_status()
-                    return response
+                accept=(404,),
+            )
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
             raise GammaError(f"GET {path}: HTTP {status} from Gamma") from exc
         except httpx.HTTPError as exc:
             raise GammaError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
-        raise AssertionError("stamina ended without a result")  # pragma: no cover
 
     @staticmethod
     def _decode(path: str, response: httpx.Response) -> object:

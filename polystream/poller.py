@@ -49,13 +49,12 @@ from typing import Protocol
 import attrs
 import httpx
 import orjson
-import stamina
 import structlog
 import trio
 
 from polystream.errors import PolystreamError
 from polystream.feed import Shard
-from polystream.rest import chunks, retry_delay
+from polystream.rest import chunks, send_with_retries
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -175,19 +174,17 @@ class ClobClient:
         """POST ``body`` as JSON with retries; the decoded JSON object. Raises ClobError."""
         content = orjson.dumps(body)
         headers = {"content-type": "application/json"}
+        async def send() -> httpx.Response:
+            self.requests += 1
+            return await self.http.post(path, content=content, headers=headers)
+
         try:
-            async for attempt in stamina.retry_context(
-                on=retry_delay,
+            response = await send_with_retries(
+                send,
                 attempts=self.attempts,
-                timeout=None,
                 wait_initial=self.wait_initial,
                 wait_max=self.wait_max,
-                wait_jitter=self.wait_initial,
-            ):
-                with attempt:
-                    self.requests += 1
-                    response = await self.http.post(path, content=content, headers=headers)
-                    response.raise_for_status()
+            )
         except httpx.HTTPStatusError as exc:
             raise ClobError(f"POST {path}: HTTP {exc.response.status_code} from CLOB") from exc
         except httpx.HTTPError as exc:

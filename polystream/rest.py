@@ -10,12 +10,13 @@ answers 429 (https://docs.polymarket.com/api-reference/rate-limits,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import TypeVar
 
 import httpx
+import stamina
 
-__all__ = ["RETRY_AFTER_MAX", "chunks", "retry_delay"]
+__all__ = ["RETRY_AFTER_MAX", "chunks", "retry_delay", "send_with_retries"]
 
 RETRY_AFTER_MAX = 60.0
 """Seconds; a larger ``Retry-After`` is clamped to this."""
@@ -47,3 +48,38 @@ def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     """Consecutive slices of ``items`` of at most ``size`` elements."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+async def send_with_retries(
+    send: Callable[[], Awaitable[httpx.Response]],
+    *,
+    attempts: int,
+    wait_initial: float,
+    wait_max: float,
+    accept: Collection[int] = (),
+) -> httpx.Response:
+    """
+    ``await send()`` with stamina's exponential backoff and jitter, retrying
+    what :func:`retry_delay` says (``attempts`` tries; waits in seconds).
+
+    Returns:
+        A 2xx response, or one whose status is in ``accept`` (e.g. 404).
+
+    Raises:
+        httpx.HTTPStatusError: a status not retried, or still failing at the end.
+        httpx.HTTPError: a transport error still failing at the end.
+    """
+    async for attempt in stamina.retry_context(
+        on=retry_delay,
+        attempts=attempts,
+        timeout=None,
+        wait_initial=wait_initial,
+        wait_max=wait_max,
+        wait_jitter=wait_initial,
+    ):
+        with attempt:
+            response = await send()
+            if response.status_code not in accept:
+                response.raise_for_status()
+            return response
+    raise AssertionError("stamina ended without a result")  # pragma: no cover
