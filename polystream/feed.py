@@ -278,16 +278,16 @@ class FeedPool:
         """
         A venue that closes right after our subscribe refuses its size
         (observed: a few thousand ids in one frame earn a close 100 to 200 ms
-        later; protocol.md, section 4): halve this shard's subscribe frames.
+        later; protocol.md, section 4): quarter this shard's subscribe frames.
         """
         subscribed = shard.stats.connected_at
         if subscribed is None or time.monotonic() - subscribed > _REFUSED_WITHIN:
             return
         current = shard.subscribe_bytes or self.config.max_subscribe_bytes
-        smaller = max(_MIN_SUBSCRIBE_BYTES, current // 2)
+        smaller = max(_MIN_SUBSCRIBE_BYTES, current // 4)
         if smaller < current:
             shard.subscribe_bytes = smaller
-            log.warning("feed_subscribe_frames_halved", max_subscribe_bytes=smaller)
+            log.warning("feed_subscribe_frames_shrunk", max_subscribe_bytes=smaller)
 
     async def _serve(self, shard: Shard, backoff: Backoff) -> None:
         async with open_websocket_url(

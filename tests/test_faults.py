@@ -358,7 +358,7 @@ async def test_subscribe_frames_under_the_venue_limit(rig: Rigged) -> None:
 async def test_close_on_oversized_subscribe_converges(rig: Rigged) -> None:
     """The venue's cap is below ``feed.max_subscribe_bytes``: it closes each connection."""
     async with rig(server_options={"max_subscribe_ids": 8}) as r:
-        with trio.fail_after(6):
+        with trio.fail_after(15):
             await r.rules_fired()
             r.server.resume()
             await r.converged()
