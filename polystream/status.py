@@ -71,14 +71,15 @@ def render_health(doc: dict[str, Any]) -> str:
         _monitor_line(doc.get("monitor") or {}),
         _poll_line(doc.get("poll")),
         "",
-        f"{'shard':>5}  {'state':<10} {'assets':>6} {'w/data':>6} {'frames':>8} "
+        f"{'shard':>5}  {'state':<10} {'assets':>6} {'w/data':>6} {'silent':>6} {'frames':>8} "
         f"{'last frame':>10} {'rtt':>8} {'reconn':>6}",
     ]
     for shard in doc.get("shards", []):
         rtt = shard.get("ping_rtt_s")
         lines.append(
             f"{shard['index']:>5}  {shard['state']:<10} {shard['assets']:>6} "
-            f"{shard.get('assets_with_data', 0):>6} {shard['frames']:>8} "
+            f"{shard.get('assets_with_data', 0):>6} {shard.get('silent_assets', 0):>6} "
+            f"{shard['frames']:>8} "
             f"{_age(shard.get('last_frame_age_s')):>10} "
             f"{'-' if rtt is None else f'{rtt * 1000:.1f}ms':>8} {shard['reconnects']:>6}"
         )
