@@ -107,7 +107,7 @@ async def test_database_restart_loses_nothing(server: ThrowawayPostgres) -> None
             while problems := await trio.to_thread.run_sync(mismatches, dsn, expected):
                 await trio.sleep(0.2)
             assert not problems
-            while app.executor._pending:
+            while app.executor.pending:
                 await trio.sleep(0.1)
             app.stop()
             nursery.cancel_scope.cancel()

@@ -174,7 +174,7 @@ class Rig:
         expected = expected_assets(UPDOWN)
         while await trio.to_thread.run_sync(mismatches, self.dsn, expected):
             await trio.sleep(0.05)
-        await self.until(lambda: not self.app.executor._pending)
+        await self.until(lambda: not self.app.executor.pending)
         rows = await trio.to_thread.run_sync(fired, self.dsn)
         assert len(rows) == len(self.rules), rows  # once each, never twice
         assert dict(rows) == self.rules

@@ -58,7 +58,7 @@ async def _run_daemons(dsn: str, count: int) -> list[tuple[int, int, int]]:
         apps: list[App] = [await nursery.start(run, config, dsn) for _ in range(count)]
         await server.finished.wait()
         for app in apps:
-            while app.executor._pending:  # let the last decisions reach the database
+            while app.executor.pending:  # let the last decisions reach the database
                 await trio.sleep(0.05)
         for app in apps:
             app.stop()
