@@ -2,13 +2,15 @@
 Ingest benchmark: how fast ``polystream run`` turns market-channel frames into
 database state, compared, in the same run, with a bare trio-websocket client.
 
-Run ``make bench``, ``.venv/bin/python -m bench.ingest`` or
-``.venv/bin/python bench/ingest.py`` (``--help`` for options). It writes
+Run ``make bench`` or ``.venv/bin/python -m bench.ingest`` (from the
+repository root; ``--help`` for options). It writes
 ``bench/results.json`` and ``bench/results.md`` and prints the table.
 
 The workload is ``examples/updown-2025-12-11.jsonl.gz`` (6 markets, 12 assets)
-repeated N times. Each repetition starts with the book array, so the state after
-the last frame is the one in ``examples/updown-2025-12-11.expected.json``.
+repeated N times, each repetition's timestamps after the previous one's (the
+daemon rightly drops events older than what it holds). Each repetition starts
+with the book array, so the state after the last frame is the one in
+``examples/updown-2025-12-11.expected.json``.
 
 One benchmark-only sender serves all measurements: a loopback TCP server doing the
 WebSocket handshake with wsproto, then writing the frames, encoded once up front,
@@ -50,13 +52,14 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import attrs
 import orjson
 import trio
+
+from bench.common import BenchError, ExpectingServer, accept
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
 CAPTURE = ROOT / "examples" / "updown-2025-12-11"
@@ -74,10 +77,6 @@ DAEMON_SETTINGS = {
     "POLYSTREAM_PIPELINE__DEBOUNCE": "0.2",
     "POLYSTREAM_PIPELINE__MARKET_FLUSH_INTERVAL": "0.05",
 }
-
-
-class BenchError(Exception):
-    """A measurement could not be made (daemon failed, wrong state, timeout)."""
 
 
 # --- the workload ----------------------------------------------------------------
@@ -157,8 +156,9 @@ def _dec(value: str | None) -> Decimal | None:
     return None if value is None else Decimal(value)
 
 
-MarketState = tuple[list[Decimal | None], Decimal | None, Decimal | None, Decimal | None,
-                    Decimal | None]
+MarketState = tuple[
+    list[Decimal | None], Decimal | None, Decimal | None, Decimal | None, Decimal | None
+]
 
 
 @attrs.frozen
@@ -202,52 +202,21 @@ class Session:
 
 
 @attrs.define(eq=False)
-class Sender:
-    """
-    The benchmark's WebSocket server. Each connection takes the next expected
-    :class:`Session`; an unexpected one (a reconnect) is closed and counted.
-    """
+class Sender(ExpectingServer[Session]):
+    """The bench's WebSocket server: the tape, written with plain socket sends."""
 
-    tape: Tape
-    port: int = 0
-    unexpected: int = 0
-    _next: Session | None = None
+    tape: Tape = attrs.field(kw_only=True)
 
     def expect(self, kind: str) -> Session:
-        self._next = Session(kind)
-        return self._next
+        """The next connection is a session of ``kind``."""
+        return self.expect_session(Session(kind))
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/market"
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners: list[trio.SocketListener] = await nursery.start(
-                partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
-            )
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started()
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        session, self._next = self._next, None
-        if session is None:
-            self.unexpected += 1
-            await stream.aclose()
-            return
-        try:
-            await self._serve(stream, session)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, BenchError) as exc:
-            session.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            session.closed.set()
-            await stream.aclose()
-
-    async def _serve(self, stream: trio.SocketStream, session: Session) -> None:
+    async def run_session(self, stream: trio.SocketStream, session: Session) -> None:
+        """Handshake, then the whole tape in chunks; the client's frames are discarded."""
         from wsproto import ConnectionType, WSConnection
 
         ws = WSConnection(ConnectionType.SERVER)
-        subscribe = orjson.loads(await _accept(stream, ws))
+        subscribe = orjson.loads(await accept(stream, ws))
         session.assets = list(subscribe.get("assets_ids", []))
         session.connected.set()
         lock = trio.StrictFIFOLock()
@@ -259,25 +228,6 @@ class Sender:
                 async with lock:
                     await stream.send_all(view[offset : offset + CHUNK_BYTES])
             session.sent_all_at = time.monotonic()
-
-
-async def _accept(stream: trio.SocketStream, ws: Any) -> str:
-    """Do the opening handshake; return the client's first text message."""
-    from wsproto.events import AcceptConnection, Request, TextMessage
-
-    text = ""
-    while True:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise BenchError("client closed before subscribing")
-        ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, Request):
-                await stream.send_all(ws.send(AcceptConnection()))
-            elif isinstance(event, TextMessage):
-                text += event.data
-                if event.message_finished:
-                    return text
 
 
 async def _discard_incoming(
@@ -356,8 +306,9 @@ async def _discard_client(port: int, total_bytes: int, assets: list[str]) -> dic
 def _client_main(args: argparse.Namespace) -> int:
     assets = args.assets.split(",")
     if args.client == "bare":
-        result = trio.run(_bare_client, f"ws://127.0.0.1:{args.port}/ws/market", args.frames,
-                          assets)
+        result = trio.run(
+            _bare_client, f"ws://127.0.0.1:{args.port}/ws/market", args.frames, assets
+        )
     else:
         result = trio.run(_discard_client, args.port, args.bytes, assets)
     result["peak_rss_kib"] = _vm_hwm_kib("self")
@@ -370,9 +321,19 @@ async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, 
     tape = sender.tape
     session = sender.expect(kind)
     command = [
-        sys.executable, str(SCRIPT), "--client", kind,
-        "--port", str(sender.port), "--frames", str(tape.total_frames),
-        "--bytes", str(tape.total_bytes), "--assets", ",".join(assets),
+        sys.executable,
+        "-m",
+        "bench.ingest",
+        "--client",
+        kind,
+        "--port",
+        str(sender.port),
+        "--frames",
+        str(tape.total_frames),
+        "--bytes",
+        str(tape.total_bytes),
+        "--assets",
+        ",".join(assets),
     ]
     with trio.fail_after(120):
         done = await trio.run_process(command, capture_stdout=True, cwd=ROOT)
@@ -449,7 +410,8 @@ class StateProbe:
     def matches(self) -> bool:
         rows = self._conn.execute(
             "SELECT id, outcome_prices, best_bid, best_ask, last_mid_price, last_trade_price"
-            " FROM markets WHERE id = ANY(%s)", (list(self._want.markets),)
+            " FROM markets WHERE id = ANY(%s)",
+            (list(self._want.markets),),
         ).fetchall()
         for market_id, prices, bid, ask, mid, last in rows:
             got = ([None if p is None else Decimal(p) for p in prices or []], bid, ask, mid, last)
@@ -473,8 +435,9 @@ def _health(url: str) -> dict[str, Any]:
 
 def _drained(health: dict[str, Any], frames: int) -> bool:
     pending = health["pending"]
-    return bool(health["frames"] >= frames and pending["markets"] == 0
-                and pending["positions"] == 0)
+    return bool(
+        health["frames"] >= frames and pending["markets"] == 0 and pending["positions"] == 0
+    )
 
 
 async def _stays_matched(probe: StateProbe, seconds: float = 0.2) -> bool:
@@ -508,11 +471,13 @@ async def wait_final_state(probe: StateProbe, health_url: str, frames: int) -> t
 def _daemon_env(dsn: str, url: str, health_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
     env.update(DAEMON_SETTINGS)
-    env.update({
-        "POLYSTREAM_DATABASE__DSN": dsn,
-        "POLYSTREAM_FEED__URL": url,
-        "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
-    })
+    env.update(
+        {
+            "POLYSTREAM_DATABASE__DSN": dsn,
+            "POLYSTREAM_FEED__URL": url,
+            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
+        }
+    )
     return env
 
 
@@ -554,7 +519,11 @@ class Options:
 
 
 async def run_daemon(
-    sender: Sender, admin_dsn: str, round_no: int, want: FinalState, markets: Sequence[Market],
+    sender: Sender,
+    admin_dsn: str,
+    round_no: int,
+    want: FinalState,
+    markets: Sequence[Market],
     options: Options,
 ) -> dict[str, Any]:
     """One end-to-end measurement of ``polystream run`` on a fresh database."""
@@ -580,7 +549,11 @@ async def run_daemon(
 
 
 async def _measure_daemon(
-    sender: Sender, dsn: str, probe: StateProbe, want: FinalState, log_path: Path,
+    sender: Sender,
+    dsn: str,
+    probe: StateProbe,
+    want: FinalState,
+    log_path: Path,
     profile: Path | None,
 ) -> dict[str, Any]:
     tape = sender.tape
@@ -590,7 +563,9 @@ async def _measure_daemon(
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "polystream", "run"],
             env=_daemon_env(dsn, sender.url, health_port),
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     spy: trio.Process | None = None
     try:
@@ -622,8 +597,10 @@ async def _measure_daemon(
     elapsed = seen_at - session.first_byte_at
     summary = _log_summary(log_path)
     if code != 0 or summary["problems"] or sender.unexpected:
-        raise BenchError(f"daemon exit {code}, log problems {summary['problems'][:5]}, "
-                         f"reconnects {sender.unexpected}; log {log_path}:\n{_tail(log_path)}")
+        raise BenchError(
+            f"daemon exit {code}, log problems {summary['problems'][:5]}, "
+            f"reconnects {sender.unexpected}; log {log_path}:\n{_tail(log_path)}"
+        )
     return {
         "elapsed_s": elapsed,
         "events_per_s": tape.total_events / elapsed,
@@ -645,11 +622,22 @@ async def _start_py_spy(pid: int, output: Path) -> trio.Process:
     """Sample ``pid`` with py-spy (``pip install py-spy``) into a collapsed-stack file."""
     exe = Path(sys.executable).with_name("py-spy")
     command = [
-        str(exe) if exe.exists() else "py-spy", "record", "--pid", str(pid), "--rate", "250",
-        "--nonblocking", "--format", "raw", "--threads", "--output", str(output),
+        str(exe) if exe.exists() else "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        "250",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--threads",
+        "--output",
+        str(output),
     ]
-    spy = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL)
+    spy = await trio.lowlevel.open_process(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     await trio.sleep(0.5)  # let it attach before the first frame
     return spy
 
@@ -692,7 +680,9 @@ def admin_database() -> Iterator[tuple[str, str]]:
     from polystream.embedded import open_embedded_postgres
 
     with (
-        tempfile.TemporaryDirectory(prefix="polystream-bench-pg-", ignore_cleanup_errors=True) as tmp,
+        tempfile.TemporaryDirectory(
+            prefix="polystream-bench-pg-", ignore_cleanup_errors=True
+        ) as tmp,
         open_embedded_postgres(Path(tmp)) as dsn,
     ):
         yield dsn, "embedded"
@@ -706,7 +696,7 @@ async def bench(tape: Tape, admin_dsn: str, options: Options) -> Runs:
     want = FinalState.expected(markets)
     assets = [t for m in markets for t in m.tokens]
     runs: Runs = {"sender": [], "bare_client": [], "daemon": []}
-    sender = Sender(tape)
+    sender = Sender(tape=tape)
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.serve)
         for round_no in range(1, options.rounds + 1):
@@ -726,7 +716,8 @@ def _progress(round_no: int, runs: Runs) -> None:
         f"round {round_no}: sender {s['frames_per_s']:,.0f} frames/s, "
         f"bare client {b['events_per_s']:,.0f} events/s, daemon {d['events_per_s']:,.0f} "
         f"events/s ({d['elapsed_s']:.2f} s, peak RSS {d['peak_rss_mib']:.1f} MiB)",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -747,13 +738,25 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
     def each(kind: str, key: str) -> list[float]:
         return [float(run[key]) for run in runs[kind]]
 
-    ratios = [d / b for d, b in zip(each("daemon", "events_per_s"),
-                                    each("bare_client", "events_per_s"), strict=True)]
-    cpu_ratios = [d / b for d, b in zip(each("daemon", "cpu_us_per_event"),
-                                        each("bare_client", "cpu_us_per_event"), strict=True)]
+    ratios = [
+        d / b
+        for d, b in zip(
+            each("daemon", "events_per_s"), each("bare_client", "events_per_s"), strict=True
+        )
+    ]
+    cpu_ratios = [
+        d / b
+        for d, b in zip(
+            each("daemon", "cpu_us_per_event"), each("bare_client", "cpu_us_per_event"), strict=True
+        )
+    ]
     busy = [run["cpu_s"] / run["elapsed_s"] for run in runs["daemon"]]
-    headroom = [s / b for s, b in zip(each("sender", "frames_per_s"),
-                                      each("bare_client", "frames_per_s"), strict=True)]
+    headroom = [
+        s / b
+        for s, b in zip(
+            each("sender", "frames_per_s"), each("bare_client", "frames_per_s"), strict=True
+        )
+    ]
     return {
         "machine": machine,
         "workload": {
@@ -769,23 +772,30 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
             "sender": {
                 "frames_per_s": figure(each("sender", "frames_per_s"), "frames/s"),
                 "mb_per_s": figure(each("sender", "mb_per_s"), "MB/s (10^6 bytes)"),
-                "headroom": figure(headroom, "sender frames/s per bare-client frames/s",
-                                   "ingest.bare_client.frames_per_s"),
+                "headroom": figure(
+                    headroom,
+                    "sender frames/s per bare-client frames/s",
+                    "ingest.bare_client.frames_per_s",
+                ),
             },
             "bare_client": {
                 "frames_per_s": figure(each("bare_client", "frames_per_s"), "frames/s"),
                 "events_per_s": figure(each("bare_client", "events_per_s"), "events/s"),
-                "cpu_per_event": figure(each("bare_client", "cpu_us_per_event"),
-                                        "CPU µs/event"),
+                "cpu_per_event": figure(each("bare_client", "cpu_us_per_event"), "CPU µs/event"),
             },
             "daemon": {
-                "events_per_s": figure(each("daemon", "events_per_s"), "events/s",
-                                       "ingest.bare_client.events_per_s"),
-                "frames_per_s": figure(each("daemon", "frames_per_s"), "frames/s",
-                                       "ingest.bare_client.frames_per_s"),
+                "events_per_s": figure(
+                    each("daemon", "events_per_s"), "events/s", "ingest.bare_client.events_per_s"
+                ),
+                "frames_per_s": figure(
+                    each("daemon", "frames_per_s"), "frames/s", "ingest.bare_client.frames_per_s"
+                ),
                 "elapsed": figure(each("daemon", "elapsed_s"), "s"),
-                "cpu_per_event": figure(each("daemon", "cpu_us_per_event"), "CPU µs/event",
-                                        "ingest.bare_client.cpu_per_event"),
+                "cpu_per_event": figure(
+                    each("daemon", "cpu_us_per_event"),
+                    "CPU µs/event",
+                    "ingest.bare_client.cpu_per_event",
+                ),
                 "cpu_busy": figure(busy, "daemon CPU s per elapsed s (all threads)"),
                 "early_matches": [run["early_matches"] for run in runs["daemon"]],
                 "rows_written": {
@@ -793,14 +803,21 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
                     "positions": [run["rows_positions"] for run in runs["daemon"]],
                 },
             },
-            "ratio": figure(ratios, "daemon events/s per bare-client events/s",
-                            "ingest.bare_client.events_per_s"),
-            "cpu_ratio": figure(cpu_ratios, "daemon CPU per event / bare-client CPU per event",
-                                "ingest.bare_client.cpu_per_event"),
+            "ratio": figure(
+                ratios,
+                "daemon events/s per bare-client events/s",
+                "ingest.bare_client.events_per_s",
+            ),
+            "cpu_ratio": figure(
+                cpu_ratios,
+                "daemon CPU per event / bare-client CPU per event",
+                "ingest.bare_client.cpu_per_event",
+            ),
         },
         "memory": {
-            "daemon_peak_rss": figure(each("daemon", "peak_rss_mib"), "MiB",
-                                      "memory.bare_client_peak_rss"),
+            "daemon_peak_rss": figure(
+                each("daemon", "peak_rss_mib"), "MiB", "memory.bare_client_peak_rss"
+            ),
             "bare_client_peak_rss": figure(each("bare_client", "peak_rss_mib"), "MiB"),
         },
     }
@@ -864,16 +881,32 @@ def markdown(document: dict[str, Any]) -> str:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=None,
-                        help=f"repetitions of the capture (default: >= {MIN_FRAMES:,} frames)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help=f"repetitions of the capture (default: >= {MIN_FRAMES:,} frames)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR,
-                        help="where results.json and results.md go (default bench/)")
-    parser.add_argument("--log-dir", type=Path, default=None,
-                        help="keep the daemon logs here (default: a temporary directory)")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="record each daemon run with py-spy into this directory "
-                             "(slows the daemon: figures are not comparable)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT_DIR,
+        help="where results.json and results.md go (default bench/)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="keep the daemon logs here (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record each daemon run with py-spy into this directory "
+        "(slows the daemon: figures are not comparable)",
+    )
     parser.add_argument("--client", choices=["bare", "discard"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)
@@ -898,12 +931,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_logging()
     machine = machine_facts()
     tape = Tape.load(Path(f"{CAPTURE}.jsonl.gz"), args.repeat)
-    print(f"workload: {tape.total_frames:,} frames, {tape.total_events:,} events, "
-          f"{tape.total_bytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
+    print(
+        f"workload: {tape.total_frames:,} frames, {tape.total_events:,} events, "
+        f"{tape.total_bytes / 1e6:.0f} MB",
+        file=sys.stderr,
+        flush=True,
+    )
     with contextlib.ExitStack() as stack:
-        log_dir = args.log_dir or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="polystream-bench-logs-")
-        ))
+        log_dir = args.log_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="polystream-bench-logs-"))
+        )
         log_dir.mkdir(parents=True, exist_ok=True)
         admin_dsn, machine["database"] = stack.enter_context(admin_database())
         if args.profile is not None:

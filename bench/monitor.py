@@ -64,7 +64,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,12 +73,11 @@ import psycopg
 import trio
 from psycopg import sql
 
+from bench.common import BenchError, ExpectingServer, accept
 from bench.ingest import (
     CAPTURE,
     ROOT,
-    BenchError,
     Market,
-    _accept,
     _cpu_seconds,
     _free_port,
     _health,
@@ -311,8 +309,17 @@ def plain_positions(markets: Sequence[Market], first_id: int) -> list[PositionRo
         for outcome, token in zip(m.outcomes, m.tokens, strict=True):
             for entry in PLAIN_ENTRY_PRICES:
                 rows.append(
-                    (first_id + len(rows), "bench", m.id, outcome, token, Decimal(100), entry,
-                     None, None)
+                    (
+                        first_id + len(rows),
+                        "bench",
+                        m.id,
+                        outcome,
+                        token,
+                        Decimal(100),
+                        entry,
+                        None,
+                        None,
+                    )
                 )
     return rows
 
@@ -339,9 +346,20 @@ class PredictionPlan:
 
     def row(self) -> tuple[Any, ...]:
         return (
-            self.id, "bench", self.market, self.token, self.outcome, Decimal(5), Decimal("0.99"),
-            _ts(self.opens_at), _ts(self.closes_at), self.timing, self.delay_s, self.fraction,
-            self.forecast, self.min_edge,
+            self.id,
+            "bench",
+            self.market,
+            self.token,
+            self.outcome,
+            Decimal(5),
+            Decimal("0.99"),
+            _ts(self.opens_at),
+            _ts(self.closes_at),
+            self.timing,
+            self.delay_s,
+            self.fraction,
+            self.forecast,
+            self.min_edge,
         )
 
 
@@ -387,8 +405,22 @@ def make_predictions(
             elif mode == "edge_never":
                 forecast, min_edge = Decimal("0.01"), Decimal("0.05")
             timing = "edge" if mode.startswith("edge") else mode
-            plans.append(PredictionPlan(pid, market, outcome, token, timing, delay, fraction,
-                                        forecast, min_edge, due, now, closes))
+            plans.append(
+                PredictionPlan(
+                    pid,
+                    market,
+                    outcome,
+                    token,
+                    timing,
+                    delay,
+                    fraction,
+                    forecast,
+                    min_edge,
+                    due,
+                    now,
+                    closes,
+                )
+            )
     return plans
 
 
@@ -415,13 +447,17 @@ def build_template(admin_dsn: str, name: str, positions: list[PositionRow]) -> N
         with contextlib.suppress(psycopg.Error), conn.transaction():
             conn.execute("SET LOCAL session_replication_role = replica")  # no NOTIFY per row
         with conn.cursor() as cur:
-            columns = ("id, user_id, market_id, outcome, token_id, size, entry_price, "
-                       "take_profit_price, stop_loss_price")
+            columns = (
+                "id, user_id, market_id, outcome, token_id, size, entry_price, "
+                "take_profit_price, stop_loss_price"
+            )
             with cur.copy(f"COPY positions ({columns}) FROM STDIN") as copy:
                 for row in positions:
                     copy.write_row(row)
-            cur.execute("SELECT setval(pg_get_serial_sequence('positions', 'id'), %s)",
-                        (max(row[0] for row in positions),))
+            cur.execute(
+                "SELECT setval(pg_get_serial_sequence('positions', 'id'), %s)",
+                (max(row[0] for row in positions),),
+            )
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE positions")
@@ -432,16 +468,21 @@ def clone_database(admin_dsn: str, template: str, name: str) -> str:
 
     db.drop_database(admin_dsn, name)
     with _admin(admin_dsn) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
     return db.dsn_with_dbname(admin_dsn, name)
 
 
 def insert_predictions(dsn: str, plans: Sequence[PredictionPlan]) -> None:
     from polystream import db
 
-    columns = ("id, user_id, market_id, token_id, outcome, stake_usdc, limit_price, opens_at, "
-               "closes_at, timing_mode, delay_s, fraction, forecast_probability, min_edge")
+    columns = (
+        "id, user_id, market_id, token_id, outcome, stake_usdc, limit_price, opens_at, "
+        "closes_at, timing_mode, delay_s, fraction, forecast_probability, min_edge"
+    )
     with db.connect(dsn, application_name="polystream-bench") as conn:
         with conn.cursor() as cur, cur.copy(f"COPY predictions ({columns}) FROM STDIN") as copy:
             for plan in plans:
@@ -470,8 +511,12 @@ class NotifyListener:
     def __init__(self, dsn: str) -> None:
         from polystream import db
 
-        self._conn = db.connect(dsn, application_name="polystream-bench-listen",
-                                statement_timeout_s=None, autocommit=True)
+        self._conn = db.connect(
+            dsn,
+            application_name="polystream-bench-listen",
+            statement_timeout_s=None,
+            autocommit=True,
+        )
         for channel in (TRIGGERS, *RELOAD_CHANNELS):
             self._conn.execute(f"LISTEN {channel}")
         self.received: list[tuple[float, str, str]] = []
@@ -543,48 +588,19 @@ class Playback:
 
 
 @attrs.define(eq=False)
-class Sender:
+class Sender(ExpectingServer[Playback]):
     """The bench's WebSocket server; a connection nobody expected (a reconnect) is counted."""
 
-    port: int = 0
-    unexpected: int = 0
-    _next: Playback | None = None
-
     def expect(self, playback: Playback) -> Playback:
-        self._next = playback
-        return playback
+        """The next connection plays ``playback``."""
+        return self.expect_session(playback)
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/market"
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners: list[trio.SocketListener] = await nursery.start(
-                partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
-            )
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started()
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        playback, self._next = self._next, None
-        if playback is None:
-            self.unexpected += 1
-            await stream.aclose()
-            return
-        try:
-            await self._serve(stream, playback)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, BenchError) as exc:
-            playback.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            playback.closed.set()
-            await stream.aclose()
-
-    async def _serve(self, stream: trio.SocketStream, playback: Playback) -> None:
+    async def run_session(self, stream: trio.SocketStream, playback: Playback) -> None:
+        """Handshake, then the playback; PINGs are answered with PONG meanwhile."""
         from wsproto import ConnectionType, WSConnection
 
         ws = WSConnection(ConnectionType.SERVER)
-        playback.assets = list(orjson.loads(await _accept(stream, ws)).get("assets_ids", []))
+        playback.assets = list(orjson.loads(await accept(stream, ws)).get("assets_ids", []))
         playback.connected.set()
         lock = trio.StrictFIFOLock()
         async with trio.open_nursery() as nursery:
@@ -615,7 +631,10 @@ async def _play(stream: trio.SocketStream, lock: trio.StrictFIFOLock, playback: 
 
 
 async def _answer_pings(
-    stream: trio.SocketStream, ws: Any, lock: trio.StrictFIFOLock, playback: Playback,
+    stream: trio.SocketStream,
+    ws: Any,
+    lock: trio.StrictFIFOLock,
+    playback: Playback,
     scope: trio.CancelScope,
 ) -> None:
     """Stamp each text ``PING`` on arrival and answer ``PONG`` at once; end on close/EOF."""
@@ -704,13 +723,15 @@ class Measured:
 
 def _daemon_env(dsn: str, url: str, health_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
-    env.update({
-        "POLYSTREAM_DATABASE__DSN": dsn,
-        "POLYSTREAM_FEED__URL": url,
-        "POLYSTREAM_FEED__PING_INTERVAL": str(PING_INTERVAL),
-        "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
-        "POLYSTREAM_LOG__FORMAT": "json",
-    })
+    env.update(
+        {
+            "POLYSTREAM_DATABASE__DSN": dsn,
+            "POLYSTREAM_FEED__URL": url,
+            "POLYSTREAM_FEED__PING_INTERVAL": str(PING_INTERVAL),
+            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
+            "POLYSTREAM_LOG__FORMAT": "json",
+        }
+    )
     return env
 
 
@@ -794,7 +815,9 @@ async def _measure(spec: RunSpec, ctx: Context, dsn: str) -> Measured:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "polystream", "run"],
             env=_daemon_env(dsn, ctx.sender.url, health_port),
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     spy: trio.Process | None = None
     try:
@@ -844,8 +867,9 @@ async def run_daemon(spec: RunSpec, ctx: Context) -> dict[str, Any]:
     try:
         plans: list[PredictionPlan] = []
         if spec.predictions:
-            plans = make_predictions(spec.predictions, ctx.markets, set(ctx.recording.bids),
-                                     time.time(), ctx.seed)
+            plans = make_predictions(
+                spec.predictions, ctx.markets, set(ctx.recording.bids), time.time(), ctx.seed
+            )
             await trio.to_thread.run_sync(insert_predictions, dsn, plans)
         listener = await trio.to_thread.run_sync(NotifyListener, dsn)
         try:
@@ -879,8 +903,11 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
 
 
 def _tpsl_outcome(
-    rules: RuleBook | None, triggers: list[tuple[Any, ...]], playback: Playback,
-    notified: dict[int, float], decided: dict[int, float],
+    rules: RuleBook | None,
+    triggers: list[tuple[Any, ...]],
+    playback: Playback,
+    notified: dict[int, float],
+    decided: dict[int, float],
 ) -> dict[str, Any]:
     """Exactly once, at the right price, nothing else; latency of each crossed rule."""
     expected = rules.expected if rules is not None else {}
@@ -917,7 +944,9 @@ def _tpsl_outcome(
 
 
 def _prediction_outcome(
-    plans: list[PredictionPlan], triggers: list[tuple[Any, ...]], statuses: dict[int, str],
+    plans: list[PredictionPlan],
+    triggers: list[tuple[Any, ...]],
+    statuses: dict[int, str],
     stop_wall: float,
 ) -> dict[str, Any]:
     per_prediction = Counter(int(row[3]) for row in triggers if row[3] is not None)
@@ -955,16 +984,22 @@ def _heartbeat(m: Measured) -> dict[str, Any]:
         "missed_pongs": max(0, m.pings - m.daemon_pongs),
         "jitter_ms": _spread(jitter),
         "max_interval_s": max(intervals) if intervals else None,
-        "ping_rtt_ms": [None if s.get("ping_rtt_s") is None else s["ping_rtt_s"] * 1000
-                        for s in shards],
+        "ping_rtt_ms": [
+            None if s.get("ping_rtt_s") is None else s["ping_rtt_s"] * 1000 for s in shards
+        ],
         "reconnects": sum(int(s.get("reconnects", 0)) for s in shards),
         "shard_states": [s.get("state") for s in shards],
     }
 
 
 def summarize(
-    spec: RunSpec, ctx: Context, m: Measured, received: list[tuple[float, str, str]],
-    triggers: list[tuple[Any, ...]], statuses: dict[int, str], plans: list[PredictionPlan],
+    spec: RunSpec,
+    ctx: Context,
+    m: Measured,
+    received: list[tuple[float, str, str]],
+    triggers: list[tuple[Any, ...]],
+    statuses: dict[int, str],
+    plans: list[PredictionPlan],
 ) -> dict[str, Any]:
     playback = m.playback
     events = ctx.recording.events * spec.repeat
@@ -1006,8 +1041,9 @@ def summarize(
 
 
 @contextlib.contextmanager
-def templates(admin_dsn: str, book: RuleBook, markets: Sequence[Market]) -> Iterator[
-        tuple[str, str]]:
+def templates(
+    admin_dsn: str, book: RuleBook, markets: Sequence[Market]
+) -> Iterator[tuple[str, str]]:
     """Two template databases: positions with TP/SL, and the same positions without."""
     from polystream import db
 
@@ -1034,7 +1070,8 @@ async def bench(ctx: Context, specs: Sequence[RunSpec]) -> dict[str, dict[str, A
                 f"{run['cpu_us_per_event']:.1f} CPU µs/event, trigger latency p50 "
                 f"{run['tpsl']['latency_ms']['p50']} ms, PINGs {run['heartbeat']['pings_received']}"
                 f", startup {run['startup_s']:.1f} s",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
         nursery.cancel_scope.cancel()
     return runs
@@ -1052,16 +1089,23 @@ def _latency(run: dict[str, Any], label: str) -> dict[str, Any]:
         "max": _figure(spread["max"], "ms"),
         "count": _figure(spread["count"], "crossed rules"),
         "pacing": label,
-        "frame_to_decision_p50": _figure(run["tpsl"]["frame_to_decision_ms"]["p50"],
-                                         "ms (monitor's decided_at, from the daemon log)"),
-        "frame_to_decision_p99": _figure(run["tpsl"]["frame_to_decision_ms"]["p99"],
-                                         "ms (monitor's decided_at, from the daemon log)"),
-        "decision_to_notify_p50": _figure(run["tpsl"]["decision_to_notify_ms"]["p50"],
-                                          "ms (executor + database)"),
-        "decision_to_notify_p99": _figure(run["tpsl"]["decision_to_notify_ms"]["p99"],
-                                          "ms (executor + database)"),
-        "max_backlog": _figure(run["max_backlog_frames"], "frames sent but not yet read "
-                                                          "(sampled every 0.1 s)"),
+        "frame_to_decision_p50": _figure(
+            run["tpsl"]["frame_to_decision_ms"]["p50"],
+            "ms (monitor's decided_at, from the daemon log)",
+        ),
+        "frame_to_decision_p99": _figure(
+            run["tpsl"]["frame_to_decision_ms"]["p99"],
+            "ms (monitor's decided_at, from the daemon log)",
+        ),
+        "decision_to_notify_p50": _figure(
+            run["tpsl"]["decision_to_notify_ms"]["p50"], "ms (executor + database)"
+        ),
+        "decision_to_notify_p99": _figure(
+            run["tpsl"]["decision_to_notify_ms"]["p99"], "ms (executor + database)"
+        ),
+        "max_backlog": _figure(
+            run["max_backlog_frames"], "frames sent but not yet read (sampled every 0.1 s)"
+        ),
     }
 
 
@@ -1076,8 +1120,10 @@ def _heartbeat_figures(run: dict[str, Any], baseline: str | None) -> dict[str, A
         "pongs": _figure(beat["pongs_sent"], "PONGs sent by the sender"),
         "missed_pongs": _figure(beat["missed_pongs"], "PONGs sent but not read by the daemon"),
         "reconnects": _figure(beat["reconnects"] + run["unexpected_connections"], "reconnects"),
-        "ping_rtt": _figure(beat["ping_rtt_ms"][0] if beat["ping_rtt_ms"] else None,
-                            "ms (/health ping_rtt_s at the end)"),
+        "ping_rtt": _figure(
+            beat["ping_rtt_ms"][0] if beat["ping_rtt_ms"] else None,
+            "ms (/health ping_rtt_s at the end)",
+        ),
     }
 
 
@@ -1100,28 +1146,33 @@ def document(
             "paced_speed": paced["speed"],
             "ping_interval_s": PING_INTERVAL,
             "sender_stamps": "per chunk of <= 64 KiB of whole frames; every chunk ends at a "
-                             "frame that first crosses a rule, so those stamps are per frame",
+            "frame that first crosses a rule, so those stamps are per frame",
         },
         "latency": {
             "paced": _latency(paced, f"{paced['speed']}x recorded speed"),
             "max_speed": _latency(loaded, "maximum speed: the sender runs ahead of the daemon"),
         },
         "cpu": {
-            "loaded_per_event": _figure(loaded["cpu_us_per_event"], cpu_unit,
-                                        baseline="cpu.baseline_per_event"),
+            "loaded_per_event": _figure(
+                loaded["cpu_us_per_event"], cpu_unit, baseline="cpu.baseline_per_event"
+            ),
             "baseline_per_event": _figure(base["cpu_us_per_event"], cpu_unit),
             "marginal_per_event": _figure(
                 loaded["cpu_us_per_event"] - base["cpu_us_per_event"],
                 "CPU µs/event: rules + predictions loaded minus none",
-                baseline="cpu.baseline_per_event"),
-            "loaded_events_per_s": _figure(loaded["events_per_s"], "events/s",
-                                           baseline="cpu.baseline_events_per_s"),
+                baseline="cpu.baseline_per_event",
+            ),
+            "loaded_events_per_s": _figure(
+                loaded["events_per_s"], "events/s", baseline="cpu.baseline_events_per_s"
+            ),
             "baseline_events_per_s": _figure(base["events_per_s"], "events/s"),
-            "startup_loaded": _figure(loaded["startup_s"], "s from spawn to subscribed",
-                                      baseline="cpu.startup_baseline"),
+            "startup_loaded": _figure(
+                loaded["startup_s"], "s from spawn to subscribed", baseline="cpu.startup_baseline"
+            ),
             "startup_baseline": _figure(base["startup_s"], "s from spawn to subscribed"),
-            "rule_reload_notifications": _figure(loaded["reload_notifications"],
-                                                 "NOTIFYs that make the daemon reload its rules"),
+            "rule_reload_notifications": _figure(
+                loaded["reload_notifications"], "NOTIFYs that make the daemon reload its rules"
+            ),
         },
         "heartbeat": {
             "loaded": _heartbeat_figures(loaded, "heartbeat.baseline"),
@@ -1129,13 +1180,19 @@ def document(
             "paced": _heartbeat_figures(paced, "heartbeat.baseline"),
         },
         "correctness": {
-            name: {"tpsl": {k: v for k, v in run["tpsl"].items() if k != "latency_ms_all"},
-                   "predictions": run["predictions"], "exit_code": run["exit_code"],
-                   "log_problems": run["log_problems"], "settled": run["settled"]}
+            name: {
+                "tpsl": {k: v for k, v in run["tpsl"].items() if k != "latency_ms_all"},
+                "predictions": run["predictions"],
+                "exit_code": run["exit_code"],
+                "log_problems": run["log_problems"],
+                "settled": run["settled"],
+            }
             for name, run in runs.items()
         },
-        "runs": {name: {k: v for k, v in run.items() if k not in ("tpsl", "predictions")}
-                 for name, run in runs.items()},
+        "runs": {
+            name: {k: v for k, v in run.items() if k not in ("tpsl", "predictions")}
+            for name, run in runs.items()
+        },
     }
 
 
@@ -1163,25 +1220,47 @@ TABLE = [
     ("Daemon backlog, paced, max", "latency.paced.max_backlog", None),
     ("Daemon CPU per event, rules loaded", "cpu.loaded_per_event", "cpu.baseline_per_event"),
     ("**Monitor CPU per event (marginal)**", "cpu.marginal_per_event", None),
-    ("Events/s at max speed, rules loaded", "cpu.loaded_events_per_s",
-     "cpu.baseline_events_per_s"),
+    ("Events/s at max speed, rules loaded", "cpu.loaded_events_per_s", "cpu.baseline_events_per_s"),
     ("Start-up to subscribed, rules loaded", "cpu.startup_loaded", "cpu.startup_baseline"),
     ("Rule reloads requested (NOTIFY)", "cpu.rule_reload_notifications", None),
-    ("PING jitter p50, max speed, rules", "heartbeat.loaded.jitter_p50",
-     "heartbeat.baseline.jitter_p50"),
-    ("PING jitter p99, max speed, rules", "heartbeat.loaded.jitter_p99",
-     "heartbeat.baseline.jitter_p99"),
-    ("PING jitter max, max speed, rules", "heartbeat.loaded.jitter_max",
-     "heartbeat.baseline.jitter_max"),
-    ("PING jitter p99, paced, rules", "heartbeat.paced.jitter_p99", "heartbeat.baseline.jitter_p99"),
+    (
+        "PING jitter p50, max speed, rules",
+        "heartbeat.loaded.jitter_p50",
+        "heartbeat.baseline.jitter_p50",
+    ),
+    (
+        "PING jitter p99, max speed, rules",
+        "heartbeat.loaded.jitter_p99",
+        "heartbeat.baseline.jitter_p99",
+    ),
+    (
+        "PING jitter max, max speed, rules",
+        "heartbeat.loaded.jitter_max",
+        "heartbeat.baseline.jitter_max",
+    ),
+    (
+        "PING jitter p99, paced, rules",
+        "heartbeat.paced.jitter_p99",
+        "heartbeat.baseline.jitter_p99",
+    ),
     ("PINGs / PONGs, max speed, rules", "heartbeat.loaded.pings", "heartbeat.baseline.pings"),
-    ("Missed PONGs, max speed, rules", "heartbeat.loaded.missed_pongs",
-     "heartbeat.baseline.missed_pongs"),
+    (
+        "Missed PONGs, max speed, rules",
+        "heartbeat.loaded.missed_pongs",
+        "heartbeat.baseline.missed_pongs",
+    ),
     ("Missed PONGs, paced", "heartbeat.paced.missed_pongs", None),
-    ("Reconnects, max speed, rules", "heartbeat.loaded.reconnects", "heartbeat.baseline.reconnects"),
+    (
+        "Reconnects, max speed, rules",
+        "heartbeat.loaded.reconnects",
+        "heartbeat.baseline.reconnects",
+    ),
     ("ping_rtt at the end, paced", "heartbeat.paced.ping_rtt", None),
-    ("ping_rtt at the end, max speed, rules", "heartbeat.loaded.ping_rtt",
-     "heartbeat.baseline.ping_rtt"),
+    (
+        "ping_rtt at the end, max speed, rules",
+        "heartbeat.loaded.ping_rtt",
+        "heartbeat.baseline.ping_rtt",
+    ),
 ]
 
 
@@ -1232,24 +1311,44 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.monitor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--positions", type=int, default=100_000,
-                        help="positions with TP and SL (default 100,000)")
-    parser.add_argument("--crossed", type=int, default=1_000,
-                        help="of which crossed by the recording (default 1,000)")
-    parser.add_argument("--predictions", type=int, default=1_000,
-                        help="pending predictions (default 1,000)")
-    parser.add_argument("--repeat", type=int, default=4,
-                        help="repetitions of the capture at max speed (default 4)")
-    parser.add_argument("--speed", type=float, default=20.0,
-                        help="paced run: x recorded speed (default 20: 45 s)")
+    parser.add_argument(
+        "--positions", type=int, default=100_000, help="positions with TP and SL (default 100,000)"
+    )
+    parser.add_argument(
+        "--crossed",
+        type=int,
+        default=1_000,
+        help="of which crossed by the recording (default 1,000)",
+    )
+    parser.add_argument(
+        "--predictions", type=int, default=1_000, help="pending predictions (default 1,000)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=4, help="repetitions of the capture at max speed (default 4)"
+    )
+    parser.add_argument(
+        "--speed", type=float, default=20.0, help="paced run: x recorded speed (default 20: 45 s)"
+    )
     parser.add_argument("--seed", type=int, default=20251211)
-    parser.add_argument("--out", type=Path, default=OUT_DIR,
-                        help="where results-monitor.json/.md go (default bench/)")
-    parser.add_argument("--log-dir", type=Path, default=None,
-                        help="keep the daemon logs here (default: a temporary directory)")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="record the loaded max-speed run with py-spy into this directory "
-                             "(slows the daemon: results are not written)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT_DIR,
+        help="where results-monitor.json/.md go (default bench/)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="keep the daemon logs here (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record the loaded max-speed run with py-spy into this directory "
+        "(slows the daemon: results are not written)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1269,12 +1368,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     recording = Recording.load(Path(f"{CAPTURE}.jsonl.gz"))
     markets = load_markets()
     book = make_rules(recording, markets, args.positions, args.crossed, args.seed)
-    print(f"workload: {len(recording.frames):,} frames/{recording.events:,} events per "
-          f"repetition, {len(book.rows):,} positions, {len(book.expected):,} crossed",
-          file=sys.stderr, flush=True)
+    print(
+        f"workload: {len(recording.frames):,} frames/{recording.events:,} events per "
+        f"repetition, {len(book.rows):,} positions, {len(book.expected):,} crossed",
+        file=sys.stderr,
+        flush=True,
+    )
     with contextlib.ExitStack() as stack:
-        log_dir = args.log_dir or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="polystream-benchmon-logs-")))
+        log_dir = args.log_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="polystream-benchmon-logs-"))
+        )
         log_dir.mkdir(parents=True, exist_ok=True)
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from bench.common import BenchError
 from polystream import db
 from polystream.markets import import_markets_file
 from polystream.replay import Capture, ReplayServer, Tape
@@ -79,10 +80,6 @@ POLL_CHECK = 0.1
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class BenchError(Exception):
-    """A measurement could not be made."""
 
 
 def _free_port() -> int:

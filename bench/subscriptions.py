@@ -66,6 +66,7 @@ import orjson
 import psycopg
 import trio
 
+from bench.common import BenchError
 from polystream import db
 from polystream.markets import GammaMarket, upsert_markets
 from polystream.replay import Capture, ReplayServer, Synthetic, Tape
@@ -81,10 +82,6 @@ INSERT = (
     "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
     " VALUES ('bench', %s, 'Yes', %s, 10, 0.5)"
 )
-
-
-class BenchError(Exception):
-    """A measurement could not be made (daemon failed, timeout)."""
 
 
 @attrs.frozen

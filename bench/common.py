@@ -1,0 +1,97 @@
+"""
+What the benchmarks' WebSocket senders share: a loopback TCP server that hands
+each new connection to the session the bench said it expects next, and the
+wsproto opening handshake. Sending is the sender's own (frames encoded once,
+written with plain socket sends).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
+
+import attrs
+import trio
+
+
+class BenchError(Exception):
+    """The benchmark cannot measure what it set out to (a setup or daemon failure)."""
+
+
+class SessionLike(Protocol):
+    """What the server records on a session."""
+
+    error: str | None
+    closed: trio.Event
+
+
+S = TypeVar("S", bound=SessionLike)
+
+
+@attrs.define(eq=False)
+class ExpectingServer(Generic[S]):
+    """
+    Serves one expected session per connection (``expect`` before the client
+    connects); a connection nobody expected (a reconnect) is counted and closed.
+    Subclasses implement :meth:`run_session`.
+    """
+
+    port: int = 0
+    unexpected: int = 0
+    _next: S | None = None
+
+    def expect_session(self, session: S) -> S:
+        """The next connection is ``session``'s."""
+        self._next = session
+        return session
+
+    @property
+    def url(self) -> str:
+        """``ws://127.0.0.1:PORT/ws/market``."""
+        return f"ws://127.0.0.1:{self.port}/ws/market"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on a free loopback port until cancelled."""
+        async with trio.open_nursery() as nursery:
+            listeners: list[trio.SocketListener] = await nursery.start(
+                partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+            )
+            self.port = listeners[0].socket.getsockname()[1]
+            task_status.started()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        session, self._next = self._next, None
+        if session is None:
+            self.unexpected += 1
+            await stream.aclose()
+            return
+        try:
+            await self.run_session(stream, session)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, BenchError) as exc:
+            session.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            session.closed.set()
+            await stream.aclose()
+
+    async def run_session(self, stream: trio.SocketStream, session: S) -> None:
+        """Serve one connection."""
+        raise NotImplementedError
+
+
+async def accept(stream: trio.SocketStream, ws: Any) -> str:
+    """Do the opening handshake (wsproto server); return the client's first text message."""
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    text = ""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise BenchError("client closed before subscribing")
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, Request):
+                await stream.send_all(ws.send(AcceptConnection()))
+            elif isinstance(event, TextMessage):
+                text += event.data
+                if event.message_finished:
+                    return text
