@@ -632,6 +632,7 @@ async def _start_py_spy(pid: int, output: Path) -> trio.Process:
         "--format",
         "raw",
         "--threads",
+        "--gil",  # only samples holding the GIL: where the CPU goes
         "--output",
         str(output),
     ]
