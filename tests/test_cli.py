@@ -153,3 +153,21 @@ def test_service_install_as_the_readme_says(tmp_path: Path) -> None:
     )
     assert system.returncode == 0, system.stderr
     assert "User=trader" in (tmp_path / "sys" / "polystream.service").read_text()
+
+
+def test_status_when_down_shows_what_the_database_knows(db_dsn: str) -> None:
+    with psycopg.connect(db_dsn) as conn:
+        conn.execute(
+            "INSERT INTO markets (id, condition_id, clob_token_ids, source, updated_at)"
+            " VALUES ('1', '0x1', '[\"a\"]', 'ws', now()), ('2', '0x2', '[\"b\"]', 'poll', now())"
+        )
+    result = _polystream(
+        "status",
+        "--url",
+        f"http://127.0.0.1:{_closed_port()}/health",
+        env={"POLYSTREAM_DATABASE__DSN": db_dsn},
+    )
+    assert result.returncode == EXIT_DOWN
+    assert "not running" in result.stdout
+    assert "what the database knows" in result.stdout
+    assert "markets ws" in result.stdout and "markets poll" in result.stdout
