@@ -319,32 +319,35 @@ class Monitor:
 
     def replace_all(self, rules: RuleSet) -> None:
         """Make the in-memory rules equal ``rules`` (a full reload from the database)."""
-        wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
-        for key in [k for k in self._tpsl if k not in wanted]:
-            self.remove_rule(*key)
-        for key, rule in wanted.items():
-            if self._tpsl.get(key) != rule:
-                self.add_rule(rule)
-        self._replace_predictions(rules)
+        for _ in self._sync(*self._all_ids(rules), rules):
+            pass
 
     async def replace_all_in_slices(self, rules: RuleSet, slice_size: int = 2000) -> None:
-        """:meth:`replace_all`, yielding to the scheduler every ``slice_size`` rules."""
-        wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
-        for count, key in enumerate([k for k in self._tpsl if k not in wanted]):
-            self.remove_rule(*key)
-            if count % slice_size == slice_size - 1:
+        """:meth:`replace_all`, yielding to the scheduler every ``slice_size`` rows."""
+        for count, _ in enumerate(self._sync(*self._all_ids(rules), rules), 1):
+            if count % slice_size == 0:
                 await trio.lowlevel.checkpoint()
-        for count, (key, rule) in enumerate(wanted.items()):
-            if self._tpsl.get(key) != rule:
-                self.add_rule(rule)
-            if count % slice_size == slice_size - 1:
-                await trio.lowlevel.checkpoint()
-        self._replace_predictions(rules)
 
     def apply_changes(
         self, position_ids: set[int], prediction_ids: set[int], rules: RuleSet
     ) -> None:
         """Update only the rules of these rows (``rules`` holds their current state)."""
+        for _ in self._sync(position_ids, prediction_ids, rules):
+            pass
+
+    def _all_ids(self, rules: RuleSet) -> tuple[set[int], set[int]]:
+        """Every row a full reload concerns: watched now or in ``rules``."""
+        positions = {pid for pid, _ in self._tpsl} | {r.position_id for r in rules.tpsl}
+        predictions = set(self._predictions) | {p.id for p in rules.predictions}
+        return positions, predictions
+
+    def _sync(
+        self, position_ids: set[int], prediction_ids: set[int], rules: RuleSet
+    ) -> Iterator[None]:
+        """
+        Make the rules of these rows equal ``rules`` (a row absent from it has
+        none any more); yields after each row, so a caller may checkpoint.
+        """
         wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
         for position_id in position_ids:
             for kind in ("take_profit", "stop_loss"):
@@ -353,6 +356,7 @@ class Monitor:
                     self.remove_rule(position_id, kind)
                 elif self._tpsl.get((position_id, kind)) != rule:
                     self.add_rule(rule)
+            yield
         pending = {p.id: p for p in rules.predictions}
         for prediction_id in prediction_ids:
             prediction = pending.get(prediction_id)
@@ -360,16 +364,7 @@ class Monitor:
                 self.remove_prediction(prediction_id)
             elif self._predictions.get(prediction_id) != prediction:
                 self.add_prediction(prediction)
-        self.stats.monitor_rules = len(self._tpsl)
-        self.stats.monitor_predictions = len(self._predictions)
-
-    def _replace_predictions(self, rules: RuleSet) -> None:
-        pending = {p.id: p for p in rules.predictions}
-        for prediction_id in [p for p in self._predictions if p not in pending]:
-            self.remove_prediction(prediction_id)
-        for prediction in pending.values():
-            if self._predictions.get(prediction.id) != prediction:
-                self.add_prediction(prediction)
+            yield
         self.stats.monitor_rules = len(self._tpsl)
         self.stats.monitor_predictions = len(self._predictions)
 

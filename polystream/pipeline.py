@@ -16,11 +16,12 @@ is bounded by the number of markets, and a database outage only delays.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
 import attrs
+import orjson
 import psycopg
 import structlog
 import trio
@@ -63,6 +64,12 @@ class Catalog:
     market_tokens: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
     asset_market: dict[str, str] = attrs.field(factory=dict)
     positions_per_market: dict[str, int] = attrs.field(factory=dict)
+
+    def add_market(self, market_id: str, tokens: tuple[str, ...]) -> None:
+        """Know ``market_id``'s token ids (``clob_token_ids``, outcome order)."""
+        self.market_tokens[market_id] = tokens
+        for token in tokens:
+            self.asset_market[token] = market_id
 
     def market_of(self, asset_id: str) -> str:
         """The market id of ``asset_id``, or the asset id itself when unknown."""
@@ -201,22 +208,28 @@ class Router:
             if isinstance(event, PriceChange):
                 for change in event.changes:
                     problem = self.book(change.asset_id).apply_change(change, event.timestamp_ms)
-                    if problem is None or problem == "crossed_book":
-                        touched.add(change.asset_id)
-                    if problem is not None:
-                        self._bad_input(problem, change.asset_id, event.timestamp_ms)
+                    self._applied(change.asset_id, problem, event.timestamp_ms, touched)
             else:
                 asset_id = getattr(event, "asset_id", None)
                 if asset_id is not None:
                     problem = self.book(asset_id).apply(event)
-                    if problem is None or problem == "crossed_book":
-                        touched.add(asset_id)
-                    if problem is not None:
-                        self._bad_input(problem, asset_id, getattr(event, "timestamp_ms", 0))
-        if not touched:
-            return
+                    self._applied(asset_id, problem, getattr(event, "timestamp_ms", 0), touched)
+        if touched:
+            self._moved(touched)
+
+    def _applied(
+        self, asset_id: str, problem: str | None, timestamp_ms: int, touched: set[str]
+    ) -> None:
+        """Record one book update: moved unless refused; bad input counted and logged."""
+        if problem is None or problem == "crossed_book":  # a repaired book moved too
+            touched.add(asset_id)
+        if problem is not None:
+            self._bad_input(problem, asset_id, timestamp_ms)
+
+    def _moved(self, asset_ids: Iterable[str]) -> None:
+        """Tell the writers and the listeners (the monitor) that these books moved."""
         now = trio.current_time()
-        for asset_id in touched:
+        for asset_id in asset_ids:
             market = self.catalog.market_of(asset_id)
             self.markets.touch(market)
             self.positions.touch(market, now)
@@ -235,13 +248,8 @@ class Router:
         book, written with ``source = 'poll'`` and seen by the monitor.
         ``midpoint`` is implied by bid and ask and not used separately.
         """
-        book = self.book(asset_id)
-        book.apply_quote(best_bid, best_ask)
-        market = self.catalog.market_of(asset_id)
-        self.markets.touch(market)
-        self.positions.touch(market, trio.current_time())
-        for listener in self.listeners:
-            listener(asset_id, book)
+        self.book(asset_id).apply_quote(best_bid, best_ask)
+        self._moved((asset_id,))
 
     def _bad_input(self, kind: str, asset_id: str, timestamp_ms: int) -> None:
         """Count a refused or repaired event; log it once per kind per 10 s."""
@@ -309,7 +317,7 @@ class MarketWriter:
         has_book = first is not None and first.has_book
         return MarketRow(
             market_id=market_id,
-            prices=None if all(p is None for p in prices) else _json_list(prices),
+            prices=None if all(p is None for p in prices) else orjson.dumps(prices).decode(),
             has_book=has_book,
             best_bid=first.best_bid if first and has_book else None,
             best_ask=first.best_ask if first and has_book else None,
@@ -467,7 +475,3 @@ class PositionWriter:
                 self._ready.clear()
                 if pending:
                     await self._write(pending)
-
-
-def _json_list(values: list[str | None]) -> str:
-    return "[" + ",".join("null" if v is None else f'"{v}"' for v in values) + "]"

@@ -140,8 +140,9 @@ SELECT token_id, market_id, count(*) FROM positions
 WHERE status = 'active' GROUP BY token_id, market_id
 """
 
+# Same shape as _ACTIVE; a prediction holds no position, so it counts 0.
 _PREDICTED = """
-SELECT token_id, market_id FROM predictions
+SELECT token_id, market_id, 0 FROM predictions
 WHERE status = 'pending' AND (closes_at IS NULL OR closes_at > now() - interval '1 minute')
 """
 
@@ -175,37 +176,28 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
     service left it empty but named the outcome.
     """
     conn.execute(_FILL_TOKEN_IDS)
-    active = conn.execute(_ACTIVE).fetchall()
-    predicted = conn.execute(_PREDICTED).fetchall()
-    market_keys = [m for _, m, _ in active if m] + [m for _, m in predicted if m]
-    tokens = [t for t, _, _ in active if t] + [t for t, _ in predicted if t] + list(watch)
-    rows = read_market_tokens(conn, market_keys, tokens)
+    # (token_id, market_id, active positions): positions, then pending predictions,
+    # which need their prices too.
+    holders = conn.execute(_ACTIVE).fetchall() + conn.execute(_PREDICTED).fetchall()
+    market_keys = [m for _, m, _ in holders if m]
+    tokens = [t for t, _, _ in holders if t] + list(watch)
     catalog = Catalog()
     by_key: dict[str, str] = {}
-    for market_id, condition_id, clob in rows:
-        ids = tuple(str(t) for t in clob)
-        catalog.market_tokens[market_id] = ids
+    for market_id, condition_id, clob in read_market_tokens(conn, market_keys, tokens):
+        catalog.add_market(market_id, tuple(clob))
         by_key[market_id] = market_id
         if condition_id:
             by_key[condition_id] = market_id
-        for token in ids:
-            catalog.asset_market[token] = market_id
     assets: set[str] = set(watch)
-    for token, market_key, count in active:
+    for token, market_key, count in holders:
         found = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
         if found is not None:
             assets.update(catalog.market_tokens[found])
         if token:
             assets.add(token)
         key = found or token
-        if key:
+        if key and count:
             catalog.positions_per_market[key] = catalog.positions_per_market.get(key, 0) + count
-    for token, market_key in predicted:  # timed predictions need their prices too
-        found = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
-        if found is not None:
-            assets.update(catalog.market_tokens[found])
-        if token:
-            assets.add(token)
     return DesiredSet(frozenset(assets), catalog)
 
 
@@ -276,9 +268,7 @@ class Reconciler:
         for market_id, _condition_id, clob in rows:
             assets.update(clob)
             self._fast_markets[market_id] = tuple(clob)
-            self.catalog.market_tokens[market_id] = tuple(clob)
-            for token in clob:
-                self.catalog.asset_market[token] = market_id
+            self.catalog.add_market(market_id, tuple(clob))
             self.catalog.positions_per_market[market_id] = (
                 self.catalog.positions_per_market.get(market_id, 0) + 1
             )
@@ -303,9 +293,8 @@ class Reconciler:
         if self._fast_markets:  # subscribed by the fast path while we were reading
             assets = set(desired.assets)
             for market_id, clob in self._fast_markets.items():
-                desired.catalog.market_tokens.setdefault(market_id, clob)
-                for token in clob:
-                    desired.catalog.asset_market.setdefault(token, market_id)
+                if market_id not in desired.catalog.market_tokens:
+                    desired.catalog.add_market(market_id, clob)
                 assets.update(clob)
             desired = DesiredSet(frozenset(assets), desired.catalog)
         self.catalog.market_tokens = desired.catalog.market_tokens

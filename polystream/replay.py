@@ -1953,11 +1953,13 @@ async def serve_replay(
         synthesize=synthesize,
         synthetic_events=synthetic_events,
         record=record,
+        faults=tuple(faults),
+        max_subscribe_bytes=max_subscribe_bytes,
+        max_subscribe_ids=max_subscribe_ids,
+        oversize_close_delay=oversize_close_delay,
+        storm_limit=storm_limit,
+        storm_window=storm_window,
     )
-    server.faults = tuple(faults)
-    server.max_subscribe_bytes, server.max_subscribe_ids = max_subscribe_bytes, max_subscribe_ids
-    server.oversize_close_delay = oversize_close_delay
-    server.storm_limit, server.storm_window = storm_limit, storm_window
     await server.serve(host=host, port=port, task_status=task_status)
 
 
@@ -1971,7 +1973,14 @@ def _build_server(
     synthesize: int,
     synthetic_events: bool,
     record: bool = False,
+    faults: tuple[ScheduledFault, ...],
+    max_subscribe_bytes: int,
+    max_subscribe_ids: int,
+    oversize_close_delay: float,
+    storm_limit: int,
+    storm_window: float,
 ) -> ReplayServer:
+    """Load the captures and build the server both entry points run."""
     capture = Capture.load(list(paths))
     return ReplayServer(
         tape=Tape(capture),
@@ -1982,6 +1991,12 @@ def _build_server(
         synthetic=Synthetic.build(capture.markets, synthesize) if synthesize else None,
         synthetic_events=synthetic_events,
         record=record,
+        faults=faults,
+        max_subscribe_bytes=max_subscribe_bytes,
+        max_subscribe_ids=max_subscribe_ids,
+        oversize_close_delay=oversize_close_delay,
+        storm_limit=storm_limit,
+        storm_window=storm_window,
     )
 
 
@@ -2019,7 +2034,6 @@ def run_replay_cli(
         ReplayError: a capture cannot be loaded, ``synthesize`` is negative, a
             fault spec is malformed, or the address cannot be bound.
     """
-    scheduled = tuple(ScheduledFault.parse(spec) for spec in faults)
     server = _build_server(
         paths,
         speed=speed,
@@ -2028,11 +2042,13 @@ def run_replay_cli(
         start_when_subscribed=start_when_subscribed,
         synthesize=synthesize,
         synthetic_events=synthetic_events,
+        faults=tuple(ScheduledFault.parse(spec) for spec in faults),
+        max_subscribe_bytes=max_subscribe_bytes,
+        max_subscribe_ids=max_subscribe_ids,
+        oversize_close_delay=oversize_close_delay,
+        storm_limit=storm_limit,
+        storm_window=storm_window,
     )
-    server.faults = scheduled
-    server.max_subscribe_bytes, server.max_subscribe_ids = max_subscribe_bytes, max_subscribe_ids
-    server.oversize_close_delay = oversize_close_delay
-    server.storm_limit, server.storm_window = storm_limit, storm_window
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
