@@ -7,10 +7,14 @@ written with plain socket sends).
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from functools import partial
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
+import orjson
 import trio
 
 
@@ -95,3 +99,18 @@ async def accept(stream: trio.SocketStream, ws: Any) -> str:
                 text += event.data
                 if event.message_finished:
                     return text
+
+
+def log_directory(stack: contextlib.ExitStack, given: Path | None, prefix: str) -> Path:
+    """``given`` (created if needed), else a temporary directory that ``stack`` removes."""
+    path = given or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(out: Path, stem: str, document: Any, table: str) -> None:
+    """Write ``out/STEM.json`` (indented, newline-terminated) and ``out/STEM.md``; print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    (out / f"{stem}.md").write_text(table)
+    print(table)

@@ -59,7 +59,7 @@ import attrs
 import orjson
 import trio
 
-from bench.common import BenchError, ExpectingServer, accept
+from bench.common import BenchError, ExpectingServer, accept, log_directory, write_results
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
 CAPTURE = ROOT / "examples" / "updown-2025-12-11"
@@ -939,10 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     with contextlib.ExitStack() as stack:
-        log_dir = args.log_dir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="polystream-bench-logs-"))
-        )
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = log_directory(stack, args.log_dir, "polystream-bench-logs-")
         admin_dsn, machine["database"] = stack.enter_context(admin_database())
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -954,10 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0  # profiled figures are not written as results
     document = results(tape, runs, machine)
     table = markdown(document)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
-    (args.out / "results.md").write_text(table)
-    print(table)
+    write_results(args.out, "results", document, table)
     return 0
 
 

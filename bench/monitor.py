@@ -58,7 +58,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -73,7 +72,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from bench.common import BenchError, ExpectingServer, accept
+from bench.common import BenchError, ExpectingServer, accept, log_directory, write_results
 from bench.ingest import (
     CAPTURE,
     ROOT,
@@ -1375,10 +1374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     with contextlib.ExitStack() as stack:
-        log_dir = args.log_dir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="polystream-benchmon-logs-"))
-        )
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = log_directory(stack, args.log_dir, "polystream-benchmon-logs-")
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
         rules_db, plain_db = stack.enter_context(templates(dsn, book, markets))
@@ -1397,10 +1393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     doc = document(runs, ctx, book, machine)
     table = markdown(doc)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-monitor.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    (args.out / "results-monitor.md").write_text(table)
-    print(table)
+    write_results(args.out, "results-monitor", doc, table)
     return 0
 
 

@@ -54,7 +54,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -66,7 +65,7 @@ import orjson
 import psycopg
 import trio
 
-from bench.common import BenchError
+from bench.common import BenchError, log_directory, write_results
 from polystream import db
 from polystream.markets import GammaMarket, upsert_markets
 from polystream.replay import Capture, ReplayServer, Synthetic, Tape
@@ -518,10 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_facts()
     admin, machine["database"] = admin_dsn()
     with contextlib.ExitStack() as stack:
-        log_dir = args.log_dir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="polystream-bench-subs-"))
-        )
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = log_directory(stack, args.log_dir, "polystream-bench-subs-")
         options = Options(
             args.samples, args.loaded_samples, args.stagger, args.events, args.speed, log_dir
         )
@@ -543,13 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine,
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-subscriptions.json").write_bytes(
-        orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
-    )
-    table = markdown(document)
-    (args.out / "results-subscriptions.md").write_text(table)
-    print(table)
+    write_results(args.out, "results-subscriptions", document, markdown(document))
     return 0
 
 
