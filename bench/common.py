@@ -8,7 +8,9 @@ written with plain socket sends).
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -114,3 +116,26 @@ def write_results(out: Path, stem: str, document: Any, table: str) -> None:
     (out / f"{stem}.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
     (out / f"{stem}.md").write_text(table)
     print(table)
+
+
+@contextlib.contextmanager
+def admin_database() -> Iterator[tuple[str, str]]:
+    """
+    The admin DSN to create throwaway databases on, and where it came from:
+    ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN``, else an embedded
+    PostgreSQL started for the run (as the Makefile's ``bench`` target says).
+    """
+    for variable in ("POLYSTREAM_BENCH_DSN", "POLYSTREAM_TEST_DSN"):
+        value = os.environ.get(variable)
+        if value:
+            yield value, variable
+            return
+    from polystream.embedded import open_embedded_postgres
+
+    with (
+        tempfile.TemporaryDirectory(
+            prefix="polystream-bench-pg-", ignore_cleanup_errors=True
+        ) as tmp,
+        open_embedded_postgres(Path(tmp)) as dsn,
+    ):
+        yield dsn, "embedded"

@@ -48,9 +48,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,14 @@ import attrs
 import orjson
 import trio
 
-from bench.common import BenchError, ExpectingServer, accept, log_directory, write_results
+from bench.common import (
+    BenchError,
+    ExpectingServer,
+    accept,
+    admin_database,
+    log_directory,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
 CAPTURE = ROOT / "examples" / "updown-2025-12-11"
@@ -668,25 +674,6 @@ def hotspots(path: Path, top: int = 15) -> str:
 
 
 # --- orchestration ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def admin_database() -> Iterator[tuple[str, str]]:
-    """The admin DSN to create databases on, and where it came from."""
-    for variable in ("POLYSTREAM_BENCH_DSN", "POLYSTREAM_TEST_DSN"):
-        value = os.environ.get(variable)
-        if value:
-            yield value, variable
-            return
-    from polystream.embedded import open_embedded_postgres
-
-    with (
-        tempfile.TemporaryDirectory(
-            prefix="polystream-bench-pg-", ignore_cleanup_errors=True
-        ) as tmp,
-        open_embedded_postgres(Path(tmp)) as dsn,
-    ):
-        yield dsn, "embedded"
 
 
 Runs = dict[str, list[dict[str, Any]]]

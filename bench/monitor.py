@@ -39,8 +39,8 @@ mapped to positions through the ``triggers`` table afterwards.
 Times are ``time.monotonic()``, one clock for all processes. The machine is
 shared and noisy: compare figures within one run only.
 
-PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN``, else
-``postgresql://postgres@127.0.0.1:5432/postgres`` (an admin DSN). Databases
+PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin
+DSN), else an embedded server for the run (``bench.common.admin_database``). Databases
 ``polystream_benchmon_<pid>_*`` are dropped afterwards.
 """
 
@@ -72,7 +72,14 @@ import psycopg
 import trio
 from psycopg import sql
 
-from bench.common import BenchError, ExpectingServer, accept, log_directory, write_results
+from bench.common import (
+    BenchError,
+    ExpectingServer,
+    accept,
+    admin_database,
+    log_directory,
+    write_results,
+)
 from bench.ingest import (
     CAPTURE,
     ROOT,
@@ -91,7 +98,6 @@ from bench.ingest import (
 )
 
 OUT_DIR = Path(__file__).resolve().parent
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CHUNK_BYTES = 64 * 1024
 PING_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
@@ -1351,19 +1357,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def admin_dsn() -> tuple[str, str]:
-    for variable in ("POLYSTREAM_BENCH_DSN", "POLYSTREAM_TEST_DSN"):
-        value = os.environ.get(variable)
-        if value:
-            return value, variable
-    return DEFAULT_DSN, "default"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     _quiet_logging()
     machine = machine_facts()
-    dsn, machine["database"] = admin_dsn()
     recording = Recording.load(Path(f"{CAPTURE}.jsonl.gz"))
     markets = load_markets()
     book = make_rules(recording, markets, args.positions, args.crossed, args.seed)
@@ -1374,6 +1371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     with contextlib.ExitStack() as stack:
+        dsn, machine["database"] = stack.enter_context(admin_database())
         log_dir = log_directory(stack, args.log_dir, "polystream-benchmon-logs-")
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ position on each of its 12 tokens in a fresh database.
 Times are on a shared, noisy machine: compare figures within one run only.
 
 PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin
-DSN), else ``postgresql://postgres@127.0.0.1:5432/postgres``.
+DSN), else an embedded server for the run (``bench.common.admin_database``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from bench.common import BenchError
+from bench.common import BenchError, admin_database
 from polystream import db
 from polystream.markets import import_markets_file
 from polystream.replay import Capture, ReplayServer, Tape
@@ -385,19 +385,16 @@ def main() -> None:
     parser.add_argument("--outage", type=float, default=15.0, help="seconds sampled while down")
     parser.add_argument("--log", default="/tmp/polystream-bench-recovery.log")
     args = parser.parse_args()
-    admin = os.environ.get(
-        "POLYSTREAM_BENCH_DSN",
-        os.environ.get("POLYSTREAM_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
-    )
     name = f"polystream_bench_recovery_{os.getpid()}"
-    db.drop_database(admin, name)
-    db.create_database(admin, name)
-    try:
-        dsn = db.dsn_with_dbname(admin, name)
-        _prepare(dsn)
-        measured = trio.run(run, args, dsn)
-    finally:
+    with admin_database() as (admin, _source):
         db.drop_database(admin, name)
+        db.create_database(admin, name)
+        try:
+            dsn = db.dsn_with_dbname(admin, name)
+            _prepare(dsn)
+            measured = trio.run(run, args, dsn)
+        finally:
+            db.drop_database(admin, name)
     results = _results(measured, args)
     (OUT_DIR / "results-recovery.json").write_text(
         json.dumps(

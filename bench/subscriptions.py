@@ -38,7 +38,7 @@ watchdog. Each insert with 10,000 assets subscribed costs a full reconcile
 (the whole desired set is re-read on each NOTIFY), hence fewer samples there (``--loaded-samples``).
 
 PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin
-DSN), else ``postgresql://postgres@127.0.0.1:5432/postgres``.
+DSN), else an embedded server for the run (``bench.common.admin_database``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ import orjson
 import psycopg
 import trio
 
-from bench.common import BenchError, log_directory, write_results
+from bench.common import BenchError, admin_database, log_directory, write_results
 from polystream import db
 from polystream.markets import GammaMarket, upsert_markets
 from polystream.replay import Capture, ReplayServer, Synthetic, Tape
@@ -73,7 +73,6 @@ from polystream.replay import Capture, ReplayServer, Synthetic, Tape
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURE = ROOT / "examples" / "updown-2025-12-11.jsonl.gz"
 OUT_DIR = Path(__file__).resolve().parent
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 COVERAGE_MARKETS = 5_000  # x 2 tokens = 10,000 assets
 POLL = 0.002
 SAMPLE_TIMEOUT = 10.0
@@ -102,14 +101,6 @@ class Daemon:
 
 
 # --- database ----------------------------------------------------------------
-
-
-def admin_dsn() -> tuple[str, str]:
-    for variable in ("POLYSTREAM_BENCH_DSN", "POLYSTREAM_TEST_DSN"):
-        value = os.environ.get(variable)
-        if value:
-            return value, variable
-    return DEFAULT_DSN, "default"
 
 
 @contextlib.contextmanager
@@ -515,8 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     _quiet_logging()
     machine = machine_facts()
-    admin, machine["database"] = admin_dsn()
     with contextlib.ExitStack() as stack:
+        admin, machine["database"] = stack.enter_context(admin_database())
         log_dir = log_directory(stack, args.log_dir, "polystream-bench-subs-")
         options = Options(
             args.samples, args.loaded_samples, args.stagger, args.events, args.speed, log_dir
