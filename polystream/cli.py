@@ -273,6 +273,20 @@ def replay(
         int, typer.Option(help="Answer HTTP 429 past this many new connections (0 = off).")
     ] = 0,
     storm_window: Annotated[float, typer.Option(help="... within this many seconds.")] = 1.0,
+    tick_changes: Annotated[
+        bool,
+        typer.Option(
+            "--tick-changes",
+            help="Send tick_size_change (0.01 <-> 0.001) when a book passes 0.96 or 0.04.",
+        ),
+    ] = False,
+    rest_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also answer CLOB REST (/book, /books, /prices, /midpoints) from the tape "
+            "on this port (0 = any free port; the URL is logged as rest_url)."
+        ),
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Serve recorded frames as Polymarket's market channel, on ws://HOST:PORT/ws/market."""
@@ -298,6 +312,8 @@ def replay(
             oversize_close_delay=oversize_close_delay,
             storm_limit=storm_limit,
             storm_window=storm_window,
+            tick_changes=tick_changes,
+            rest_port=rest_port,
         )
     except (PolystreamError, OSError) as exc:
         _fail(str(exc))

@@ -56,7 +56,8 @@ market objects for them. The cost model:
 
 * the tape keeps books of the recorded assets only; a synthetic snapshot is
   the original's current book with ``asset_id``, ``market`` and ``hash``
-  replaced, its levels built once per original and tape position;
+  replaced, its levels and the hash preimage after the labels built once
+  per original and tape position (a copy costs one SHA-1 of that preimage);
 * a frame costs nothing extra for a client without synthetic subscriptions
   (one truth test), and for a client with some, one set intersection unless
   the frame names an original it holds copies of;
@@ -66,6 +67,37 @@ market objects for them. The cost model:
   (10,000 copies of 12 recorded assets turn one event into ~830), so paced
   replays (``speed``) suit it better than ``max_speed``. With
   ``synthetic_events=False`` synthetic assets get their snapshots only.
+
+Book hashes. Every ``book`` the server builds (subscribe snapshots, the
+books of synthetic copies, ``crossed_book`` garbage, REST books) carries the
+venue's ``hash`` (:func:`book_hash`, protocol.md section 11), so a consumer
+verifying hashes accepts them; the snapshot of a book that has not changed
+since a recorded snapshot with ``tick_size`` and ``last_trade_price`` has
+that snapshot's hash. Recorded frames are sent as recorded, ``hash``
+included (the ``updown`` and ``aaimek`` captures carry assigned ones).
+
+Tick sizes (``tick_changes``). The venue changes a book's tick from 0.01 to
+0.001 when its price passes 0.96 or 0.04 and back, sends
+``tick_size_change`` (``old_tick_size``, ``new_tick_size``), and then no
+fresh ``book``: ``price_change`` frames keep coming with its own
+``best_bid`` / ``best_ask`` (protocol.md, sections 6 and 11). In this mode
+the tape, after applying each frame, checks the books of the frame's
+assets: a 0.01 book whose best bid went above :data:`TICK_HIGH` or best ask
+below :data:`TICK_LOW` goes to 0.001, and a book it lowered goes back to 0.01
+once both sides are present within [0.04, 0.96]. The change is recorded in
+the tape's book (later snapshots and REST books carry the new tick), logged
+in :attr:`ReplayServer.tick_change_log` (:class:`TickChange`: asset, ticks,
+index of the frame it preceded) and sent, as one object frame, to every
+client holding the asset (relabelled for synthetic copies) just before that
+frame. Books recorded on another tick are left alone.
+
+CLOB REST (``rest_port``). :meth:`ReplayServer.rest_app` is an ASGI app
+answering ``GET /book``, ``POST /books``, ``POST /prices`` and
+``POST /midpoints`` like the CLOB (protocol.md, section 8) from the same
+books the snapshots come from, synthetic copies included, so the daemon's
+REST resync and HTTP fallback have a peer consistent with the feed. Each
+request is recorded (:class:`RestRequest`); ``rest_fail_next`` injects
+error statuses (429 with ``Retry-After: 0``).
 
 With ``record`` the server also keeps, per connection, every subscription
 request received (time, size in bytes, ids) and when each snapshot was
@@ -112,11 +144,12 @@ import struct
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs
 
 import attrs
 import orjson
@@ -131,11 +164,15 @@ from trio_websocket import (
 )
 
 from polystream.errors import ReplayError
+from polystream.health import answer_lifespan, serve_asgi
 
 __all__ = [
     "DROP_MODES",
     "FAULT_ACTIONS",
     "GARBAGE_KINDS",
+    "MAX_BOOKS_PER_REQUEST",
+    "TICK_HIGH",
+    "TICK_LOW",
     "Capture",
     "ConnectionLog",
     "FaultRecord",
@@ -145,10 +182,13 @@ __all__ = [
     "ReplayServer",
     "ReplayStats",
     "RequestRecord",
+    "RestRequest",
     "ScheduledFault",
     "Synthetic",
     "SyntheticAsset",
     "Tape",
+    "TickChange",
+    "book_hash",
     "garbage_frames",
     "run_replay_cli",
     "serve_replay",
@@ -473,6 +513,72 @@ class Synthetic:
 
 # --- books ---------------------------------------------------------------------------
 
+Level = Mapping[str, str]
+"""One book level as sent: ``{"price": "0.45", "size": "100"}`` (decimal strings)."""
+
+
+def book_hash(
+    market: str,
+    asset_id: str,
+    timestamp: str,
+    bids: Iterable[Level],
+    asks: Iterable[Level],
+    tick_size: str,
+    last_trade_price: str,
+    min_order_size: str = "5",
+    neg_risk: bool = False,
+) -> str:
+    """
+    The venue's ``hash`` of a book snapshot: 40 lower-case hex digits (no ``0x``).
+
+    SHA-1 of the compact JSON (no spaces, UTF-8, this key order)
+    ``{"market", "asset_id", "timestamp", "hash": "", "bids", "asks",
+    "min_order_size", "tick_size", "neg_risk", "last_trade_price"}``, each
+    level ``{"price", "size"}`` (strings) in the order given: for a snapshot
+    as sent, bids by ascending and asks by descending price. ``timestamp`` is
+    unix milliseconds as a string; ``last_trade_price`` may be ``""``. The
+    WebSocket ``book`` carries neither ``min_order_size`` nor ``neg_risk``: the
+    venue hashes it with ``"5"`` and ``false``, the defaults; a REST book
+    (``GET /book``) carries both.
+
+    Source: py-clob-client-v2 ``utilities.py``
+    ``generate_orderbook_summary_hash`` (the Go server's struct order);
+    nautilus_trader ``verify_book_snapshot_hash``; ../shared/protocol.md,
+    section 11, "Book hash". It reproduces the real snapshots of
+    ``enricobignozzi-2026-09-24`` and nautilus ``ws_book_snapshot_captured.json``.
+    A pure function: no state, no I/O.
+    """
+    tail = _hash_tail(bids, asks, tick_size, last_trade_price, min_order_size, neg_risk)
+    return _hash_with_tail(market, asset_id, timestamp, tail)
+
+
+def _hash_tail(
+    bids: Iterable[Level],
+    asks: Iterable[Level],
+    tick_size: str,
+    last_trade_price: str,
+    min_order_size: str = "5",
+    neg_risk: bool = False,
+) -> bytes:
+    """The part of :func:`book_hash`'s preimage after ``"hash":""``, from ``,"bids"`` on."""
+    payload = {
+        "bids": [{"price": level["price"], "size": level["size"]} for level in bids],
+        "asks": [{"price": level["price"], "size": level["size"]} for level in asks],
+        "min_order_size": min_order_size,
+        "tick_size": tick_size,
+        "neg_risk": neg_risk,
+        "last_trade_price": last_trade_price,
+    }
+    return b"," + orjson.dumps(payload)[1:]
+
+
+def _hash_with_tail(market: str, asset_id: str, timestamp: str, tail: bytes) -> str:
+    """:func:`book_hash` from the labels and a :func:`_hash_tail` (shared by copies of a book)."""
+    head = orjson.dumps(
+        {"market": market, "asset_id": asset_id, "timestamp": timestamp, "hash": ""}
+    )
+    return hashlib.sha1(head[:-1] + tail).hexdigest()
+
 
 @attrs.define
 class _Book:
@@ -491,6 +597,9 @@ class _Book:
         tick = event.get("tick_size")
         if isinstance(tick, str) and tick:
             self.tick_size = tick
+        last = event.get("last_trade_price")
+        if isinstance(last, str) and last:
+            self.last_trade_price = last
 
     def change(self, price: str, size: str, side: str) -> None:
         levels = self.bids if side.upper() == "BUY" else self.asks
@@ -500,26 +609,38 @@ class _Book:
         else:
             levels[key] = (price, size)
 
-    def snapshot(self, asset_id: str, timestamp: str, market: str | None = None) -> Event:
+    def snapshot(self, asset_id: str, timestamp: str) -> tuple[Event, bytes]:
         """
         The book as the real server's initial dump shows it (bids ascending, asks
-        descending), labelled ``asset_id`` and ``market`` (default: the book's).
+        descending), labelled ``asset_id``, with the venue's hash
+        (:func:`book_hash`); and that hash's :func:`_hash_tail`, which copies
+        of the book under other labels share.
         """
-        market = self.market if market is None else market
         bids = [{"price": p, "size": s} for _, (p, s) in sorted(self.bids.items())]
         asks = [{"price": p, "size": s} for _, (p, s) in sorted(self.asks.items(), reverse=True)]
-        digest = hashlib.sha1(orjson.dumps([market, asset_id, bids, asks])).hexdigest()
-        return {
-            "market": market,
+        stamp = self.timestamp or timestamp
+        tick_size = self.current_tick_size()
+        tail = _hash_tail(bids, asks, tick_size, self.last_trade_price)
+        event = {
+            "market": self.market,
             "asset_id": asset_id,
-            "timestamp": self.timestamp or timestamp,
-            "hash": digest,
+            "timestamp": stamp,
+            "hash": _hash_with_tail(self.market, asset_id, stamp, tail),
             "bids": bids,
             "asks": asks,
-            "tick_size": self.tick_size or self._inferred_tick_size(),
+            "tick_size": tick_size,
             "event_type": "book",
             "last_trade_price": self.last_trade_price,
         }
+        return event, tail
+
+    def top(self) -> tuple[Decimal | None, Decimal | None]:
+        """Best bid (highest) and best ask (lowest) price; None for an empty side."""
+        return (max(self.bids) if self.bids else None, min(self.asks) if self.asks else None)
+
+    def current_tick_size(self) -> str:
+        """The recorded (or changed) tick size, else one inferred from the prices."""
+        return self.tick_size or self._inferred_tick_size()
 
     def _inferred_tick_size(self) -> str:
         places = 2
@@ -593,6 +714,80 @@ class _Books:
 
 # --- the tape ------------------------------------------------------------------------
 
+TICK_HIGH = Decimal("0.96")
+"""A best bid above this lowers a 0.01 tick to 0.001 (``tick_changes``; protocol.md, 6 and 11)."""
+TICK_LOW = Decimal("0.04")
+"""A best ask below this lowers a 0.01 tick to 0.001 (``tick_changes``)."""
+_COARSE_TICK, _FINE_TICK = "0.01", "0.001"
+
+
+@attrs.frozen
+class TickChange:
+    """
+    One ``tick_size_change`` the tape made (``tick_changes``), in
+    :attr:`ReplayServer.tick_change_log`.
+
+    Attributes:
+        asset_id, market: the book's asset and condition id (recorded ids;
+            clients holding synthetic copies got it relabelled).
+        old_tick_size, new_tick_size: ``"0.01"`` -> ``"0.001"`` or back.
+        timestamp_ms: the event's ``timestamp``: the frame time of ``frame``.
+        frame: index, within its pass, of the tape frame the change was sent
+            just before (the frame that moved the book across the threshold;
+            ``Capture.frames[frame]`` on the first pass).
+        lap: passes completed before it (0 on the first pass).
+        clients: numbers of the connections subscribed to ``asset_id`` that were sent it.
+    """
+
+    asset_id: str
+    market: str
+    old_tick_size: str
+    new_tick_size: str
+    timestamp_ms: int
+    frame: int
+    lap: int = 0
+    clients: tuple[int, ...] = ()
+
+    def event(self) -> Event:
+        """The ``tick_size_change`` event as the venue sends it (protocol.md, section 6)."""
+        return {
+            "event_type": "tick_size_change",
+            "market": self.market,
+            "asset_id": self.asset_id,
+            "old_tick_size": self.old_tick_size,
+            "new_tick_size": self.new_tick_size,
+            "timestamp": str(self.timestamp_ms),
+        }
+
+    def frame_of(self) -> Frame:
+        """The event as a one-object :class:`Frame`, for the tape's dispatch."""
+        event = self.event()
+        return Frame(
+            text=_encode(event),
+            time_ms=self.timestamp_ms,
+            events=(event,),
+            is_array=False,
+            asset_ids=frozenset({self.asset_id}),
+            plain=True,
+            source=f"tick_size_change:{self.asset_id}",
+        )
+
+
+def _tick_target(book: _Book, lowered: bool) -> str | None:
+    """
+    The tick ``book`` should move to, or None to stay: 0.01 -> 0.001 once its
+    best bid is above :data:`TICK_HIGH` or its best ask below :data:`TICK_LOW`;
+    a book the tape lowered goes back to 0.01 once both sides are present and
+    within [0.04, 0.96]. Books on another tick are left alone.
+    """
+    bid, ask = book.top()
+    tick = book.current_tick_size()
+    if not lowered:
+        extreme = (bid is not None and bid > TICK_HIGH) or (ask is not None and ask < TICK_LOW)
+        return _FINE_TICK if extreme and tick == _COARSE_TICK else None
+    inside = all(p is not None and TICK_LOW <= p <= TICK_HIGH for p in (bid, ask))
+    return _COARSE_TICK if inside and tick == _FINE_TICK else None
+
 
 @attrs.define(eq=False)
 class Tape:
@@ -617,7 +812,10 @@ class Tape:
     finished: trio.Event = attrs.field(factory=trio.Event)
     _books: _Books = attrs.field(factory=_Books, alias="_books")
     _time_ms: int | None = attrs.field(default=None, alias="_time_ms")
-    _label_cache: dict[str, tuple[int, Event]] = attrs.field(factory=dict, alias="_label_cache")
+    _label_cache: dict[str, tuple[int, Event, bytes]] = attrs.field(
+        factory=dict, alias="_label_cache"
+    )
+    _lowered: set[str] = attrs.field(factory=set, alias="_lowered")
 
     def apply(self, frame: Frame) -> None:
         """Apply ``frame`` to the books and count it as played."""
@@ -630,6 +828,55 @@ class Tape:
         """Whether the capture has any event of ``asset_id``."""
         return asset_id in self.capture.markets
 
+    def top(self, asset_id: str) -> tuple[str | None, str | None]:
+        """
+        Best bid and best ask of ``asset_id``'s current book, as price texts
+        (``"0.45"``); None for an empty side, a book not yet seen, or an
+        unknown asset.
+        """
+        book = self._books.books.get(asset_id)
+        if book is None:
+            return None, None
+        bid, ask = book.top()
+        return (
+            None if bid is None else book.bids[bid][0],
+            None if ask is None else book.asks[ask][0],
+        )
+
+    def tick_crossings(self, frame: Frame, index: int) -> list[TickChange]:
+        """
+        After ``frame`` (index ``index`` of its pass) was applied: the tick
+        changes it calls for (:func:`_tick_target`), already recorded in the
+        books (their ``tick_size``), in asset id order. ``clients`` is empty.
+        """
+        changes: list[TickChange] = []
+        for asset_id in sorted(frame.asset_ids):
+            book = self._books.books.get(asset_id)
+            if book is None:
+                continue
+            lowered = asset_id in self._lowered
+            target = _tick_target(book, lowered)
+            if target is None:
+                continue
+            changes.append(
+                TickChange(
+                    asset_id=asset_id,
+                    market=book.market,
+                    old_tick_size=book.current_tick_size(),
+                    new_tick_size=target,
+                    timestamp_ms=frame.time_ms,
+                    frame=index,
+                    lap=self.laps,
+                )
+            )
+            book.tick_size = target
+            if lowered:
+                self._lowered.discard(asset_id)
+            else:
+                self._lowered.add(asset_id)
+            self._label_cache.pop(asset_id, None)
+        return changes
+
     def snapshot(self, asset_id: str, *, label: SyntheticAsset | None = None) -> Event | None:
         """
         The current ``book`` event of ``asset_id``, or None when the capture never names it.
@@ -639,10 +886,16 @@ class Tape:
         stamped 1 ms before its first recorded event (so that no recorded
         event of it is older than the snapshot; raw event times can be
         older than the frame times the tape walks by).
+        Fields, in the venue's order: ``market, asset_id, timestamp, hash,
+        bids, asks, tick_size, event_type, last_trade_price``; ``hash`` is the
+        venue's (:func:`book_hash` of exactly these fields, with
+        ``min_order_size`` ``"5"`` and ``neg_risk`` false); ``tick_size`` the
+        recorded one (or the tape's, after a ``tick_changes`` change), else
+        inferred from the price decimals.
         With ``label`` (a synthetic copy of ``asset_id``) the event carries the
-        copy's asset id and market instead, and a ``hash`` derived from the
-        original's and the copy's id (the levels are built once per frame played
-        and shared by all copies).
+        copy's asset id and market instead, hashed under them (the levels and
+        the rest of the hash preimage are built once per frame played and
+        shared by all copies).
         """
         market = self.capture.markets.get(asset_id)
         if market is None:
@@ -652,16 +905,17 @@ class Tape:
         if book.timestamp is None and asset_id in self.capture.first_ms:
             now = min(now, self.capture.first_ms[asset_id] - 1)
         if label is None:
-            return book.snapshot(asset_id, str(now))
-        # Copies of one book share its levels: build them once per frame played.
+            return book.snapshot(asset_id, str(now))[0]
+        # Copies of one book share its levels and the hash preimage after the
+        # labels: build them once per frame played; a copy costs one SHA-1.
         cached = self._label_cache.get(asset_id)
         if cached is None or cached[0] != self.frames_played:
             cached = self._label_cache[asset_id] = (
                 self.frames_played,
-                book.snapshot(asset_id, str(now)),
+                *book.snapshot(asset_id, str(now)),
             )
-        base = cached[1]
-        digest = hashlib.sha1(f"{base['hash']}/{label.asset_id}".encode()).hexdigest()
+        _, base, tail = cached
+        digest = _hash_with_tail(label.market, label.asset_id, base["timestamp"], tail)
         return {**base, "market": label.market, "asset_id": label.asset_id, "hash": digest}
 
 
@@ -1030,6 +1284,28 @@ class ConnectionLog:
 
 
 @attrs.frozen
+class RestRequest:
+    """
+    One HTTP request the CLOB REST app answered (:attr:`ReplayServer.rest_requests`).
+
+    Attributes:
+        method: ``GET``, ``POST``, ...
+        path: e.g. ``/books``.
+        query: the raw query string (``token_id=123``; ``""`` when none).
+        body: the JSON body, parsed (None when empty or not JSON).
+        at: ``time.monotonic()`` when it was answered.
+        status: the HTTP status answered (an injected one included).
+    """
+
+    method: str
+    path: str
+    query: str
+    body: Any
+    at: float
+    status: int
+
+
+@attrs.frozen
 class _Snapshots:
     """An outbox entry holding a snapshot array, so its write time can be recorded."""
 
@@ -1186,6 +1462,9 @@ class ReplayStats:
             ``max_subscribe_ids`` (each closed the connection).
         faults: faults applied, by action (:attr:`ReplayServer.fault_log` has each).
         garbage_sent: garbage inputs queued, by kind (:data:`GARBAGE_KINDS`).
+        tick_size_changes_sent: ``tick_size_change`` events queued to clients
+            (``tick_changes``; copies relabelled for synthetic assets included).
+        rest_requests: HTTP requests the REST app answered (:attr:`ReplayServer.rest_requests`).
     """
 
     connections: int = 0
@@ -1204,6 +1483,8 @@ class ReplayStats:
     oversized_subscribes: int = 0
     faults: Counter[str] = attrs.Factory(Counter)
     garbage_sent: Counter[str] = attrs.Factory(Counter)
+    tick_size_changes_sent: int = 0
+    rest_requests: int = 0
 
 
 @attrs.define(eq=False)
@@ -1252,6 +1533,16 @@ class ReplayServer:
             with while non-zero: the venue down for good; 0 = accept.
         fault_log: every fault applied, in order (:class:`FaultRecord`).
         paused: the tape is held (:meth:`pause`); connections stay served.
+        tick_changes: emit the venue's ``tick_size_change`` when a book crosses
+            0.96 / 0.04 (module docstring, "Tick sizes").
+        tick_change_log: with ``tick_changes``, every change made, in order
+            (:class:`TickChange`: asset, ticks, the frame it preceded, clients).
+        rest_url: ``http://host:port`` of the CLOB REST app once :meth:`serve`
+            was given ``rest_port`` (None otherwise).
+        rest_requests: every request the REST app got, in order (:class:`RestRequest`).
+        rest_fail_next: HTTP statuses the next REST requests are answered with,
+            one each, popped from the front (body ``{"error": "injected"}``; a
+            429 carries ``Retry-After: 0``).
     """
 
     tape: Tape
@@ -1282,6 +1573,15 @@ class ReplayServer:
     refusing: int = 0
     fault_log: list[FaultRecord] = attrs.Factory(list)
     paused: bool = False
+    _repace: float | None = attrs.field(default=None, init=False)
+    tick_changes: bool = False
+    tick_change_log: list[TickChange] = attrs.Factory(list)
+    rest_url: str | None = None
+    rest_requests: list[RestRequest] = attrs.Factory(list)
+    rest_fail_next: list[int] = attrs.Factory(list)
+    _rest_arrived: trio.lowlevel.ParkingLot = attrs.field(
+        factory=trio.lowlevel.ParkingLot, alias="_rest_arrived"
+    )
     _clients: set[_Client] = attrs.field(factory=set, alias="_clients")
     _muted: set[_Client] = attrs.field(factory=set, alias="_muted")
     _resumed: trio.Event = attrs.field(factory=trio.Event, alias="_resumed")
@@ -1312,12 +1612,19 @@ class ReplayServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        rest_port: int | None = None,
         task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """
         Listen on ``host:port`` and play the tape; runs until cancelled.
 
-        Calls ``task_status.started(self)`` once listening, with :attr:`port` set.
+        With ``rest_port`` (0 = a free port) also serve :meth:`rest_app` on
+        ``host:rest_port`` with hypercorn (:func:`polystream.health.serve_asgi`).
+        Calls ``task_status.started(self)`` once listening, with :attr:`port`
+        (and :attr:`rest_url`) set.
+
+        Raises:
+            OSError: an address cannot be bound.
         """
         async with trio.open_nursery() as nursery:
             ws_server = await nursery.start(
@@ -1334,14 +1641,20 @@ class ReplayServer:
             if not isinstance(endpoint, Endpoint):
                 raise RuntimeError(f"unexpected listener {endpoint!r}")
             self.host, self.port = str(endpoint.address), int(endpoint.port)
+            if rest_port is not None:
+                listen = f"[{host}]:{rest_port}" if ":" in host else f"{host}:{rest_port}"
+                urls: list[str] = await nursery.start(serve_asgi, self.rest_app, listen)
+                self.rest_url = urls[0]
             logger.info(
                 "replay_listening",
                 url=self.url,
+                rest_url=self.rest_url,
                 frames=len(self.tape.capture.frames),
                 assets=len(self.tape.capture.markets),
                 speed=None if self.max_speed else self.speed,
                 loop=self.loop,
                 synthetic=len(self.synthetic.assets) if self.synthetic else 0,
+                tick_changes=self.tick_changes,
             )
             self._nursery = nursery
             nursery.start_soon(self._play)
@@ -1569,8 +1882,16 @@ class ReplayServer:
         await trio.sleep(duration)
         self.resume()
 
-    def resume(self) -> None:
-        """Let a paused tape go on."""
+    def resume(self, *, speed: float | None = None) -> None:
+        """
+        Let a paused tape go on; with ``speed`` (> 0), paced from here at
+        ``speed`` times the recorded pace instead of as before (a test can
+        run to a moment at maximum speed, then watch it at a pace a client
+        keeps up with).
+        """
+        if speed is not None:
+            self.max_speed = False
+            self._repace = speed
         self.paused = False
         self._resumed.set()
         self._resumed = trio.Event()
@@ -1592,6 +1913,153 @@ class ReplayServer:
             self.inject_garbage(asset_ids=self.garbage_assets)
         elif action == "pause":
             self.pause(fault.duration)
+
+    # --- CLOB REST (module docstring, "CLOB REST") ---
+
+    def rest_book(self, token_id: str) -> Event | None:
+        """
+        The CLOB's ``GET /book`` answer for ``token_id`` from the tape's current
+        book (a synthetic copy's from its original's), or None for an asset the
+        server does not know.
+
+        Shape (protocol.md, section 8): ``{market, asset_id, timestamp (ms
+        string), hash, bids (ascending price), asks (descending price),
+        min_order_size "5", tick_size, neg_risk false, last_trade_price}``;
+        ``hash`` is :func:`book_hash` of those fields, so it equals the hash
+        of the WebSocket snapshot of the same book state.
+        """
+        snapshot = self._book_event(token_id)
+        if snapshot is None:
+            return None
+        return {
+            "market": snapshot["market"],
+            "asset_id": snapshot["asset_id"],
+            "timestamp": snapshot["timestamp"],
+            "hash": snapshot["hash"],
+            "bids": snapshot["bids"],
+            "asks": snapshot["asks"],
+            "min_order_size": "5",
+            "tick_size": snapshot["tick_size"],
+            "neg_risk": False,
+            "last_trade_price": snapshot["last_trade_price"],
+        }
+
+    def rest_top(self, token_id: str) -> tuple[str | None, str | None]:
+        """Best bid and ask price texts of ``token_id`` (copies: their original's), None if empty."""
+        label = self.synthetic.assets.get(token_id) if self.synthetic is not None else None
+        return self.tape.top(label.original if label is not None else token_id)
+
+    async def rest_app(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        """
+        An ASGI app answering like the CLOB REST API (protocol.md, section 8)
+        from the tape's current state; serve it with :meth:`serve`
+        (``rest_port``) or :func:`polystream.health.serve_asgi`:
+
+        * ``GET /book?token_id=T``: :meth:`rest_book`; 404 ``{"error": ...}``
+          for an unknown token, 400 without ``token_id``;
+        * ``POST /books`` ``[{"token_id": T}, ...]`` (at most
+          :data:`MAX_BOOKS_PER_REQUEST` items, else 400): a JSON array of those
+          books, in request order, unknown tokens left out;
+        * ``POST /prices`` ``[{"token_id": T, "side": "BUY" | "SELL"}, ...]``:
+          ``{T: {"BUY": best bid, "SELL": best ask}}``, prices as strings; an
+          empty side, and a token with neither, are left out;
+        * ``POST /midpoints`` ``[{"token_id": T}, ...]``: ``{T: "0.455"}``, the
+          mean of best bid and ask; tokens without both sides left out.
+
+        A body that is not a JSON array of such objects is answered 400, an
+        unknown path 404, a wrong method 405; every answer is JSON. Each request
+        is recorded (:attr:`rest_requests`); :attr:`rest_fail_next` injects failures.
+        """
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        data = await _read_body(receive)
+        body, parsed = _parse_json(data)
+        method, path = str(scope["method"]), str(scope["path"])
+        query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        if self.rest_fail_next:
+            status, answer = self.rest_fail_next.pop(0), {"error": "injected"}
+        else:
+            status, answer = self._rest_answer(method, path, query, body if parsed else _INVALID)
+        self.rest_requests.append(RestRequest(method, path, query, body, time.monotonic(), status))
+        self.stats.rest_requests += 1
+        self._rest_arrived.unpark_all()
+        headers = [(b"content-type", b"application/json")]
+        if status == 429:
+            headers.append((b"retry-after", b"0"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": orjson.dumps(answer)})
+
+    async def wait_rest_requests(
+        self, count: int = 1, *, path: str | None = None
+    ) -> list[RestRequest]:
+        """
+        Wait until at least ``count`` REST requests (to ``path``, when given)
+        were answered; returns those requests, in order.
+        """
+        while len(done := [r for r in self.rest_requests if path in (None, r.path)]) < count:
+            await self._rest_arrived.park()
+        return done
+
+    def _rest_answer(self, method: str, path: str, query: str, body: Any) -> tuple[int, Any]:
+        """Status and JSON answer of one request (``body`` is :data:`_INVALID` if not JSON)."""
+        routes = {
+            "/book": ("GET", self._get_book),
+            "/books": ("POST", self._post_books),
+            "/prices": ("POST", self._post_prices),
+            "/midpoints": ("POST", self._post_midpoints),
+        }
+        route = routes.get(path.rstrip("/") or "/")
+        if route is None:
+            return 404, {"error": "not found"}
+        allowed, handler = route
+        if method != allowed:
+            return 405, {"error": f"method not allowed: {method} {path}"}
+        return handler(query, body)
+
+    def _get_book(self, query: str, body: Any) -> tuple[int, Any]:
+        token_id = parse_qs(query).get("token_id", [""])[0]
+        if not token_id:
+            return 400, {"error": "token_id is required"}
+        book = self.rest_book(token_id)
+        if book is None:
+            return 404, {"error": "No orderbook exists for the requested token id"}
+        return 200, book
+
+    def _post_books(self, query: str, body: Any) -> tuple[int, Any]:
+        items = _rest_items(body)
+        if isinstance(items, str):
+            return 400, {"error": items}
+        if len(items) > MAX_BOOKS_PER_REQUEST:
+            return 400, {"error": f"too many token ids: {len(items)} > {MAX_BOOKS_PER_REQUEST}"}
+        books = (self.rest_book(item["token_id"]) for item in items)
+        return 200, [book for book in books if book is not None]
+
+    def _post_prices(self, query: str, body: Any) -> tuple[int, Any]:
+        items = _rest_items(body, sides=True)
+        if isinstance(items, str):
+            return 400, {"error": items}
+        answer: dict[str, dict[str, str]] = {}
+        for item in items:
+            token_id, side = item["token_id"], item["side"]
+            bid, ask = self.rest_top(token_id)
+            price = bid if side == "BUY" else ask
+            if price is not None:
+                answer.setdefault(token_id, {})[side] = price
+        return 200, answer
+
+    def _post_midpoints(self, query: str, body: Any) -> tuple[int, Any]:
+        items = _rest_items(body)
+        if isinstance(items, str):
+            return 400, {"error": items}
+        answer: dict[str, str] = {}
+        for item in items:
+            bid, ask = self.rest_top(item["token_id"])
+            if bid is not None and ask is not None:
+                answer[item["token_id"]] = _decimal_text((Decimal(bid) + Decimal(ask)) / 2)
+        return 200, answer
 
     # --- the tape loop ---
 
@@ -1637,13 +2105,17 @@ class ReplayServer:
             self.tape.position = index
             if self.paused:
                 start += await self._wait_resumed()
+            if self._repace is not None:  # resumed at a new pace: this frame is due now
+                schedule = self.tape.capture.schedule(self._repace)
+                start = trio.current_time() - schedule[index]
+                self._repace = None
             if self.max_speed:
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.sleep_until(start + schedule[index])
             for client in list(self._clients):
                 await client.wait_room()
-            self._dispatch(frame)
+            self._dispatch(frame, index)
             if self.faults:
                 for fault in self.faults:
                     if fault.due(index + 1):
@@ -1657,9 +2129,36 @@ class ReplayServer:
             await self._resumed.wait()
         return trio.current_time() - began
 
-    def _dispatch(self, frame: Frame) -> None:
-        """Apply ``frame``, queue it to every client; no checkpoint, so atomic w.r.t. subscribes."""
+    def _dispatch(self, frame: Frame, index: int) -> None:
+        """
+        Apply ``frame`` (index ``index`` of its pass), queue it to every client,
+        preceded by the tick changes it calls for (``tick_changes``); no
+        checkpoint, so atomic w.r.t. subscribes and REST requests.
+        """
         self.tape.apply(frame)
+        if self.tick_changes:
+            for change in self.tape.tick_crossings(frame, index):
+                self._send_tick_change(change)
+        self._send(frame)
+
+    def _send_tick_change(self, change: TickChange) -> None:
+        """Record ``change`` and queue its ``tick_size_change`` to the clients holding the asset."""
+        clients = tuple(sorted(c.number for c in self._clients if change.asset_id in c.subscribed))
+        self.tick_change_log.append(attrs.evolve(change, clients=clients))
+        logger.info(
+            "replay_tick_size_change",
+            asset_id=change.asset_id,
+            old_tick_size=change.old_tick_size,
+            new_tick_size=change.new_tick_size,
+            frame=change.frame,
+            clients=len(clients),
+        )
+        before = self.stats.events_sent
+        self._send(change.frame_of())
+        self.stats.tick_size_changes_sent += self.stats.events_sent - before
+
+    def _send(self, frame: Frame) -> None:
+        """Queue ``frame`` to every client, filtered to its assets (copies relabelled)."""
         stats = self.stats
         for client in self._clients:
             subscribed = client.subscribed
@@ -1881,14 +2380,10 @@ class ReplayServer:
         books: list[Event] = []
         synthetic_books = 0
         for asset_id in new:
-            label = labels.get(asset_id)
-            if label is None:
-                book = self.tape.snapshot(asset_id)
-            else:
-                book = self.tape.snapshot(label.original, label=label)
-                synthetic_books += 1
+            book = self._book_event(asset_id)
             if book is not None:
                 books.append(book)
+                synthetic_books += asset_id in labels
         if books:
             text = _encode(books)
             if client.log is not None:
@@ -1898,9 +2393,81 @@ class ReplayServer:
             self.stats.snapshots_sent += len(books)
             self.stats.synthetic_snapshots_sent += synthetic_books
 
+    def _book_event(self, asset_id: str) -> Event | None:
+        """The current ``book`` of ``asset_id``, recorded or synthetic; None if unknown."""
+        label = self.synthetic.assets.get(asset_id) if self.synthetic is not None else None
+        if label is None:
+            return self.tape.snapshot(asset_id)
+        return self.tape.snapshot(label.original, label=label)
+
 
 def _encode(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+# --- CLOB REST helpers ---------------------------------------------------------------
+
+MAX_BOOKS_PER_REQUEST = 500
+"""Most items in one ``POST /books`` body; more is answered 400 (protocol.md, section 8)."""
+
+_Scope = dict[str, Any]
+_Receive = Callable[[], Awaitable[dict[str, Any]]]
+_Send = Callable[[dict[str, Any]], Awaitable[None]]
+_INVALID = object()
+"""A request body that is not JSON."""
+
+
+async def _read_body(receive: _Receive) -> bytes:
+    """The whole body of an ASGI HTTP request."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # http.disconnect
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _parse_json(data: bytes) -> tuple[Any, bool]:
+    """``(value, True)``, or ``(None, True)`` for an empty body, ``(None, False)`` if not JSON."""
+    if not data.strip():
+        return None, True
+    try:
+        return orjson.loads(data), True
+    except orjson.JSONDecodeError:
+        return None, False
+
+
+def _rest_items(body: Any, *, sides: bool = False) -> list[dict[str, str]] | str:
+    """
+    The items of a CLOB batch body (``[{"token_id": ...}, ...]``, with
+    ``side`` ``BUY`` / ``SELL`` when ``sides``), or what is wrong with it.
+    """
+    if body is _INVALID:
+        return "Invalid payload: not JSON"
+    if not isinstance(body, list):
+        return "Invalid payload: expected a JSON array of objects"
+    items: list[dict[str, str]] = []
+    for item in body:
+        token_id = item.get("token_id") if isinstance(item, dict) else None
+        if not isinstance(token_id, str) or not token_id:
+            return "Invalid payload: every item needs a token_id string"
+        if sides:
+            side = item.get("side")
+            if side not in ("BUY", "SELL"):
+                return f"Invalid payload: side must be BUY or SELL, got {side!r}"
+            items.append({"token_id": token_id, "side": side})
+        else:
+            items.append({"token_id": token_id})
+    return items
+
+
+def _decimal_text(value: Decimal) -> str:
+    """``value`` as a plain decimal string without trailing zeros (``"0.455"``, ``"0.5"``)."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 # --- entry points --------------------------------------------------------------------
@@ -1924,6 +2491,8 @@ async def serve_replay(
     oversize_close_delay: float = 0.15,
     storm_limit: int = 0,
     storm_window: float = 1.0,
+    tick_changes: bool = False,
+    rest_port: int | None = None,
     task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -1935,7 +2504,10 @@ async def serve_replay(
     asset, so a client started after the server misses nothing. ``synthesize``
     adds that many synthetic assets (``server.synthetic``; module docstring),
     ``synthetic_events`` forwards events to them, ``record`` keeps per-connection
-    request and snapshot logs (:attr:`ReplayServer.connection_logs`). The
+    request and snapshot logs (:attr:`ReplayServer.connection_logs`).
+    ``tick_changes`` emits the venue's ``tick_size_change`` events (module
+    docstring, "Tick sizes"); ``rest_port`` (0 = a free port) also serves the
+    CLOB REST app (:meth:`ReplayServer.rest_app`; ``server.rest_url``). The
     fault options are :class:`ReplayServer`'s attributes of the same names
     (module docstring, "Faults").
 
@@ -1959,8 +2531,9 @@ async def serve_replay(
         oversize_close_delay=oversize_close_delay,
         storm_limit=storm_limit,
         storm_window=storm_window,
+        tick_changes=tick_changes,
     )
-    await server.serve(host=host, port=port, task_status=task_status)
+    await server.serve(host=host, port=port, rest_port=rest_port, task_status=task_status)
 
 
 def _build_server(
@@ -1979,6 +2552,7 @@ def _build_server(
     oversize_close_delay: float,
     storm_limit: int,
     storm_window: float,
+    tick_changes: bool = False,
 ) -> ReplayServer:
     """Load the captures and build the server both entry points run."""
     capture = Capture.load(list(paths))
@@ -1997,6 +2571,7 @@ def _build_server(
         oversize_close_delay=oversize_close_delay,
         storm_limit=storm_limit,
         storm_window=storm_window,
+        tick_changes=tick_changes,
     )
 
 
@@ -2018,6 +2593,8 @@ def run_replay_cli(
     oversize_close_delay: float = 0.15,
     storm_limit: int = 0,
     storm_window: float = 1.0,
+    tick_changes: bool = False,
+    rest_port: int | None = None,
 ) -> None:
     """
     Run the replay server (``polystream replay PATH...``) until Ctrl-C.
@@ -2028,6 +2605,9 @@ def run_replay_cli(
     assets (module docstring), ``synthetic_events`` forwards events to them.
     ``faults`` are ``--fault`` specs (:meth:`ScheduledFault.parse`); the other
     fault options are :class:`ReplayServer`'s attributes of the same names.
+    ``tick_changes`` (``--tick-changes``) emits ``tick_size_change`` events;
+    ``rest_port`` (``--rest-port``, 0 = a free port) also serves the CLOB
+    REST app, its URL logged as ``rest_url`` in ``replay_listening``.
     Configure structlog before calling.
 
     Raises:
@@ -2048,11 +2628,12 @@ def run_replay_cli(
         oversize_close_delay=oversize_close_delay,
         storm_limit=storm_limit,
         storm_window=storm_window,
+        tick_changes=tick_changes,
     )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(server.serve, host=host, port=port))
+            await nursery.start(partial(server.serve, host=host, port=port, rest_port=rest_port))
             if exit_at_end:
                 await server.finished.wait()
                 await server.close_clients()
