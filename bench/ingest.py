@@ -49,8 +49,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,14 @@ class Tape:
     frames: int
     events: int
     repeat: int
+    event_types: dict[str, int] = attrs.field(factory=dict)  # per repetition, from the JSON
 
     @classmethod
     def load(cls, path: Path, repeat: int | None) -> Tape:
+        """
+        Read ``path``, repeated ``repeat`` times (None: enough for MIN_FRAMES frames),
+        encoded once.
+        """
         from wsproto.frame_protocol import FrameProtocol
 
         lines = [line for line in gzip.decompress(path.read_bytes()).split(b"\n") if line.strip()]
@@ -118,9 +124,12 @@ class Tape:
         stamps = [int(m) for line in lines for m in _TIMESTAMP.findall(line)]
         span_ms = max(stamps) - min(stamps) + 1000
         events = 0
+        types: Counter[str] = Counter()
         for line in lines:
             data = orjson.loads(line)
-            events += len(data) if isinstance(data, list) else 1
+            objects = data if isinstance(data, list) else [data]
+            events += len(objects)
+            types.update(str(obj.get("event_type")) for obj in objects)
         if repeat is None:
             repeat = math.ceil(MIN_FRAMES / len(lines))
         parts: list[bytes] = []
@@ -128,29 +137,46 @@ class Tape:
             for line in lines:
                 text = shift_timestamps(line, lap * span_ms).decode()
                 parts.append(bytes(encoder.send_data(text, fin=True)))
-        return cls(blob=b"".join(parts), frames=len(lines), events=events, repeat=repeat)
+        return cls(
+            blob=b"".join(parts),
+            frames=len(lines),
+            events=events,
+            repeat=repeat,
+            event_types=dict(types),
+        )
 
     @property
     def total_frames(self) -> int:
+        """Frames of all repetitions."""
         return self.frames * self.repeat
 
     @property
     def total_events(self) -> int:
+        """Events of all repetitions."""
         return self.events * self.repeat
 
     @property
     def total_bytes(self) -> int:
+        """Encoded bytes of all repetitions."""
         return len(self.blob)
+
+    @property
+    def total_event_types(self) -> dict[str, int]:
+        """Events sent per ``event_type``, all repetitions."""
+        return {kind: n * self.repeat for kind, n in sorted(self.event_types.items())}
 
 
 @attrs.frozen
 class Market:
+    """One market of the capture: id, outcomes and their CLOB token ids, in order."""
+
     id: str
     outcomes: tuple[str, ...]
     tokens: tuple[str, ...]
 
 
 def load_markets() -> list[Market]:
+    """The capture's markets (``updown-2025-12-11.markets.json``)."""
     raw = orjson.loads(Path(f"{CAPTURE}.markets.json").read_bytes())
     return [
         Market(m["id"], tuple(orjson.loads(m["outcomes"])), tuple(orjson.loads(m["clobTokenIds"])))
@@ -176,6 +202,7 @@ class FinalState:
 
     @classmethod
     def expected(cls, markets: Sequence[Market]) -> FinalState:
+        """The final state of ``markets`` from ``expected.json``."""
         assets = orjson.loads(Path(f"{CAPTURE}.expected.json").read_bytes())["assets"]
         rows: dict[str, MarketState] = {}
         for market in markets:
@@ -348,7 +375,14 @@ async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, 
     if session.first_byte_at is None or session.error is not None:
         raise BenchError(f"{kind} client: {session.error or 'nothing sent'}")
     elapsed = result["end"] - session.first_byte_at
+    received, sent = (
+        (result["frames"], tape.total_frames)
+        if kind == "bare"
+        else (result["bytes"], tape.total_bytes)
+    )
     return {
+        "received": received,  # frames (bare client) or bytes (raw reader), must equal sent
+        "sent": sent,
         "elapsed_s": elapsed,
         "frames_per_s": tape.total_frames / elapsed,
         "events_per_s": tape.total_events / elapsed,
@@ -405,7 +439,13 @@ def prepare_database(dsn: str, markets: Sequence[Market]) -> None:
 
 
 class StateProbe:
-    """A connection of the bench's own that compares the database with :class:`FinalState`."""
+    """
+    A connection of the bench's own that compares the database with
+    :class:`FinalState`: every held market's row (display prices in token
+    order, best bid/ask, midpoint and last trade of the first token,
+    ``source = 'ws'``) and every position's current price and P&L
+    (``size * (price - entry)``, percent of entry rounded to 4 places).
+    """
 
     def __init__(self, dsn: str, want: FinalState) -> None:
         from polystream import db
@@ -413,22 +453,48 @@ class StateProbe:
         self._conn = db.connect(dsn, application_name="polystream-bench-probe", autocommit=True)
         self._want = want
 
-    def matches(self) -> bool:
+    def mismatches(self) -> list[str]:
+        """Every difference from the final state (empty: the database holds it exactly)."""
         rows = self._conn.execute(
-            "SELECT id, outcome_prices, best_bid, best_ask, last_mid_price, last_trade_price"
-            " FROM markets WHERE id = ANY(%s)",
+            "SELECT id, outcome_prices, best_bid, best_ask, last_mid_price, last_trade_price,"
+            " source FROM markets WHERE id = ANY(%s)",
             (list(self._want.markets),),
         ).fetchall()
-        for market_id, prices, bid, ask, mid, last in rows:
+        found = []
+        for market_id, prices, bid, ask, mid, last, source in rows:
             got = ([None if p is None else Decimal(p) for p in prices or []], bid, ask, mid, last)
-            if got != self._want.markets[market_id]:
-                return False
-        positions = self._conn.execute("SELECT token_id, current_price FROM positions").fetchall()
-        return len(rows) == len(self._want.markets) and all(
-            price == self._want.prices[token] for token, price in positions
-        )
+            if got != self._want.markets[market_id] or source != "ws":
+                found.append(f"market {market_id}: {got} {source}")
+        missing = set(self._want.markets) - {row[0] for row in rows}
+        found += [f"market {market_id}: no row" for market_id in sorted(missing)]
+        positions = self._conn.execute(
+            "SELECT id, token_id, size, entry_price, current_price, pnl_amount, pnl_percentage"
+            " FROM positions"
+        ).fetchall()
+        if len(positions) != self.positions:
+            found.append(f"{len(positions)} positions, expected {self.positions}")
+        for pid, token, size, entry, price, pnl, pct in positions:
+            want = self._want.prices[token]
+            if want is None or price != want:
+                found.append(f"position {pid}: price {price}, expected {want}")
+                continue
+            want_pnl = size * (want - entry)
+            want_pct = ((want - entry) / entry * 100).quantize(Decimal("0.0001"), ROUND_HALF_UP)
+            if (pnl, pct) != (want_pnl, want_pct):
+                found.append(f"position {pid}: P&L {pnl} {pct}, expected {want_pnl} {want_pct}")
+        return found
+
+    def matches(self) -> bool:
+        """Whether the database holds the final state exactly."""
+        return not self.mismatches()
+
+    @property
+    def positions(self) -> int:
+        """Positions :func:`prepare_database` opens."""
+        return len(self._want.prices) * len(ENTRY_PRICES)
 
     def close(self) -> None:
+        """Close the probe's connection."""
         self._conn.close()
 
 
@@ -439,11 +505,38 @@ def _health(url: str) -> dict[str, Any]:
     return document
 
 
+def _data_frames(health: dict[str, Any]) -> int:
+    """Frames the daemon read, control frames (``PONG``...) left out."""
+    control: dict[str, int] = health["control_frames"]
+    return int(health["frames"]) - sum(control.values())
+
+
 def _drained(health: dict[str, Any], frames: int) -> bool:
     pending = health["pending"]
     return bool(
-        health["frames"] >= frames and pending["markets"] == 0 and pending["positions"] == 0
+        _data_frames(health) >= frames
+        and not any(pending.get(k) for k in ("markets", "positions", "router_queue"))
     )
+
+
+def health_differences(health: dict[str, Any], tape: Tape) -> list[str]:
+    """
+    How ``/health`` at the end differs from what was sent: data frames read,
+    events counted per ``event_type`` (counted here from the JSON), nothing
+    pending, no event dropped as foreign.
+    """
+    found = []
+    if _data_frames(health) != tape.total_frames:
+        found.append(f"frames read {_data_frames(health)}, sent {tape.total_frames}")
+    events = {kind: n for kind, n in sorted(health["events"].items()) if n}
+    if events != tape.total_event_types:
+        found.append(f"events {events}, sent {tape.total_event_types}")
+    pending = {k: v for k, v in health["pending"].items() if v}
+    if pending:
+        found.append(f"pending at the end: {pending}")
+    if health["foreign_events"]:
+        found.append(f"{health['foreign_events']} events dropped as foreign")
+    return found
 
 
 async def _stays_matched(probe: StateProbe, seconds: float = 0.2) -> bool:
@@ -519,6 +612,8 @@ def _log_summary(path: Path) -> dict[str, Any]:
 
 @attrs.frozen
 class Options:
+    """Rounds, and where logs and profiles go."""
+
     rounds: int
     log_dir: Path
     profile_dir: Path | None
@@ -562,9 +657,18 @@ async def _measure_daemon(
     log_path: Path,
     profile: Path | None,
 ) -> dict[str, Any]:
+    """
+    One daemon run: the tape, then the final state. Every way the run can go
+    wrong is a ``differences`` entry (the caller fails the benchmark on any):
+    final state not reached within 300 s or not exact, ``/health`` not as sent
+    (:func:`health_differences`), subscription, exit code, log warnings,
+    reconnects.
+    """
     tape = sender.tape
     health_port = _free_port()
+    health_url = f"http://127.0.0.1:{health_port}/health"
     session = sender.expect("daemon")
+    differences: list[str] = []
     with log_path.open("wb") as log:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "polystream", "run"],
@@ -574,19 +678,23 @@ async def _measure_daemon(
             cwd=ROOT,
         )
     spy: trio.Process | None = None
+    seen_at: float | None = None
+    early = 0
     try:
         if profile is not None:
             spy = await _start_py_spy(process.pid, profile)
         await _wait_connected(session, process, log_path)
         cpu_start = _cpu_seconds(process.pid)
         if sorted(session.assets) != sorted(want.prices):
-            raise BenchError(f"daemon subscribed {len(session.assets)} assets, not 12")
-        with trio.fail_after(300):
-            seen_at, early = await wait_final_state(
-                probe, f"http://127.0.0.1:{health_port}/health", tape.total_frames
-            )
+            differences.append(f"subscribed {len(session.assets)} assets, not the 12 held")
+        with trio.move_on_after(300):
+            seen_at, early = await wait_final_state(probe, health_url, tape.total_frames)
         peak_kib = _vm_hwm_kib(process.pid)
         cpu = _cpu_seconds(process.pid) - cpu_start
+        if seen_at is None:
+            differences.append("final state not reached within 300 s")
+        differences += await trio.to_thread.run_sync(probe.mismatches)
+        differences += health_differences(await trio.to_thread.run_sync(_health, health_url), tape)
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             with trio.fail_after(30):
@@ -600,13 +708,15 @@ async def _measure_daemon(
                 child.kill()
                 await child.wait()
     assert session.first_byte_at is not None
-    elapsed = seen_at - session.first_byte_at
     summary = _log_summary(log_path)
-    if code != 0 or summary["problems"] or sender.unexpected:
-        raise BenchError(
-            f"daemon exit {code}, log problems {summary['problems'][:5]}, "
-            f"reconnects {sender.unexpected}; log {log_path}:\n{_tail(log_path)}"
-        )
+    if code != 0:
+        differences.append(f"daemon exit {code}")
+    differences += [f"log: {problem}" for problem in summary["problems"][:10]]
+    if sender.unexpected:
+        differences.append(f"{sender.unexpected} unexpected connections (reconnects)")
+    if differences:
+        print(f"daemon differences (log {log_path}): {differences[:5]}", file=sys.stderr)
+    elapsed = (seen_at or time.monotonic()) - session.first_byte_at
     return {
         "elapsed_s": elapsed,
         "events_per_s": tape.total_events / elapsed,
@@ -618,6 +728,7 @@ async def _measure_daemon(
         "early_matches": early,
         "rows_markets": summary["stopped"].get("rows_markets"),
         "rows_positions": summary["stopped"].get("rows_positions"),
+        "differences": differences,
     }
 
 
@@ -680,6 +791,10 @@ Runs = dict[str, list[dict[str, Any]]]
 
 
 async def bench(tape: Tape, admin_dsn: str, options: Options) -> Runs:
+    """
+    Run ``options.rounds`` interleaved rounds (raw reader, bare client, daemon); returns
+    every round's figures.
+    """
     markets = load_markets()
     want = FinalState.expected(markets)
     assets = [t for m in markets for t in m.tokens]
@@ -710,6 +825,7 @@ def _progress(round_no: int, runs: Runs) -> None:
 
 
 def figure(values: Sequence[float], unit: str, baseline: str | None = None) -> dict[str, Any]:
+    """Median, min, max and every value of ``values``, with ``unit``."""
     result: dict[str, Any] = {
         "value": statistics.median(values),
         "unit": unit,
@@ -723,6 +839,8 @@ def figure(values: Sequence[float], unit: str, baseline: str | None = None) -> d
 
 
 def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
+    """The results document (JSON-ready): figures, workload, machine, correctness."""
+
     def each(kind: str, key: str) -> list[float]:
         return [float(run[key]) for run in runs[kind]]
 
@@ -747,6 +865,7 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
     ]
     return {
         "machine": machine,
+        "correctness": correctness(tape, runs),
         "workload": {
             "capture": f"{CAPTURE.relative_to(ROOT)}.jsonl.gz",
             "repetitions": tape.repeat,
@@ -811,6 +930,58 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def correctness(tape: Tape, runs: Runs) -> dict[str, Any]:
+    """
+    The exact checks of every round: each daemon run's differences (see
+    :func:`_measure_daemon`), and the clients' received counts against what
+    was sent.
+    """
+    clients = [
+        f"{kind} round {n}: received {run['received']} of {run['sent']}"
+        for kind in ("sender", "bare_client")
+        for n, run in enumerate(runs[kind], 1)
+        if run["received"] != run["sent"]
+    ]
+    daemon = [
+        f"daemon round {n}: {difference}"
+        for n, run in enumerate(runs["daemon"], 1)
+        for difference in run["differences"]
+    ]
+    markets = load_markets()
+    return {
+        "rounds": len(runs["daemon"]),
+        "daemon_exact": sum(1 for run in runs["daemon"] if not run["differences"]),
+        "clients_exact": sum(
+            1
+            for k in ("sender", "bare_client")
+            for run in runs[k]
+            if run["received"] == run["sent"]
+        ),
+        "frames": tape.total_frames,
+        "bytes": tape.total_bytes,
+        "event_types": tape.total_event_types,
+        "markets": len(markets),
+        "positions": sum(len(m.tokens) for m in markets) * len(ENTRY_PRICES),
+        "differences": clients + daemon,
+    }
+
+
+def correctness_line(check: dict[str, Any]) -> str:
+    """The correctness summary printed under the table."""
+    types = ", ".join(f"{kind} {n:,}" for kind, n in check["event_types"].items())
+    rounds = check["rounds"]
+    return (
+        f"Correctness (exact): daemon {check['daemon_exact']}/{rounds} rounds read "
+        f"{check['frames']:,}/{check['frames']:,} frames with events by type as sent ({types}), "
+        f"ended with {check['markets']}/{check['markets']} markets and "
+        f"{check['positions']}/{check['positions']} positions equal to expected.json's final "
+        "state (prices, P&L, source 'ws'), nothing pending, exit 0, no warnings; bare client "
+        f"and raw reader {check['clients_exact']}/{2 * rounds} rounds received all "
+        f"{check['frames']:,} frames / {check['bytes']:,} bytes; "
+        f"{len(check['differences'])} differences"
+    )
+
+
 def machine_facts() -> dict[str, Any]:
     """CPU count, Python, platform, load average (at the start) and date."""
     return {
@@ -846,6 +1017,7 @@ def _number(value: float) -> str:
 
 
 def markdown(document: dict[str, Any]) -> str:
+    """The results table and the correctness line, as Markdown."""
     work, machine = document["workload"], document["machine"]
     lines = [
         f"Ingest: {work['frames']:,} frames / {work['events']:,} events "
@@ -864,6 +1036,7 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {label} | {_number(node['value'])} | {_number(node['min'])}-"
             f"{_number(node['max'])} | {node['unit']} |"
         )
+    lines += ["", correctness_line(document["correctness"])]
     return "\n".join(lines) + "\n"
 
 
@@ -913,6 +1086,10 @@ def _quiet_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run the benchmark (or, with ``--client``, one client child); returns 1 on any
+    difference, else 0.
+    """
     args = _parse_args(argv)
     if args.client:
         return _client_main(args)
@@ -939,7 +1116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = results(tape, runs, machine)
     table = markdown(document)
     write_results(args.out, "results", document, table)
-    return 0
+    for difference in document["correctness"]["differences"]:
+        print(f"FAILED {difference}", file=sys.stderr)
+    return 1 if document["correctness"]["differences"] else 0
 
 
 if __name__ == "__main__":

@@ -116,12 +116,17 @@ def _prepare(dsn: str) -> list[str]:
 
 
 class MovingClob:
-    """``POST /prices`` like the CLOB, every answer a new price (bid, bid + 0.02)."""
+    """
+    ``POST /prices`` like the CLOB, every answer a new price (bid, bid + 0.02);
+    ``served`` keeps every bid answered.
+    """
 
     def __init__(self) -> None:
         self.requests = 0
+        self.served: set[Decimal] = set()
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app (lifespan, and ``POST /prices`` answered for every token asked)."""
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -138,6 +143,7 @@ class MovingClob:
                 break
         self.requests += 1
         bid = Decimal("0.30") + Decimal("0.01") * (self.requests % 40)
+        self.served.add(bid)
         answer: dict[str, Any] = {}
         if scope["path"] == "/prices":
             for item in orjson.loads(data or b"[]"):
@@ -163,9 +169,15 @@ async def _until(condition: Callable[[], Awaitable[bool]], within: float, what: 
 
 
 async def measure_drops(
-    server: ReplayServer, health_url: str, drops: int
+    server: ReplayServer, health_url: str, drops: int, tokens: set[str], differences: list[str]
 ) -> dict[str, list[float]]:
-    """Drop the daemon's connection ``drops`` times; per drop, the three delays in ms."""
+    """
+    Drop the daemon's connection ``drops`` times; per drop, the three delays
+    in ms. Each drop must be followed by exactly one new connection, whose
+    first request names exactly the held ``tokens`` and which gets a fresh
+    snapshot of each, and by exactly one more reconnect in ``/health``;
+    anything else is added to ``differences``.
+    """
     fetch = partial(trio.to_thread.run_sync, _health, health_url)
 
     async def shard() -> dict[str, Any]:
@@ -195,7 +207,26 @@ async def measure_drops(
         log = _opened_after(server, dropped_at)[0]
         resub.append((log.requests[0].received_at - dropped_at) * 1000)
         snap.append((max(log.snapshots.values()) - dropped_at) * 1000)
+        differences += _drop_differences(server, dropped_at, tokens, before, await shard())
     return {"resubscribe": resub, "snapshots": snap, "health": health}
+
+
+def _drop_differences(
+    server: ReplayServer, dropped_at: float, tokens: set[str], before: int, shard: dict[str, Any]
+) -> list[str]:
+    """What one recovered drop did differently from one reconnect that resubscribes ``tokens``."""
+    found = []
+    logs = _opened_after(server, dropped_at)
+    if len(logs) != 1:
+        found.append(f"drop at {dropped_at:.3f}: {len(logs)} connections opened after it")
+    first = set(logs[0].requests[0].asset_ids) if logs and logs[0].requests else set()
+    if first != tokens:
+        found.append(f"drop at {dropped_at:.3f}: resubscribed {len(first)} assets, not the 12 held")
+    if logs and set(logs[0].snapshots) != tokens:
+        found.append(f"drop at {dropped_at:.3f}: snapshots of {len(logs[0].snapshots)} assets")
+    if shard.get("reconnects") != before + 1:
+        found.append(f"drop at {dropped_at:.3f}: reconnects {before} -> {shard.get('reconnects')}")
+    return found
 
 
 def _opened_after(server: ReplayServer, at: float) -> list[Any]:
@@ -207,6 +238,24 @@ async def _served(server: ReplayServer, at: float) -> bool:
     await trio.lowlevel.checkpoint()
     logs = _opened_after(server, at)
     return bool(logs and logs[0].requests and len(logs[0].snapshots) == 12)
+
+
+def _polled_quotes(dsn: str, served: set[Decimal]) -> tuple[int, list[str]]:
+    """
+    The held markets, and those whose row does not hold a quote the fake
+    CLOB served (``source = 'poll'``, best bid one of ``served``, best ask =
+    bid + 0.02).
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id, source, best_bid, best_ask FROM markets"
+            " WHERE id IN (SELECT market_id FROM positions) ORDER BY id"
+        ).fetchall()
+    return len(rows), [
+        f"market {market_id}: {source} {bid}/{ask}"
+        for market_id, source, bid, ask in rows
+        if source != "poll" or bid not in served or ask != bid + Decimal("0.02")
+    ]
 
 
 def _ages(dsn: str) -> tuple[float, bool]:
@@ -222,10 +271,16 @@ def _ages(dsn: str) -> tuple[float, bool]:
 
 
 async def measure_outage(
-    server: ReplayServer, dsn: str, clob: MovingClob, outage: float
+    server: ReplayServer, dsn: str, clob: MovingClob, outage: float, differences: list[str]
 ) -> dict[str, float]:
-    """Feed down for good; the largest age of the stored prices while polling."""
+    """
+    Feed down for good; the largest age of the stored prices while polling.
+    No connection may be accepted meanwhile, and at the end every held
+    market must hold a polled quote (:func:`_polled_quotes`), else
+    ``differences`` says so.
+    """
     server.refusing = 429
+    connections = len(server.connection_logs)
     await server.drop("tcp")
     down_at = time.monotonic()
     while True:
@@ -242,7 +297,15 @@ async def measure_outage(
         age, _ = await trio.to_thread.run_sync(_ages, dsn)
         ages.append(age)
         await trio.sleep(0.05)
+    if len(server.connection_logs) != connections:
+        differences.append(f"{len(server.connection_logs) - connections} connections while refused")
+    if not server.stats.rejected:
+        differences.append("no handshake was refused during the outage")
+    held, unquoted = await trio.to_thread.run_sync(_polled_quotes, dsn, set(clob.served))
+    differences += unquoted
     return {
+        "held_markets": float(held),
+        "polled_markets": float(held - len(unquoted)),
         "first_poll_write_s": first_poll,
         "max_age_s": max(ages),
         "p50_age_s": statistics.median(ages),
@@ -276,7 +339,13 @@ def _daemon_env(
     return env
 
 
-async def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
+async def run(args: argparse.Namespace, dsn: str, tokens: set[str]) -> dict[str, Any]:
+    """
+    The drops, then the outage, against one daemon; figures and differences.
+
+    Raises:
+        BenchError: the daemon exited or a wait timed out.
+    """
     capture = Capture.load([Path(f"{CAPTURE}.jsonl.gz")])
     server = ReplayServer(tape=Tape(capture), speed=args.speed, loop=True, record=True)
     clob = MovingClob()
@@ -312,8 +381,9 @@ async def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
                     return False
 
             await _until(up, 30, "the daemon's /health")
-            drops = await measure_drops(server, health_url, args.drops)
-            outage = await measure_outage(server, dsn, clob, args.outage)
+            differences: list[str] = []
+            drops = await measure_drops(server, health_url, args.drops, tokens, differences)
+            outage = await measure_outage(server, dsn, clob, args.outage, differences)
         finally:
             if process.returncode is None:
                 process.terminate()
@@ -321,8 +391,48 @@ async def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
                     await process.wait()
                 if process.returncode is None:
                     process.kill()
+                    await process.wait()
             nursery.cancel_scope.cancel()
-    return {"drops": drops, "outage": outage}
+    if process.returncode != 0:
+        differences.append(f"daemon exit {process.returncode}")
+    differences += [f"log: {line}" for line in _log_errors(log_path)[:10]]
+    return {
+        "drops": drops,
+        "outage": outage,
+        "differences": differences,
+        "rejected": server.stats.rejected,
+        "exit_code": process.returncode,
+    }
+
+
+def _log_errors(path: Path) -> list[str]:
+    """``error``/``critical`` records of the daemon's JSON log (warnings are expected here)."""
+    found = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            found.append(line.decode(errors="replace")[:200])
+            continue
+        if isinstance(record, dict) and record.get("level") in ("error", "critical"):
+            found.append(str(record.get("event")))
+    return found
+
+
+def correctness_line(measured: dict[str, Any], args: argparse.Namespace) -> str:
+    """The exact checks, in one line."""
+    drops, outage = len(measured["drops"]["health"]), measured["outage"]
+    differences = measured["differences"]
+    errors = sum(1 for d in differences if d.startswith("log: "))
+    return (
+        f"Correctness (exact): {drops}/{args.drops} drops recovered, each on exactly one new "
+        "connection resubscribing exactly the 12 held tokens and sent 12/12 fresh snapshots, "
+        f"/health reconnects +1 each; outage: no connection accepted while refused "
+        f"({measured['rejected']} handshakes refused), {outage['polled_markets']:.0f}/"
+        f"{outage['held_markets']:.0f} held markets holding a quote the fake CLOB served "
+        f"(source 'poll', ask = bid + 0.02); daemon exit {measured['exit_code']}, error log "
+        f"lines {errors}; {len(differences)} differences"
+    )
 
 
 def _results(measured: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -377,13 +487,17 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main() -> int:
+    """Run the benchmark and write its results; returns 1 on any difference, else 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1] if __doc__ else None)
     parser.add_argument("--drops", type=int, default=50)
     parser.add_argument("--speed", type=float, default=15.0)
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--outage", type=float, default=15.0, help="seconds sampled while down")
     parser.add_argument("--log", default="/tmp/polystream-bench-recovery.log")
+    parser.add_argument(
+        "--out", type=Path, default=OUT_DIR, help="where results-recovery.json/.md go (bench/)"
+    )
     args = parser.parse_args()
     name = f"polystream_bench_recovery_{os.getpid()}"
     with admin_database() as (admin, _source):
@@ -391,19 +505,20 @@ def main() -> None:
         db.create_database(admin, name)
         try:
             dsn = db.dsn_with_dbname(admin, name)
-            _prepare(dsn)
-            measured = trio.run(run, args, dsn)
+            tokens = set(_prepare(dsn))
+            measured = trio.run(run, args, dsn, tokens)
         finally:
             db.drop_database(admin, name)
     results = _results(measured, args)
-    (OUT_DIR / "results-recovery.json").write_text(
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results-recovery.json").write_text(
         json.dumps(
             {k: {"value": v["value"], "unit": v["unit"]} for k, v in results.items()}, indent=2
         )
         + "\n"
     )
-    table = _table(results)
-    (OUT_DIR / "results-recovery.md").write_text(
+    table = _table(results) + "\n\n" + correctness_line(measured, args)
+    (args.out / "results-recovery.md").write_text(
         "# Recovery benchmark (`python -m bench.recovery`)\n\n"
         + (__doc__ or "").split("\n\n", 1)[1].split("\n\nPostgreSQL:")[0]
         + "\n\n"
@@ -411,7 +526,10 @@ def main() -> None:
         + "\n"
     )
     print(table)
+    for difference in measured["differences"]:
+        print(f"FAILED {difference}", file=sys.stderr)
+    return 1 if measured["differences"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

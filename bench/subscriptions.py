@@ -56,6 +56,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ OUT_DIR = Path(__file__).resolve().parent
 COVERAGE_MARKETS = 5_000  # x 2 tokens = 10,000 assets
 POLL = 0.002
 SAMPLE_TIMEOUT = 10.0
+MAX_PER_CONNECTION = 200  # feed.max_assets_per_connection, the default
 INSERT = (
     "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
     " VALUES ('bench', %s, 'Yes', %s, 10, 0.5)"
@@ -84,6 +86,11 @@ INSERT = (
 
 @attrs.frozen
 class Options:
+    """
+    What to measure: samples, connect stagger, synthetic events and tape speed, log
+    directory.
+    """
+
     samples: int
     loaded_samples: int
     stagger: float
@@ -94,6 +101,8 @@ class Options:
 
 @attrs.define
 class Daemon:
+    """A spawned daemon: its process, ``/health`` URL, log and spawn time (monotonic s)."""
+
     process: trio.Process
     health_url: str
     log_path: Path
@@ -105,6 +114,7 @@ class Daemon:
 
 @contextlib.contextmanager
 def throwaway_database(admin: str, name: str) -> Iterator[str]:
+    """A migrated database ``name`` for one run, dropped afterwards; yields its DSN."""
     db.drop_database(admin, name)
     db.create_database(admin, name)
     try:
@@ -156,6 +166,7 @@ def _daemon_env(dsn: str, url: str, health_port: int, stagger: float) -> dict[st
 
 
 async def spawn_daemon(dsn: str, url: str, log_path: Path, stagger: float) -> Daemon:
+    """Start ``polystream run`` on ``dsn`` against the replay server at ``url``."""
     port = _free_port()
     with log_path.open("wb") as log:
         spawned_at = time.monotonic()
@@ -170,6 +181,7 @@ async def spawn_daemon(dsn: str, url: str, log_path: Path, stagger: float) -> Da
 
 
 async def stop_daemon(daemon: Daemon) -> int:
+    """SIGTERM, then kill after 30 s; returns the exit code."""
     process = daemon.process
     if process.returncode is None:
         process.send_signal(signal.SIGTERM)
@@ -191,6 +203,12 @@ def _health(url: str) -> dict[str, Any] | None:
 
 
 async def health(daemon: Daemon) -> dict[str, Any] | None:
+    """
+    The daemon's ``/health`` document, None while it does not answer.
+
+    Raises:
+        BenchError: the daemon exited.
+    """
     if daemon.process.poll() is not None:
         raise BenchError(f"daemon exited {daemon.process.returncode}: {_tail(daemon.log_path)}")
     return await trio.to_thread.run_sync(_health, daemon.health_url)
@@ -210,6 +228,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def log_problems(path: Path) -> list[str]:
+    """Warning and error records (and non-JSON lines) of a daemon log."""
     problems = []
     for line in path.read_bytes().splitlines():
         try:
@@ -233,11 +252,19 @@ def _insert(conn: psycopg.Connection[Any], market: GammaMarket) -> tuple[float, 
 
 
 async def measure_latency(
-    server: ReplayServer, daemon: Daemon, dsn: str, markets: Sequence[GammaMarket]
+    server: ReplayServer,
+    daemon: Daemon,
+    dsn: str,
+    markets: Sequence[GammaMarket],
+    differences: list[str],
 ) -> tuple[list[float], list[float]]:
     """
     Insert-to-subscribe-frame latencies, seconds, one per market, in order: from
-    the INSERT sent, and from its commit acknowledged.
+    the INSERT sent, and from its commit acknowledged. A token not subscribed
+    within SAMPLE_TIMEOUT is added to ``differences`` (and has no sample).
+
+    Raises:
+        BenchError: the daemon exited.
     """
     from_sent: list[float] = []
     from_commit: list[float] = []
@@ -245,16 +272,57 @@ async def measure_latency(
         for market in markets:
             token = market.clob_token_ids[0]
             sent_at, committed_at = await trio.to_thread.run_sync(_insert, conn, market)
-            with trio.fail_after(SAMPLE_TIMEOUT):
+            with trio.move_on_after(SAMPLE_TIMEOUT) as scope:
                 while server.subscribe_times.get(token, 0.0) < sent_at:
                     if daemon.process.poll() is not None:
                         raise BenchError(f"daemon exited: {_tail(daemon.log_path)}")
                     await trio.sleep(POLL)
+            if scope.cancelled_caught:
+                differences.append(f"{token[:12]} not subscribed {SAMPLE_TIMEOUT} s after insert")
+                continue
             received_at = server.subscribe_times[token]
             from_sent.append(received_at - sent_at)
             from_commit.append(received_at - committed_at)
             await trio.sleep(0.02 + random.random() * 0.02)  # independent samples
     return from_sent, from_commit
+
+
+async def subscription_differences(
+    server: ReplayServer, daemon: Daemon, want: set[str]
+) -> list[str]:
+    """
+    How the open connections' subscriptions differ from ``want`` (every
+    token of each market holding an active position inserted here: the
+    daemon follows whole markets): none missing, none extra, none
+    on two connections, at most MAX_PER_CONNECTION per connection; and
+    ``/health`` counting them as desired, subscribed and covered (an event
+    since subscription: the snapshot), within 5 s.
+    """
+    subscriptions = server.subscriptions()
+    seen = Counter(asset for assets in subscriptions.values() for asset in assets)
+    found = []
+    for label, assets in (
+        ("missing", want - seen.keys()),
+        ("extra", seen.keys() - want),
+        ("on two connections", {a for a, n in seen.items() if n > 1}),
+    ):
+        if assets:
+            found.append(f"{len(assets)} assets {label}, e.g. {sorted(assets)[0][:12]}")
+    crowded = [n for n, assets in subscriptions.items() if len(assets) > MAX_PER_CONNECTION]
+    if crowded:
+        found.append(f"connections {crowded} hold more than {MAX_PER_CONNECTION} assets")
+    expected = (len(want),) * 3
+    counted: tuple[int, ...] | None = None
+    with trio.move_on_after(5):
+        while counted != expected:
+            document = await health(daemon)
+            if document is not None:
+                covered = sum(s["assets_with_data"] for s in document["shards"])
+                counted = (document["desired_assets"], document["subscribed_assets"], covered)
+            await trio.sleep(0.05)
+    if counted != expected:
+        found.append(f"/health desired, subscribed, covered {counted}, expected {len(want)}")
+    return found
 
 
 async def measure_coverage(
@@ -278,7 +346,11 @@ async def measure_coverage(
 
 
 def percentiles(latencies: Sequence[float]) -> dict[str, Any]:
+    """p50/p99/max/mean in ms of ``latencies`` (s); values None with fewer than 2 samples."""
     ms = sorted(x * 1000 for x in latencies)
+    if len(ms) < 2:
+        empty = {"value": None, "unit": "ms"}
+        return {"p50": empty, "p99": empty, "max": empty, "mean": empty, "samples": len(ms)}
     cuts = statistics.quantiles(ms, n=100, method="inclusive")
     return {
         "p50": {"value": round(statistics.median(ms), 2), "unit": "ms"},
@@ -293,6 +365,7 @@ def percentiles(latencies: Sequence[float]) -> dict[str, Any]:
 
 
 def new_server(capture: Capture, synthetic: Synthetic, options: Options) -> ReplayServer:
+    """A recording replay server over the capture and its synthetic copies."""
     return ReplayServer(
         tape=Tape(capture),
         speed=options.speed,
@@ -309,12 +382,18 @@ async def run_idle(
     latency: Sequence[GammaMarket],
     options: Options,
 ) -> dict[str, Any]:
+    """The idle run: nothing held at start, then the latency samples; its figures and checks."""
     async with trio.open_nursery() as nursery:
         server: ReplayServer = await nursery.start(new_server(capture, synthetic, options).serve)
         daemon = await spawn_daemon(dsn, server.url, options.log_dir / "idle.log", options.stagger)
+        differences: list[str] = []
         try:
             await wait_ready(daemon)
-            from_sent, from_commit = await measure_latency(server, daemon, dsn, latency)
+            from_sent, from_commit = await measure_latency(
+                server, daemon, dsn, latency, differences
+            )
+            want = {token for m in latency for token in m.clob_token_ids}
+            differences += await subscription_differences(server, daemon, want)
         finally:
             code = await stop_daemon(daemon)
         nursery.cancel_scope.cancel()
@@ -324,6 +403,7 @@ async def run_idle(
         "exit_code": code,
         "connections": server.stats.connections,
         "log_problems": log_problems(daemon.log_path)[:10],
+        "subscribed": {"expected": len(want), "differences": differences},
     }
 
 
@@ -335,17 +415,33 @@ async def run_loaded(
     latency: Sequence[GammaMarket],
     options: Options,
 ) -> dict[str, Any]:
+    """
+    The loaded run: cold start to full coverage, then latency samples; its figures and
+    checks.
+    """
     async with trio.open_nursery() as nursery:
         server: ReplayServer = await nursery.start(new_server(capture, synthetic, options).serve)
         daemon = await spawn_daemon(
             dsn, server.url, options.log_dir / "loaded.log", options.stagger
         )
+        differences: list[str] = []
         try:
             done = await measure_coverage(server, daemon, wanted)
+            differences += [
+                f"at full coverage: {d}"
+                for d in await subscription_differences(server, daemon, wanted)
+            ]
             connections = len(server.subscriptions())
             first_connection = server.connection_logs[0].opened_at
             samples = latency[: options.loaded_samples]
-            from_sent, from_commit = await measure_latency(server, daemon, dsn, samples)
+            from_sent, from_commit = await measure_latency(
+                server, daemon, dsn, samples, differences
+            )
+            after = wanted | {token for m in samples for token in m.clob_token_ids}
+            differences += [
+                f"after the inserts: {d}"
+                for d in await subscription_differences(server, daemon, after)
+            ]
         finally:
             code = await stop_daemon(daemon)
         nursery.cancel_scope.cancel()
@@ -372,10 +468,12 @@ async def run_loaded(
         "exit_code": code,
         "connections_total": server.stats.connections,
         "log_problems": log_problems(daemon.log_path)[:10],
+        "subscribed": {"expected": len(after), "differences": differences},
     }
 
 
 async def bench(admin: str, options: Options) -> dict[str, Any]:
+    """Both runs, each on its own throwaway database."""
     capture = Capture.load([CAPTURE])
     count = 2 * (COVERAGE_MARKETS + options.samples)
     synthetic = Synthetic.build(capture.markets, count)
@@ -400,6 +498,7 @@ async def bench(admin: str, options: Options) -> dict[str, Any]:
 
 
 def machine_facts() -> dict[str, Any]:
+    """CPU count, Python, platform, load average and date."""
     return {
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
@@ -410,6 +509,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def markdown(document: dict[str, Any]) -> str:
+    """The results table and the correctness line, as Markdown."""
     idle, loaded = document["runs"]["idle"], document["runs"]["loaded"]
     work, machine = document["workload"], document["machine"]
     rows = [
@@ -455,9 +555,41 @@ def markdown(document: dict[str, Any]) -> str:
     ]
     for label, figure in rows:
         value = figure["value"]
-        text = f"{value:,}" if isinstance(value, int) else f"{value:.2f}"
+        text = (
+            "n/a" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.2f}"
+        )
         lines.append(f"| {label} | {text} | {figure['unit']} |")
+    lines += ["", correctness_line(document)]
     return "\n".join(lines) + "\n"
+
+
+def failures(document: dict[str, Any]) -> list[str]:
+    """Every difference of both runs: subscriptions, samples, exit code, log warnings."""
+    found = []
+    for name, run in document["runs"].items():
+        found += [f"{name}: {d}" for d in run["subscribed"]["differences"]]
+        if run["exit_code"] != 0:
+            found.append(f"{name}: daemon exit {run['exit_code']}")
+        found += [f"{name}: log: {problem}" for problem in run["log_problems"]]
+    return found
+
+
+def correctness_line(document: dict[str, Any]) -> str:
+    """The exact checks, in one line under the table."""
+    idle, loaded = document["runs"]["idle"], document["runs"]["loaded"]
+    work = document["workload"]
+    return (
+        f"Correctness (exact): idle: {idle['latency']['samples']}/{work['samples']} inserted "
+        f"positions' tokens subscribed, subscription set equal to the "
+        f"{idle['subscribed']['expected']} tokens of their markets (none missing, extra or twice; "
+        f"<= {MAX_PER_CONNECTION} per connection; /health desired = subscribed = covered); "
+        f"loaded: all {work['coverage_assets']:,} held tokens covered, then "
+        f"{loaded['latency']['samples']}/{work['loaded_samples']} inserts subscribed, set equal "
+        f"to the {loaded['subscribed']['expected']:,} tokens of the held markets; exit codes "
+        f"{idle['exit_code']}/{loaded['exit_code']}, log warnings "
+        f"{len(idle['log_problems']) + len(loaded['log_problems'])}; "
+        f"{len(failures(document))} differences"
+    )
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -503,6 +635,7 @@ def _quiet_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write its results; returns 1 on any difference, else 0."""
     args = _parse_args(argv)
     _quiet_logging()
     machine = machine_facts()
@@ -531,7 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
     }
     write_results(args.out, "results-subscriptions", document, markdown(document))
-    return 0
+    problems = failures(document)
+    for problem in problems:
+        print(f"FAILED {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

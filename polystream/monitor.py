@@ -13,6 +13,12 @@ with 20 to 30 at once they starved the WebSocket heartbeat. Here:
 * **Predictions** sit in one heap ordered by their decision time; one task
   ``trio.sleep_until``s its head and is woken early when rules change.
   ``edge`` predictions are also checked on each price event of their asset.
+  A prediction due while its asset has no best ask (not quoted yet, feed
+  down) is **deferred**, never dropped silently: one ``prediction_deferred``
+  log line, counted in ``Stats`` (``/health``, ``/metrics``), decided on the
+  first price event of its asset that brings an ask (looked at again every
+  :data:`NO_PRICE_RETRY` s as well), or skipped ``no_price`` when its window
+  closes.
 * **Decisions** go to the :class:`Executor`, which writes them exactly once
   (compare-and-set on the row's status plus a unique ``triggers.dedupe_key``,
   in one statement) and ``NOTIFY polystream_triggers`` with the trigger id.
@@ -37,12 +43,13 @@ import structlog
 import trio
 from sortedcontainers import SortedList
 
-from polystream.book import AssetBook, TopOfBook
+from polystream.book import AssetBook, TopOfBook, mark_price
 from polystream.errors import DatabaseError
-from polystream.pipeline import mark_price
 from polystream.stats import Stats
 
 __all__ = [
+    "DEFERRAL_REASONS",
+    "NO_PRICE_RETRY",
     "TRIGGERS_CHANNEL",
     "Decision",
     "Executor",
@@ -61,7 +68,17 @@ logger = structlog.get_logger(__name__)
 TRIGGERS_CHANNEL = "polystream_triggers"
 
 NO_PRICE_RETRY = 5.0
-"""Seconds before a prediction due while its asset has no quote is looked at again."""
+"""Seconds before a deferred prediction (due, its asset without an ask) is looked at again."""
+
+ON_TIME_S = 1.0
+"""
+A decision the deadline task makes at most this late after the window's close
+still counts as inside the window: a ``from_end`` prediction with ``delay_s``
+0 is due exactly at ``closes_at``, and the timer wakes a little after it.
+"""
+
+DEFERRAL_REASONS = ("no_price",)
+"""Why a due prediction can be deferred (labels of ``Stats.prediction_deferrals``)."""
 
 Timing = Literal["from_start", "from_end", "percentage", "edge"]
 DecisionKind = Literal["take_profit", "stop_loss", "prediction", "prediction_skipped"]
@@ -92,9 +109,14 @@ class Prediction:
     * ``from_start``: ``delay_s`` after opening;
     * ``from_end``: ``delay_s`` before closing (the default: windows close early);
     * ``percentage``: at ``fraction`` (0..1) of the window;
-    * ``edge``: at the first tick inside the window where
-      ``forecast_probability - best_ask >= min_edge``; skipped with
-      ``no_edge`` at the ``from_end`` moment if that never happened.
+    * ``edge``: at the first tick in ``[opens_at, deadline)`` where
+      ``forecast_probability - best_ask >= min_edge``, the deadline being
+      the ``from_end`` moment; skipped with ``no_edge`` at the deadline if
+      that never happened (quoted or not then: an edge is never deferred).
+
+    A ``from_start``/``from_end``/``percentage`` prediction due while its
+    asset has no best ask is deferred until an ask arrives (then decided
+    with it) or the window closes (then skipped ``no_price``).
     """
 
     id: int
@@ -222,14 +244,29 @@ def load_rules(
 
 @attrs.define
 class _AssetRules:
-    """TP thresholds ascending and SL thresholds ascending, for one asset."""
+    """
+    TP thresholds ascending and SL thresholds ascending, for one asset; its
+    edge predictions with their deadlines (epoch s), and its deferred
+    predictions (due, waiting for an ask).
+    """
 
     take_profit: SortedList[tuple[Decimal, int]] = attrs.field(factory=SortedList)
     stop_loss: SortedList[tuple[Decimal, int]] = attrs.field(factory=SortedList)
-    edge: dict[int, Prediction] = attrs.field(factory=dict)
+    edge: dict[int, tuple[Prediction, float]] = attrs.field(factory=dict)
+    deferred: dict[int, Prediction] = attrs.field(factory=dict)
 
     def empty(self) -> bool:
-        return not (self.take_profit or self.stop_loss or self.edge)
+        """Whether no rule of any kind is left (the asset's entry can go)."""
+        return not (self.take_profit or self.stop_loss or self.edge or self.deferred)
+
+
+@attrs.define
+class _Deferral:
+    """A prediction due but not decided: since when (epoch s), why, how often looked at."""
+
+    since: float
+    reason: str
+    checks: int = 1
 
 
 @attrs.define(eq=False)
@@ -256,6 +293,7 @@ class Monitor:
     _scheduled: dict[int, int] = attrs.field(factory=dict)  # id -> live seq
     _seq: int = 0
     _fired: set[str] = attrs.field(factory=set)
+    _deferred: dict[int, _Deferral] = attrs.field(factory=dict)
     _tops: dict[str, TopOfBook] = attrs.field(factory=dict)
     _books: dict[str, AssetBook] = attrs.field(factory=dict)
     _wake: trio.Event = attrs.field(factory=trio.Event)
@@ -293,29 +331,54 @@ class Monitor:
             del self._assets[rule.asset_id]
 
     def add_prediction(self, prediction: Prediction) -> None:
-        """Schedule a pending prediction (replacing an earlier version of it)."""
+        """
+        Schedule a pending prediction (replacing an earlier version of it).
+        One already decided here is ignored: a reload can read its row before
+        the executor's write of that decision commits.
+        """
+        if _prediction_key(prediction.id) in self._fired:
+            return
         self.remove_prediction(prediction.id)
         self._predictions[prediction.id] = prediction
-        self._seq += 1
-        self._scheduled[prediction.id] = self._seq
-        heapq.heappush(self._heap, (decision_time(prediction), self._seq, prediction.id))
+        self.stats.monitor_predictions = len(self._predictions)
+        deadline = decision_time(prediction)
+        self._schedule(prediction.id, deadline)
         if prediction.timing == "edge":
-            self._asset(prediction.asset_id).edge[prediction.id] = prediction
+            self._asset(prediction.asset_id).edge[prediction.id] = (prediction, deadline)
             top = self._latest(prediction.asset_id)
             if top is not None:
                 self._check_edge(prediction.asset_id, top)
         self._wake.set()
 
     def remove_prediction(self, prediction_id: int) -> None:
-        """Forget a prediction (cancelled or decided elsewhere); its heap entry goes stale."""
+        """
+        Forget a prediction (decided, cancelled or decided elsewhere), deferred
+        or not; its heap entry goes stale.
+        """
         prediction = self._predictions.pop(prediction_id, None)
         self._scheduled.pop(prediction_id, None)
-        if prediction is not None and prediction.timing == "edge":
-            side = self._assets.get(prediction.asset_id)
-            if side is not None:
-                side.edge.pop(prediction_id, None)
-                if side.empty():
-                    del self._assets[prediction.asset_id]
+        self.stats.monitor_predictions = len(self._predictions)
+        if self._deferred.pop(prediction_id, None) is not None:
+            self.stats.predictions_deferred = len(self._deferred)
+        if prediction is None:
+            return
+        side = self._assets.get(prediction.asset_id)
+        if side is not None:
+            side.edge.pop(prediction_id, None)
+            side.deferred.pop(prediction_id, None)
+            if side.empty():
+                del self._assets[prediction.asset_id]
+
+    def _schedule(self, prediction_id: int, at: float) -> None:
+        """Make ``at`` (epoch s) the prediction's one live heap entry."""
+        self._seq += 1
+        self._scheduled[prediction_id] = self._seq
+        heapq.heappush(self._heap, (at, self._seq, prediction_id))
+
+    @property
+    def deferred_count(self) -> int:
+        """Predictions due but waiting for an ask (see :meth:`_defer`)."""
+        return len(self._deferred)
 
     def replace_all(self, rules: RuleSet) -> None:
         """Make the in-memory rules equal ``rules`` (a full reload from the database)."""
@@ -394,7 +457,10 @@ class Monitor:
         return book.top() if book is not None else self._tops.get(asset_id)
 
     def on_price(self, asset_id: str, top: TopOfBook) -> None:
-        """A new top of book for ``asset_id``: fire every rule it crosses."""
+        """
+        A new top of book for ``asset_id``: fire every rule it crosses, and
+        decide the asset's deferred predictions if it brings an ask.
+        """
         self._tops[asset_id] = top
         side = self._assets.get(asset_id)
         if side is None:
@@ -403,6 +469,10 @@ class Monitor:
             self._check_tpsl(asset_id, top)
         if side.edge:
             self._check_edge(asset_id, top)
+        if side.deferred and top.best_ask is not None:
+            now = self.clock()
+            for prediction in list(side.deferred.values()):
+                self._decide_prediction(prediction, top, now, edge_seen=False)
 
     def _check_tpsl(self, asset_id: str, top: TopOfBook) -> None:
         price = mark_price(top, self.trigger_price)
@@ -435,9 +505,9 @@ class Monitor:
 
     def _check_edge(self, asset_id: str, top: TopOfBook) -> None:
         now = self.clock()
-        for prediction in list(self._assets[asset_id].edge.values()):
-            if not prediction.opens_at <= now < prediction.closes_at:
-                continue
+        for prediction, deadline in list(self._assets[asset_id].edge.values()):
+            if not prediction.opens_at <= now < deadline:
+                continue  # not open yet, or past the deadline (skipped no_edge there)
             ask = top.best_ask
             if ask is None or prediction.forecast_probability is None:
                 continue
@@ -451,37 +521,88 @@ class Monitor:
             heapq.heappop(self._heap)
 
     def _decide_prediction(
-        self, prediction: Prediction, top: TopOfBook | None, now: float, *, edge_seen: bool
+        self,
+        prediction: Prediction,
+        top: TopOfBook | None,
+        now: float,
+        *,
+        edge_seen: bool,
+        on_schedule: bool = False,
     ) -> None:
-        """Decide now: place (``decided``) or skip, with the reason and the price seen."""
+        """
+        Decide now (epoch s): place (``decided``) or skip, with the reason and
+        the ask seen; or, for a timed prediction whose asset has no ask while
+        its window is open, defer it (see :meth:`_defer`). ``on_schedule``: the
+        deadline task decides at the scheduled moment, which may be up to
+        :data:`ON_TIME_S` after the close and still counts as in the window.
+        """
         ask = None if top is None else top.best_ask
-        if ask is None and not edge_seen and now + NO_PRICE_RETRY < prediction.closes_at:
-            # No quote yet (just started or reconnected): look again shortly.
-            self._seq += 1
-            self._scheduled[prediction.id] = self._seq
-            heapq.heappush(self._heap, (now + NO_PRICE_RETRY, self._seq, prediction.id))
+        timed = prediction.timing != "edge"
+        if ask is None and timed and now < prediction.closes_at:
+            self._defer(prediction, now, "no_price")
             return
+        deferral = self._deferred.get(prediction.id)
         self.remove_prediction(prediction.id)
+        closed_at = prediction.closes_at + (ON_TIME_S if on_schedule else 0.0)
         kind: DecisionKind
-        if now > prediction.closes_at:
+        if now > closed_at and deferral is None:
             kind, reason = "prediction_skipped", "window_closed"
-        elif prediction.timing == "edge" and not edge_seen:
+        elif not timed and not edge_seen:
             kind, reason = "prediction_skipped", "no_edge"
-        elif ask is None:
-            kind, reason = "prediction_skipped", "no_price"
+        elif ask is None or (deferral is not None and now >= prediction.closes_at):
+            kind, reason = "prediction_skipped", "no_price"  # deferred until the window closed
         elif ask > prediction.limit_price:
             kind, reason = "prediction_skipped", "price_above_limit"
         else:
             kind, reason = "prediction", "edge" if edge_seen else prediction.timing
+        if deferral is not None:
+            logger.info(
+                "prediction_deferral_ended",
+                prediction_id=prediction.id,
+                asset_id=prediction.asset_id,
+                kind=kind,
+                reason=reason,
+                deferred_s=now - deferral.since,
+                checks=deferral.checks,
+            )
         self._fire(
             Decision(
                 kind=kind,
-                dedupe_key=f"prediction:{prediction.id}",
+                dedupe_key=_prediction_key(prediction.id),
                 price=ask,
                 reason=reason,
                 prediction_id=prediction.id,
                 decided_at=now,
             )
+        )
+
+    def _defer(self, prediction: Prediction, now: float, reason: str) -> None:
+        """
+        Keep a due prediction pending: look again in :data:`NO_PRICE_RETRY`
+        s, or when its window closes if sooner, and at once when a price
+        event of its asset brings an ask. Every deferral is counted
+        (``Stats.prediction_deferrals``); only the first of each prediction
+        is logged (``prediction_deferred``), the rest add to its ``checks``.
+        """
+        retry_in = min(NO_PRICE_RETRY, prediction.closes_at - now)
+        self._schedule(prediction.id, now + retry_in)
+        self.stats.prediction_deferrals[reason] += 1
+        deferral = self._deferred.get(prediction.id)
+        if deferral is not None:
+            deferral.checks += 1
+            deferral.reason = reason
+            return
+        self._deferred[prediction.id] = _Deferral(since=now, reason=reason)
+        self._asset(prediction.asset_id).deferred[prediction.id] = prediction
+        self.stats.predictions_deferred = len(self._deferred)
+        logger.info(
+            "prediction_deferred",
+            prediction_id=prediction.id,
+            asset_id=prediction.asset_id,
+            reason=reason,
+            retry_in_s=retry_in,
+            due_at=decision_time(prediction),
+            closes_at=prediction.closes_at,
         )
 
     def due(self, now: float) -> list[Prediction]:
@@ -517,7 +638,11 @@ class Monitor:
             now = self.clock()
             for prediction in self.due(now):
                 self._decide_prediction(
-                    prediction, self._latest(prediction.asset_id), now, edge_seen=False
+                    prediction,
+                    self._latest(prediction.asset_id),
+                    now,
+                    edge_seen=False,
+                    on_schedule=True,
                 )
 
     def _fire(self, decision: Decision) -> None:
@@ -526,6 +651,11 @@ class Monitor:
         self._fired.add(decision.dedupe_key)
         self.stats.triggers[decision.kind] += 1
         self.decide(decision)
+
+
+def _prediction_key(prediction_id: int) -> str:
+    """The ``triggers.dedupe_key`` of a prediction's decision: one per prediction."""
+    return f"prediction:{prediction_id}"
 
 
 @attrs.define(eq=False)

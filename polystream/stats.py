@@ -23,6 +23,9 @@ __all__ = ["HEALTH_SCHEMA", "ShardStats", "Stats", "StatsCollector"]
 
 HEALTH_SCHEMA = 1
 
+BOOK_HASHES = ("verified", "mismatched", "unverifiable")
+"""Outcomes of a ``book`` hash check (:data:`polystream.protocol.Integrity`)."""
+
 
 @attrs.define
 class ShardStats:
@@ -45,6 +48,7 @@ class ShardStats:
     last_error: str | None = None
     seen_assets: set[str] = attrs.field(factory=set)
     subscribed_at: dict[str, float] = attrs.field(factory=dict)
+    book_hashes: Counter[str] = attrs.field(factory=lambda: Counter(dict.fromkeys(BOOK_HASHES, 0)))
 
     def silent(self, now: float, after: float) -> list[str]:
         """Assets subscribed for more than ``after`` s that delivered no event since."""
@@ -71,6 +75,7 @@ class ShardStats:
             "last_frame_age_s": None if self.last_frame_at is None else now - self.last_frame_at,
             "ping_rtt_s": self.ping_rtt,
             "last_error": self.last_error,
+            "book_hashes": dict(self.book_hashes),
         }
 
 
@@ -85,6 +90,8 @@ class Stats:
         parse_errors: skipped frames/events by kind (``invalid_json``, ...).
         control: non-JSON control frames by text (``PONG``, ...).
         foreign_events: events dropped because their asset is not in the shard.
+        ignored_events: events of types the market channel does not define
+            (``settlement_preview``...), by type: normal input, not used.
         rows_written: rows updated by table (``markets``, ``positions``).
         db_errors: failed database round trips.
         shards: per-shard state, by index.
@@ -97,6 +104,7 @@ class Stats:
     parse_errors: Counter[str] = attrs.field(factory=Counter)
     control: Counter[str] = attrs.field(factory=Counter)
     foreign_events: int = 0
+    ignored_events: Counter[str] = attrs.field(factory=Counter)
     rows_written: Counter[str] = attrs.field(factory=Counter)
     db_errors: int = 0
     db_connected: bool = False
@@ -113,7 +121,12 @@ class Stats:
     triggers: Counter[str] = attrs.field(factory=Counter)
     triggers_written: int = 0
     triggers_duplicate: int = 0
+    # Predictions due but not decided (their asset has no ask): how many now,
+    # and every deferral (first and each later look) by reason.
+    predictions_deferred: int = 0
+    prediction_deferrals: Counter[str] = attrs.field(factory=lambda: Counter(no_price=0))
     poll_snapshot: Callable[[float], dict[str, Any]] | None = None
+    resync_snapshot: Callable[[], dict[str, Any]] | None = None
     queue_depth: Callable[[], int] | None = None
     executor_pending: Callable[[], int] | None = None
     registry: CollectorRegistry = attrs.field(init=False)
@@ -146,6 +159,13 @@ class Stats:
             stats = self.shards[index] = ShardStats(index)
         return stats
 
+    def book_hashes(self) -> Counter[str]:
+        """``book`` hash checks of all shards, by outcome (``verified``, ...)."""
+        total: Counter[str] = Counter(dict.fromkeys(BOOK_HASHES, 0))
+        for shard in self.shards.values():
+            total.update(shard.book_hashes)
+        return total
+
     def problems(self) -> list[str]:
         """Why the daemon is unhealthy; empty when healthy."""
         problems = []
@@ -173,6 +193,8 @@ class Stats:
             "parse_errors": dict(self.parse_errors),
             "control_frames": dict(self.control),
             "foreign_events": self.foreign_events,
+            "ignored_events": dict(self.ignored_events),
+            "book_hashes": dict(self.book_hashes()),
             "rows_written": dict(self.rows_written),
             "pending": {
                 "markets": self.pending_markets,
@@ -197,8 +219,11 @@ class Stats:
                 "triggers": dict(self.triggers),
                 "triggers_written": self.triggers_written,
                 "triggers_duplicate": self.triggers_duplicate,
+                "predictions_deferred": self.predictions_deferred,
+                "prediction_deferrals": dict(self.prediction_deferrals),
             },
             "poll": None if self.poll_snapshot is None else self.poll_snapshot(now),
+            "resync": None if self.resync_snapshot is None else self.resync_snapshot(),
             "silent_after_s": self.silent_after,
             "shards": [s.snapshot(now, self.silent_after) for _, s in sorted(self.shards.items())],
         }
@@ -246,6 +271,19 @@ class StatsCollector(Collector):
         for kind, count in stats.triggers.items():
             fired.add_metric([kind], count)
         yield fired
+        yield GaugeMetricFamily(
+            "polystream_predictions_deferred",
+            "Predictions due but not decided: their asset has no ask yet",
+            value=stats.predictions_deferred,
+        )
+        deferrals = CounterMetricFamily(
+            "polystream_prediction_deferrals",
+            "Times a due prediction was deferred (first and each later look), by reason",
+            labels=["reason"],
+        )
+        for reason, count in stats.prediction_deferrals.items():
+            deferrals.add_metric([reason], count)
+        yield deferrals
         poll = stats.poll_snapshot(now) if stats.poll_snapshot is not None else None
         if poll is not None:
             yield CounterMetricFamily("polystream_polls", "Fallback polls", value=poll["polls"])
@@ -290,6 +328,35 @@ class StatsCollector(Collector):
         yield age
         yield rtt
         yield reconnects
+        hashes = CounterMetricFamily(
+            "polystream_book_hashes",
+            "book snapshots by hash check (verified, mismatched, unverifiable)",
+            labels=["shard", "result"],
+        )
+        for shard in stats.shards.values():
+            for result in BOOK_HASHES:
+                hashes.add_metric([str(shard.index), result], shard.book_hashes[result])
+        yield hashes
+        ignored = CounterMetricFamily(
+            "polystream_ignored_events", "Events of types the channel does not define", labels=["type"]
+        )
+        for kind, count in stats.ignored_events.items():
+            ignored.add_metric([kind], count)
+        yield ignored
+        resync = stats.resync_snapshot() if stats.resync_snapshot is not None else None
+        if resync is not None:
+            resyncs = CounterMetricFamily(
+                "polystream_book_resyncs", "REST book resyncs requested", labels=["reason"]
+            )
+            for reason in ("tick_size_change", "hash_mismatch"):
+                resyncs.add_metric([reason], resync["requested"].get(reason, 0))
+            yield resyncs
+            yield CounterMetricFamily(
+                "polystream_book_resync_fetched", "REST books applied", value=resync["fetched"]
+            )
+            yield GaugeMetricFamily(
+                "polystream_book_resync_pending", "Books waiting for a REST copy", value=resync["pending"]
+            )
         depth = GaugeMetricFamily("polystream_queue_depth", "Items waiting", labels=["queue"])
         depth.add_metric(["router"], 0 if stats.queue_depth is None else stats.queue_depth())
         depth.add_metric(["markets"], stats.pending_markets)

@@ -63,7 +63,9 @@ def render_health(doc: dict[str, Any]) -> str:
         f" (desired {doc.get('desired_assets', 0)})",
         f"frames {doc.get('frames', 0)}; events: {_counts(doc.get('events', {}))}",
         f"parse errors: {_counts(doc.get('parse_errors', {}))}; "
-        f"foreign events dropped: {doc.get('foreign_events', 0)}",
+        f"foreign events dropped: {doc.get('foreign_events', 0)}; "
+        f"ignored event types: {_counts(doc.get('ignored_events', {}))}",
+        f"book hashes: {_counts(doc.get('book_hashes', {}))}; {_resync_line(doc.get('resync'))}",
         f"rows written: {_counts(doc.get('rows_written', {}))}; pending: "
         f"{_counts(doc.get('pending', {}))}",
         f"database: {'connected' if database.get('connected') else 'NOT connected'}, "
@@ -72,16 +74,19 @@ def render_health(doc: dict[str, Any]) -> str:
         _poll_line(doc.get("poll")),
         "",
         f"{'shard':>5}  {'state':<10} {'assets':>6} {'w/data':>6} {'silent':>6} {'frames':>8} "
-        f"{'last frame':>10} {'rtt':>8} {'reconn':>6}",
+        f"{'last frame':>10} {'rtt':>8} {'reconn':>6}  books ok/bad/unverif.",
     ]
     for shard in doc.get("shards", []):
         rtt = shard.get("ping_rtt_s")
+        hashes = shard.get("book_hashes", {})
         lines.append(
             f"{shard['index']:>5}  {shard['state']:<10} {shard['assets']:>6} "
             f"{shard.get('assets_with_data', 0):>6} {shard.get('silent_assets', 0):>6} "
             f"{shard['frames']:>8} "
             f"{_age(shard.get('last_frame_age_s')):>10} "
-            f"{'-' if rtt is None else f'{rtt * 1000:.1f}ms':>8} {shard['reconnects']:>6}"
+            f"{'-' if rtt is None else f'{rtt * 1000:.1f}ms':>8} {shard['reconnects']:>6}  "
+            f"{hashes.get('verified', 0)}/{hashes.get('mismatched', 0)}/"
+            f"{hashes.get('unverifiable', 0)}"
         )
     if not doc.get("shards"):
         lines.append("    (no shards: nothing to subscribe yet)")
@@ -92,10 +97,21 @@ def _monitor_line(monitor: dict[str, Any]) -> str:
     next_in = monitor.get("next_decision_in_s")
     return (
         f"monitor: {monitor.get('rules', 0)} TP/SL rules, {monitor.get('predictions', 0)} "
-        f"predictions, next decision {'-' if next_in is None else 'in ' + _age(next_in)}; "
+        f"predictions ({monitor.get('predictions_deferred', 0)} due but deferred; deferrals: "
+        f"{_counts(monitor.get('prediction_deferrals', {}))}), "
+        f"next decision {'-' if next_in is None else 'in ' + _age(next_in)}; "
         f"triggers: {_counts(monitor.get('triggers', {}))} "
         f"(written {monitor.get('triggers_written', 0)}, "
         f"duplicates refused {monitor.get('triggers_duplicate', 0)})"
+    )
+
+
+def _resync_line(resync: dict[str, Any] | None) -> str:
+    if not resync:
+        return "book resync: off"
+    return (
+        f"book resync: {resync.get('pending', 0)} pending, {resync.get('fetched', 0)} fetched, "
+        f"requested {_counts(resync.get('requested', {}))}, {resync.get('failures', 0)} failures"
     )
 
 

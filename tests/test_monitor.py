@@ -1,20 +1,36 @@
 """
 The monitor's logic under ``MockClock``: timing modes decide in the right
 virtual second, edge predictions on the first qualifying tick, windows
-closed early are skipped with their reason, and nothing fires twice.
+closed early are skipped with their reason, due predictions without a quote
+are deferred visibly (log line, counts) until an ask arrives or the window
+closes, and nothing fires twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from decimal import Decimal
+from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
+from prometheus_client import generate_latest
 
 from polystream.book import TopOfBook
-from polystream.monitor import Decision, Monitor, Prediction, RuleSet, TpSlRule, decision_time
+from polystream.monitor import (
+    DEFERRAL_REASONS,
+    NO_PRICE_RETRY,
+    Decision,
+    Monitor,
+    Prediction,
+    RuleSet,
+    TpSlRule,
+    decision_time,
+)
 from polystream.stats import Stats
+from polystream.status import render_health
 
 D = Decimal
 
@@ -132,6 +148,25 @@ async def test_edge_never_seen_is_skipped_no_edge(autojump_clock: trio.testing.M
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(("late", "reason"), [(0.3, "from_end"), (1.5, "window_closed")])
+async def test_due_at_the_close_and_woken_a_little_late(
+    autojump_clock: trio.testing.MockClock, late: float, reason: str
+) -> None:
+    """``from_end`` with ``delay_s`` 0 is due exactly at the close; a timer a moment late still decides."""
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        mon.on_price("a", top("a", "0.50", "0.55"))
+        await trio.sleep(200 + late)  # the deadline task runs now, ``late`` s after the close
+        mon.add_prediction(prediction(9, "from_end", delay_s=0.0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(d.kind, d.reason) for d in decisions] == [
+            ("prediction" if reason == "from_end" else "prediction_skipped", reason)
+        ]
+        nursery.cancel_scope.cancel()
+
+
 async def test_window_closed_early_is_skipped(autojump_clock: trio.testing.MockClock) -> None:
     decisions: list[Decision] = []
     mon = monitor(decisions)
@@ -162,15 +197,177 @@ async def test_price_checks_at_decision_time(autojump_clock: trio.testing.MockCl
         mon.add_prediction(prediction(9, "from_start", delay_s=2.0, asset_id="c"))  # above limit
         await trio.sleep(103)
         assert [(d.prediction_id, d.reason) for d in decisions] == [(9, "price_above_limit")]
-        mon.on_price("d", top("d", "0.50", "0.55"))  # the quote arrives: decided at the retry
-        await trio.sleep(5)
-        assert [(d.prediction_id, d.reason, d.decided_at) for d in decisions][1:] == [
-            (11, "from_start", 106.0)
+        mon.on_price("d", top("d", "0.50", "0.55"))  # the quote arrives: decided with it
+        assert [(d.prediction_id, d.reason, d.price, d.decided_at) for d in decisions][1:] == [
+            (11, "from_start", D("0.55"), 103.0)
         ]
-        await trio.sleep(100)  # no quote ever for "b": skipped before the window closes
-        assert [(d.prediction_id, d.reason) for d in decisions][2:] == [(8, "no_price")]
-        assert 195 <= decisions[2].decided_at < 200
+        await trio.sleep(100)  # no quote ever for "b": skipped when the window closes
+        assert [(d.prediction_id, d.reason, d.price, d.decided_at) for d in decisions][2:] == [
+            (8, "no_price", None, 200.0)
+        ]
         nursery.cancel_scope.cancel()
+
+
+def _events(logs: list[MutableMapping[str, Any]], event: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] == event]
+
+
+async def test_due_without_quote_is_deferred_then_decided_when_an_ask_arrives(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mon.run)
+            mon.add_prediction(prediction(21, "from_start", delay_s=1.0, asset_id="d"))
+            await trio.sleep(101.5)
+            assert decisions == []
+            assert _events(logs, "prediction_deferred") == [
+                {
+                    "event": "prediction_deferred",
+                    "log_level": "info",
+                    "prediction_id": 21,
+                    "asset_id": "d",
+                    "reason": "no_price",
+                    "retry_in_s": NO_PRICE_RETRY,
+                    "due_at": 101.0,
+                    "closes_at": 200.0,
+                }
+            ]
+            assert (mon.deferred_count, mon.stats.predictions_deferred) == (1, 1)
+            assert mon.stats.prediction_deferrals == {"no_price": 1}
+            await trio.sleep(10)  # looked at again at 106 and 111: counted, not logged
+            assert mon.stats.prediction_deferrals == {"no_price": 3}
+            assert len(_events(logs, "prediction_deferred")) == 1
+            mon.on_price("d", top("d", "0.50", None))  # a bid only: still no ask
+            assert decisions == []
+            mon.on_price("d", top("d", "0.50", "0.55"))  # decided at once, with that ask
+            assert [(d.kind, d.reason, d.price, d.decided_at) for d in decisions] == [
+                ("prediction", "from_start", D("0.55"), 111.5)
+            ]
+            assert (mon.deferred_count, mon.stats.predictions_deferred) == (0, 0)
+            (ended,) = _events(logs, "prediction_deferral_ended")
+            assert (ended["prediction_id"], ended["reason"]) == (21, "from_start")
+            assert (ended["checks"], ended["deferred_s"]) == (3, 10.5)
+            await trio.sleep(200)
+            assert len(decisions) == 1
+            assert mon.stats.prediction_deferrals == {"no_price": 3}
+            nursery.cancel_scope.cancel()
+
+
+async def test_deferred_prediction_is_skipped_no_price_when_the_window_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mon.run)
+            p = prediction(22, "from_end", delay_s=12.0, limit_price=D("0.40"))
+            mon.add_prediction(p)
+            await trio.sleep(195)
+            assert decisions == []
+            assert mon.stats.predictions_deferred == 1
+            # An unchanged row on a full reload keeps the deferral as it is.
+            mon.replace_all(RuleSet(predictions=[p]))
+            await trio.sleep(10)
+            assert [(d.kind, d.reason, d.price, d.decided_at) for d in decisions] == [
+                ("prediction_skipped", "no_price", None, 200.0)
+            ]
+            # looked at 188, 193, 198 (no price), then at the close, 200: skipped
+            assert mon.stats.prediction_deferrals == {"no_price": 3}
+            assert mon.stats.predictions_deferred == 0
+            assert [e["retry_in_s"] for e in _events(logs, "prediction_deferred")] == [5.0]
+            (ended,) = _events(logs, "prediction_deferral_ended")
+            assert (ended["reason"], ended["checks"], ended["deferred_s"]) == ("no_price", 3, 12.0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_deferred_prediction_with_an_ask_above_its_limit_is_skipped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        mon.add_prediction(prediction(23, "percentage", fraction=0.5, asset_id="e"))
+        await trio.sleep(160)
+        mon.on_price("e", top("e", "0.70", "0.75"))
+        assert [(d.reason, d.price, d.decided_at) for d in decisions] == [
+            ("price_above_limit", D("0.75"), 160.0)
+        ]
+        assert mon.stats.predictions_deferred == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_edge_without_quote_at_its_deadline_is_skipped_not_deferred(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    p = prediction(24, "edge", forecast_probability=D("0.90"), min_edge=D("0.05"), delay_s=20.0)
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mon.run)
+            mon.add_prediction(p)
+            await trio.sleep(181)
+            assert [(d.kind, d.reason, d.price, d.decided_at) for d in decisions] == [
+                ("prediction_skipped", "no_edge", None, 180.0)
+            ]
+            mon.on_price("a", top("a", "0.40", "0.45"))  # an edge after the deadline: too late
+            assert len(decisions) == 1
+            nursery.cancel_scope.cancel()
+    assert _events(logs, "prediction_deferred") == []
+    assert mon.stats.prediction_deferrals == {"no_price": 0}
+
+
+async def test_reload_before_the_write_commits_does_not_bring_a_decision_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mon.run)
+            mon.add_prediction(prediction(25, "from_start", delay_s=1.0))
+            await trio.sleep(102)
+            mon.on_price("a", top("a", "0.50", "0.55"))
+            assert [d.prediction_id for d in decisions] == [25]
+            # The row still reads 'pending' (the executor has not written it yet).
+            mon.replace_all(RuleSet(predictions=[prediction(25, "from_start", delay_s=1.0)]))
+            mon.on_price("a", top("a", None, None))
+            await trio.sleep(20)
+            assert [d.prediction_id for d in decisions] == [25]
+            assert mon.next_decision_at() is None
+            nursery.cancel_scope.cancel()
+    assert len(_events(logs, "prediction_deferred")) == 1
+    assert mon.stats.predictions_deferred == 0
+
+
+async def test_deferrals_in_health_metrics_and_status(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    stats = mon.stats
+    assert set(stats.prediction_deferrals) == set(DEFERRAL_REASONS)
+    text = generate_latest(stats.registry).decode()
+    assert "polystream_predictions_deferred 0.0" in text
+    assert 'polystream_prediction_deferrals_total{reason="no_price"} 0.0' in text
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        mon.add_prediction(prediction(26, "from_start", delay_s=1.0, asset_id="z"))
+        mon.add_prediction(prediction(27, "from_start", delay_s=2.0, asset_id="z"))
+        await trio.sleep(103)
+        nursery.cancel_scope.cancel()
+    health = stats.health()["monitor"]
+    assert (health["predictions_deferred"], health["prediction_deferrals"]) == (2, {"no_price": 2})
+    text = generate_latest(stats.registry).decode()
+    assert "polystream_predictions_deferred 2.0" in text
+    assert 'polystream_prediction_deferrals_total{reason="no_price"} 2.0' in text
+    rendered = render_health({"status": "ok", "monitor": health})
+    assert "2 due but deferred; deferrals: no_price 2" in rendered
 
 
 async def test_cancelled_prediction_never_decides(autojump_clock: trio.testing.MockClock) -> None:
