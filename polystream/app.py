@@ -27,7 +27,7 @@ import attrs
 import structlog
 import trio
 
-from polystream.book import AssetBook
+from polystream.book import Books
 from polystream.config import Config
 from polystream.feed import FeedPool
 from polystream.gamma import GammaClient, MetadataFiller, open_gamma_client, run_metadata_filler
@@ -42,8 +42,9 @@ from polystream.pipeline import (
     write_positions,
 )
 from polystream.poller import ClobClient, ShardWatch, open_clob_client, prices_moved, run_poller
-from polystream.protocol import FeedEvent
+from polystream.protocol import FeedEvent, FrameParser
 from polystream.reconciler import DbLink, Notes, Reconciler, run_listener
+from polystream.resync import BookResync
 from polystream.stats import Stats
 
 __all__ = ["App", "run"]
@@ -62,7 +63,7 @@ class App:
     """
 
     stats: Stats
-    books: dict[str, AssetBook]
+    books: Books
     catalog: Catalog
     pool: FeedPool
     reconciler: Reconciler
@@ -86,7 +87,7 @@ class _Parts:
     config: Config
     dsn: str
     stats: Stats
-    books: dict[str, AssetBook]
+    books: Books
     catalog: Catalog
     links: dict[str, DbLink]
     markets: MarketWriter
@@ -99,7 +100,7 @@ class _Parts:
 
 def _build(config: Config, dsn: str) -> _Parts:
     stats = Stats(silent_after=config.feed.silent_after)
-    books: dict[str, AssetBook] = {}
+    books = Books()
     catalog = Catalog()
     timeout = config.database.statement_timeout
     names = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules", "triggers")
@@ -159,6 +160,19 @@ async def _run_intake(
     """Feed, subscriptions, LISTEN, metadata and the HTTP fallback: what stops first."""
     config = parts.config
     async with trio.open_nursery() as nursery:
+        if config.resync.enabled:
+            parser = FrameParser()
+            resync: BookResync = await nursery.start(
+                BookResync(
+                    fetch=partial(clob.books, parser=parser),
+                    deliver=parts.router.apply_rest_book,
+                    min_interval=config.resync.min_interval,
+                    asset_interval=config.resync.asset_interval,
+                    retry_max=config.database.retry_max,
+                ).run
+            )
+            parts.router.resync = resync.request
+            parts.stats.resync_snapshot = resync.snapshot
         await nursery.start(pool.run)
         await nursery.start(reconciler.run)
         if config.poll.enabled:
@@ -263,6 +277,7 @@ async def run(
                     config.feed.reconcile_interval,
                     grace=config.feed.unsubscribe_grace,
                     fast_link=parts.links["subscribe"],
+                    price_now=parts.positions.price_now,
                 )
                 # Writers and the monitor first: they outlive intake, to flush at shutdown.
                 await nursery.start(parts.markets.run)

@@ -38,13 +38,14 @@ __all__ = [
     "PipelineConfig",
     "PollConfig",
     "PositionsConfig",
+    "ResyncConfig",
     "StateConfig",
     "SystemdConfig",
     "load_config",
 ]
 
 DEFAULT_FEED_URL = "wss://ws-subscriptions-clob.polymarket.com/ws/market"
-"""Polymarket's market channel (../shared/protocol.md, section 1)."""
+"""Polymarket's market channel (docs/protocol.md, "Endpoint")."""
 
 Mark = Literal["display", "midpoint", "best_bid"]
 
@@ -162,6 +163,29 @@ class PollConfig:
     midpoints: bool = False
     request_timeout: float = 10.0
     attempts: int = 3
+
+
+@attrs.frozen
+class ResyncConfig:
+    """
+    ``[resync]``: REST copies of books the feed no longer keeps right.
+
+    After a real ``tick_size_change`` (the venue sends no fresh ``book``)
+    or a ``book`` whose hash does not match its levels, the asset's book is
+    fetched with ``POST /books`` from ``poll.url`` while WebSocket changes are
+    buffered; the changes newer than the REST book are applied on top.
+
+    Attributes:
+        enabled: fetch REST copies (else the venue's per-entry best bid/ask
+            keep the quote right, but the depth is not rebuilt).
+        min_interval: seconds between two ``POST /books`` requests (the venue
+            allows 500 per 10 s; protocol.md section 9).
+        asset_interval: seconds before the same asset is fetched again.
+    """
+
+    enabled: bool = True
+    min_interval: float = 0.5
+    asset_interval: float = 10.0
 
 
 @attrs.frozen
@@ -303,6 +327,7 @@ class Config:
     feed: FeedConfig = FeedConfig()
     gamma: GammaConfig = GammaConfig()
     poll: PollConfig = PollConfig()
+    resync: ResyncConfig = ResyncConfig()
     pipeline: PipelineConfig = PipelineConfig()
     positions: PositionsConfig = PositionsConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -376,6 +401,9 @@ _SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
     ("poll", "midpoints"): ("bool", None, "true or false"),
     ("poll", "request_timeout"): ("float", _positive, "seconds > 0"),
     ("poll", "attempts"): ("int", lambda v: v >= 1, "an integer >= 1"),
+    ("resync", "enabled"): ("bool", None, "true or false"),
+    ("resync", "min_interval"): ("float", lambda v: v >= 0, "seconds >= 0"),
+    ("resync", "asset_interval"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("pipeline", "market_flush_interval"): ("float", _positive, "seconds > 0"),
     ("pipeline", "debounce"): ("float", lambda v: v >= 0, "seconds >= 0"),
     ("pipeline", "positions_per_second"): ("float", _positive, "rows per second > 0"),
@@ -412,6 +440,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "feed": FeedConfig,
     "gamma": GammaConfig,
     "poll": PollConfig,
+    "resync": ResyncConfig,
     "pipeline": PipelineConfig,
     "positions": PositionsConfig,
     "monitor": MonitorConfig,

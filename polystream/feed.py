@@ -2,7 +2,7 @@
 The WebSocket feed: shards of at most ``feed.max_assets_per_connection``
 assets, each one trio-websocket connection with its own reconnect loop.
 
-Per connection (../shared/protocol.md, sections 2 to 5):
+Per connection (docs/protocol.md, "Subscribing" to "Heartbeat"):
 
 * the first message is ``{"assets_ids": [...], "type": "market"}``, sent at
   once, in frames of at most ``feed.max_subscribe_bytes``: the first frame
@@ -31,8 +31,10 @@ from polystream.config import FeedConfig
 from polystream.errors import FeedClosed, FeedError, MalformedFrame
 from polystream.logs import RateLimitedLog
 from polystream.protocol import (
+    BookSnapshot,
     FeedEvent,
     FrameParser,
+    LastTradePrice,
     MarketResolved,
     NewMarket,
     PriceChange,
@@ -53,7 +55,7 @@ StaleCheck = Callable[[list[str]], Awaitable[bool]]
 """``await check(asset_ids)``: True when those assets' prices moved (over REST)."""
 _MESSAGE_QUEUE = 256  # frames trio-websocket buffers before it stops reading
 _CLOSE_KINDS = {1007: "not_utf8", 1009: "frame_too_large"}  # RFC 6455, section 7.4.1
-_REFUSED_WITHIN = 1.0  # seconds: a close this soon after subscribing refuses the subscribe
+_REFUSED_WITHIN = 1.0  # seconds: a close frame this soon, before any data, refuses the subscribe
 _MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
 
 
@@ -65,6 +67,16 @@ class Shard:
     ``assets`` is what the shard should be subscribed to; ``pending_subscribe``
     and ``pending_unsubscribe`` are the changes not yet sent on the open
     connection (a reconnect sends ``assets`` whole and clears them).
+
+    Control state is in trio seconds (``trio.current_time()``), so the
+    refused-subscribe and staleness logic runs under ``MockClock``;
+    :attr:`stats` is telemetry only.
+
+    Attributes:
+        subscribed_at: when the current connection's subscribe went out, or None.
+        answered: a data frame (not ``PONG``) arrived since that subscribe.
+        last_data_at: when the last data frame arrived, or None.
+        subscribe_bytes: this shard's subscribe-frame cap; 0 = ``feed.max_subscribe_bytes``.
     """
 
     index: int
@@ -74,7 +86,10 @@ class Shard:
     pending_unsubscribe: set[str] = attrs.field(factory=set)
     changed: trio.Event = attrs.field(factory=trio.Event)
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    subscribe_bytes: int = 0  # this shard's subscribe-frame cap; 0 = feed.max_subscribe_bytes
+    subscribe_bytes: int = 0
+    subscribed_at: float | None = None
+    answered: bool = False
+    last_data_at: float | None = None
 
     def add(self, asset_ids: Iterable[str]) -> None:
         """Subscribe ``asset_ids`` (sent on the open connection, or at connect)."""
@@ -252,11 +267,15 @@ class FeedPool:
         with shard.cancel_scope:
             while True:
                 shard.stats.state = "connecting"
+                if not shard.assets:  # never hold an empty connection open
+                    shard.stats.state = "idle"
+                    await shard.changed.wait()
+                    continue
                 try:
                     await self._serve(shard, backoff)
                 except* FEED_ERRORS as group:
                     self._count_close(group.exceptions)
-                    self._shrink_if_refused(shard, log)
+                    self._shrink_if_refused(shard, group.exceptions, log)
                     reason = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
                     shard.stats.last_error = reason[:300]
                     log.warning("feed_disconnected", reason=shard.stats.last_error)
@@ -274,20 +293,42 @@ class FeedPool:
             if isinstance(exc, ConnectionClosed) and code in _CLOSE_KINDS:
                 self.stats.parse_errors[_CLOSE_KINDS[code]] += 1
 
-    def _shrink_if_refused(self, shard: Shard, log: Any) -> None:
+    def _shrink_if_refused(
+        self, shard: Shard, errors: Sequence[BaseException], log: Any
+    ) -> None:
         """
-        A venue that closes right after our subscribe refuses its size
-        (observed: a few thousand ids in one frame earn a close 100 to 200 ms
-        later; protocol.md, section 4): quarter this shard's subscribe frames.
+        A venue that closes the connection after our subscribe, before any
+        data frame answered it and within :data:`_REFUSED_WITHIN` seconds,
+        refuses its size (observed: a few thousand ids in one frame earn a
+        close 100 to 200 ms later, unserved; protocol.md section 4): quarter
+        this shard's subscribe frames. A drop after data arrived (the venue
+        answers a subscribe with snapshots at once) is no refusal, and
+        neither is a failure of ours (an unanswered PING).
         """
-        subscribed = shard.stats.connected_at
-        if subscribed is None or time.monotonic() - subscribed > _REFUSED_WITHIN:
+        subscribed = shard.subscribed_at
+        if shard.answered or subscribed is None:
+            return
+        if trio.current_time() - subscribed > _REFUSED_WITHIN:
+            return
+        if not any(isinstance(exc, ConnectionClosed | trio.BrokenResourceError) for exc in errors):
             return
         current = shard.subscribe_bytes or self.config.max_subscribe_bytes
         smaller = max(_MIN_SUBSCRIBE_BYTES, current // 4)
         if smaller < current:
             shard.subscribe_bytes = smaller
             log.warning("feed_subscribe_frames_shrunk", max_subscribe_bytes=smaller)
+
+    def _grow_when_healthy(self, shard: Shard) -> None:
+        """After a healthy while, double a shrunk subscribe-frame cap back toward the maximum."""
+        if shard.subscribe_bytes and shard.subscribe_bytes < self.config.max_subscribe_bytes:
+            shard.subscribe_bytes = min(self.config.max_subscribe_bytes, shard.subscribe_bytes * 2)
+            logger.info(
+                "feed_subscribe_frames_grown",
+                shard=shard.index,
+                max_subscribe_bytes=shard.subscribe_bytes,
+            )
+            if shard.subscribe_bytes == self.config.max_subscribe_bytes:
+                shard.subscribe_bytes = 0
 
     async def _serve(self, shard: Shard, backoff: Backoff) -> None:
         async with open_websocket_url(
@@ -319,18 +360,29 @@ class FeedPool:
             )
         shard.stats.state = "connected"
         shard.stats.connected_at = time.monotonic()
+        shard.subscribed_at = trio.current_time()
+        shard.answered = False
         logger.info("feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks))
         beat = Heartbeat()
         async with trio.open_nursery() as nursery:
+            # Text PING only once the subscribe went out: a PING before a valid
+            # subscription is answered with close 1008 (protocol.md section 11).
             nursery.start_soon(self._ping, ws, beat, shard.index)
             nursery.start_soon(self._send_changes, ws, shard)
-            nursery.start_soon(self._reset_backoff_when_healthy, backoff)
+            nursery.start_soon(self._when_healthy, shard, backoff)
             nursery.start_soon(self._watch_staleness, shard)
             await self._read(ws, shard, beat)
 
-    async def _reset_backoff_when_healthy(self, backoff: Backoff) -> None:
+    async def _when_healthy(self, shard: Shard, backoff: Backoff) -> None:
+        """
+        After ``backoff_max`` seconds connected, reset the backoff; and every
+        ``backoff_max`` seconds connected, double a shrunk frame cap back.
+        """
         await trio.sleep(self.config.backoff_max)
         backoff.reset()
+        while True:
+            self._grow_when_healthy(shard)
+            await trio.sleep(self.config.backoff_max)
 
     async def _ping(self, ws: WebSocketConnection, beat: Heartbeat, index: int) -> None:
         """
@@ -363,8 +415,9 @@ class FeedPool:
         """
         after = self.config.stale_after
         while True:
-            last = shard.stats.last_data_at or shard.stats.connected_at or time.monotonic()
-            quiet_for = time.monotonic() - last
+            now = trio.current_time()
+            last = shard.last_data_at or shard.subscribed_at or now
+            quiet_for = now - last
             if quiet_for < after:
                 await trio.sleep(after - quiet_for)
                 continue
@@ -401,51 +454,74 @@ class FeedPool:
                 )
 
     async def _read(self, ws: WebSocketConnection, shard: Shard, beat: Heartbeat) -> None:
-        stats = self.stats
         while True:
             message = await ws.get_message()
-            now = time.monotonic()
-            beat.last_received = trio.current_time()
-            shard.stats.frames += 1
-            shard.stats.last_frame_at = now
-            stats.frames += 1
-            if not isinstance(message, str):  # the market channel sends text frames only
-                self._bad_frame(
-                    shard, MalformedFrame("binary_frame", f"{len(message)} bytes"), message, now
-                )
-                continue
-            try:
-                parsed = self._parser.parse(message)
-            except MalformedFrame as exc:
-                self._bad_frame(shard, exc, message, now)
-                continue
-            if parsed.control is not None:
-                stats.control[parsed.control] += 1
-                if parsed.control == "PONG":
-                    shard.stats.last_pong_at = now
-                    rtt = beat.answered(trio.current_time())
-                    if rtt is not None:
-                        shard.stats.ping_rtt = rtt
-                continue
-            shard.stats.last_data_at = now
-            for kind in parsed.event_types:
-                stats.events[kind] += 1
-            for problem in parsed.problems:
-                self._bad_frame(shard, problem, message, now)
-            events, dropped = filter_events(parsed.events, shard.assets)
-            stats.foreign_events += dropped
+            events = self._received(message, shard, beat)
             if events:
-                seen = shard.stats.seen_assets
-                for event in events:
-                    asset_id = getattr(event, "asset_id", None)
-                    if asset_id is not None:
-                        seen.add(asset_id)
-                    elif isinstance(event, PriceChange):
-                        seen.update(change.asset_id for change in event.changes)
                 try:  # no scheduling round trip while the router keeps up
                     self.events.send_nowait(events)
                 except trio.WouldBlock:
                     await self.events.send(events)
+
+    def _received(
+        self, message: str | bytes, shard: Shard, beat: Heartbeat
+    ) -> list[FeedEvent] | None:
+        """Count and parse one frame; the events for the router, or None."""
+        stats = self.stats
+        now = time.monotonic()
+        beat.last_received = trio.current_time()
+        shard.stats.frames += 1
+        shard.stats.last_frame_at = now
+        stats.frames += 1
+        if not isinstance(message, str):  # the market channel sends text frames only
+            self._bad_frame(
+                shard, MalformedFrame("binary_frame", f"{len(message)} bytes"), message, now
+            )
+            return None
+        try:
+            parsed = self._parser.parse(message)
+        except MalformedFrame as exc:
+            self._bad_frame(shard, exc, message, now)
+            return None
+        if parsed.control is not None:
+            self._control(parsed.control, shard, beat, now)
+            return None
+        shard.stats.last_data_at = now
+        shard.last_data_at = beat.last_received
+        shard.answered = True
+        for kind in parsed.event_types:
+            stats.events[kind] += 1
+        for kind in parsed.ignored:
+            stats.ignored_events[kind] += 1
+        for problem in parsed.problems:
+            self._bad_frame(shard, problem, message, now)
+        events, dropped = filter_events(parsed.events, shard.assets)
+        stats.foreign_events += dropped
+        self._covered(events, shard)
+        return events
+
+    def _control(self, text: str, shard: Shard, beat: Heartbeat, now: float) -> None:
+        self.stats.control[text] += 1
+        if text == "PONG":
+            shard.stats.last_pong_at = now
+            rtt = beat.answered(trio.current_time())
+            if rtt is not None:
+                shard.stats.ping_rtt = rtt
+
+    @staticmethod
+    def _covered(events: list[FeedEvent], shard: Shard) -> None:
+        """
+        Coverage and book integrity: an asset counts as covered from its first
+        ``book`` or ``last_trade_price`` (a ``price_change`` does not confirm a
+        subscription: protocol.md section 11); each ``book``'s hash check is counted.
+        """
+        seen = shard.stats.seen_assets
+        for event in events:
+            if isinstance(event, BookSnapshot):
+                seen.add(event.asset_id)
+                shard.stats.book_hashes[event.integrity] += 1
+            elif isinstance(event, LastTradePrice):
+                seen.add(event.asset_id)
 
     def _bad_frame(
         self, shard: Shard, exc: MalformedFrame, message: str | bytes, now: float

@@ -26,10 +26,10 @@ import psycopg
 import structlog
 import trio
 
-from polystream.book import AssetBook, TopOfBook
+from polystream.book import AssetBook, Books, mark_price
 from polystream.errors import DatabaseError
 from polystream.logs import RateLimitedLog
-from polystream.protocol import FeedEvent, PriceChange
+from polystream.protocol import BookSnapshot, FeedEvent
 from polystream.stats import Stats
 from polystream.timing import Backoff, Debouncer, TokenBucket
 
@@ -39,7 +39,6 @@ __all__ = [
     "MarketWriter",
     "PositionWriter",
     "Router",
-    "mark_price",
     "write_markets",
     "write_positions",
 ]
@@ -78,20 +77,6 @@ class Catalog:
     def tokens_of(self, key: str) -> tuple[str, ...]:
         """The token ids of market ``key`` (or ``(key,)`` for a bare token)."""
         return self.market_tokens.get(key, (key,))
-
-
-def mark_price(top: TopOfBook, mark: str) -> Decimal | None:
-    """
-    The price that values a position, per ``positions.mark``.
-
-    ``display`` = Polymarket's displayed price, ``midpoint``, or ``best_bid``
-    (what a sale would get now). None when not known.
-    """
-    if mark == "best_bid":
-        return top.best_bid
-    if mark == "midpoint":
-        return top.midpoint
-    return top.display
 
 
 # ------------------------------------------------------------------ SQL
@@ -183,48 +168,40 @@ class Router:
     Applies events to the books and tells the writers which markets moved.
 
     Pure CPU, no waiting: the writers' ``touch`` only marks keys.
+    ``resync(asset_id, reason)`` is told of books that need a REST copy
+    (:class:`~polystream.resync.BookResync`.request); REST copies come back
+    through :meth:`apply_rest_book`.
     """
 
-    books: dict[str, AssetBook]
+    books: Books
     catalog: Catalog
     markets: MarketWriter
     positions: PositionWriter
     listeners: list[Callable[[str, AssetBook], None]] = attrs.field(factory=list)
+    resync: Callable[[str, str], None] | None = None
     _log_limit: RateLimitedLog = attrs.field(factory=RateLimitedLog)
     frames_applied: int = 0
 
     def book(self, asset_id: str) -> AssetBook:
         """The book of ``asset_id``, created empty on first use."""
-        book = self.books.get(asset_id)
-        if book is None:
-            book = self.books[asset_id] = AssetBook(asset_id)
-        return book
+        return self.books.book(asset_id)
 
     def apply(self, events: list[FeedEvent]) -> None:
         """Apply one frame's events and touch the markets they moved."""
         self.frames_applied += 1
-        touched: set[str] = set()
-        for event in events:
-            if isinstance(event, PriceChange):
-                for change in event.changes:
-                    problem = self.book(change.asset_id).apply_change(change, event.timestamp_ms)
-                    self._applied(change.asset_id, problem, event.timestamp_ms, touched)
-            else:
-                asset_id = getattr(event, "asset_id", None)
-                if asset_id is not None:
-                    problem = self.book(asset_id).apply(event)
-                    self._applied(asset_id, problem, getattr(event, "timestamp_ms", 0), touched)
-        if touched:
-            self._moved(touched)
-
-    def _applied(
-        self, asset_id: str, problem: str | None, timestamp_ms: int, touched: set[str]
-    ) -> None:
-        """Record one book update: moved unless refused; bad input counted and logged."""
-        if problem is None or problem == "crossed_book":  # a repaired book moved too
-            touched.add(asset_id)
-        if problem is not None:
+        applied = self.books.apply(events)
+        for asset_id, problem, timestamp_ms in applied.problems:
             self._bad_input(problem, asset_id, timestamp_ms)
+        if applied.resync and self.resync is not None:
+            for asset_id, reason in applied.resync:
+                self.resync(asset_id, reason)
+        if applied.moved:
+            self._moved(applied.moved)
+
+    def apply_rest_book(self, book: BookSnapshot) -> None:
+        """A REST copy of a book that was being resynced (see :meth:`AssetBook.apply_rest_book`)."""
+        if self.books.book(book.asset_id).apply_rest_book(book) is None:
+            self._moved((book.asset_id,))
 
     def _moved(self, asset_ids: Iterable[str]) -> None:
         """Tell the writers and the listeners (the monitor) that these books moved."""
@@ -280,6 +257,12 @@ class Router:
 
 # ------------------------------------------------------------------ writers
 
+
+def _announce(event: trio.Event) -> trio.Event:
+    """Wake whoever waits on ``event`` (a batch was written); returns the next one."""
+    event.set()
+    return trio.Event()
+
 Sink = Callable[[list[Any]], Awaitable[int]]
 
 
@@ -293,7 +276,7 @@ class MarketWriter:
     backoff), so nothing but time is lost.
     """
 
-    books: dict[str, AssetBook]
+    books: Books
     catalog: Catalog
     stats: Stats
     sink: Sink
@@ -301,6 +284,11 @@ class MarketWriter:
     retry_max: float = 30.0
     dirty: set[str] = attrs.field(factory=set)
     _wake: trio.Event = attrs.field(factory=trio.Event)
+    _written: trio.Event = attrs.field(factory=trio.Event)
+
+    async def next_write(self) -> None:
+        """Return once the next batch has been written (for tests and tools)."""
+        await self._written.wait()
 
     def touch(self, market_id: str) -> None:
         """Mark ``market_id`` for the next flush."""
@@ -347,6 +335,7 @@ class MarketWriter:
             if written is None:  # failed or cancelled mid-write: keep them for the next flush
                 self.dirty |= markets
         self.stats.rows_written["markets"] += written
+        self._written = _announce(self._written)
         self.stats.pending_markets = len(self.dirty)
         return True
 
@@ -382,7 +371,7 @@ class PositionWriter:
     ``sink`` receives ``[(token_id, price), ...]`` and returns rows written.
     """
 
-    books: dict[str, AssetBook]
+    books: Books
     catalog: Catalog
     stats: Stats
     sink: Sink
@@ -394,6 +383,11 @@ class PositionWriter:
     _bucket: TokenBucket = attrs.field(init=False)
     _ready: dict[str, None] = attrs.field(factory=dict)
     _wake: trio.Event = attrs.field(factory=trio.Event)
+    _written: trio.Event = attrs.field(factory=trio.Event)
+
+    async def next_write(self) -> None:
+        """Return once the next batch has been written (for tests and tools)."""
+        await self._written.wait()
 
     def __attrs_post_init__(self) -> None:
         self._debouncer = Debouncer(self.debounce)
@@ -405,6 +399,17 @@ class PositionWriter:
         self._debouncer.touch(market_id, now)
         if was_idle:
             self._wake.set()
+
+    def price_now(self, market_ids: Iterable[str]) -> None:
+        """
+        Price these markets' active positions from the current books now,
+        whether or not the markets move: new, re-opened or unpriced positions
+        (the reconciler calls it). Due at once, not one debounce window later
+        (a market already due keeps its time); the token bucket still applies.
+        """
+        due_now = trio.current_time() - self.debounce
+        for market_id in market_ids:
+            self.touch(market_id, due_now)
 
     def _cost(self, market_id: str) -> int:
         return max(1, self.catalog.positions_per_market.get(market_id, 0))
@@ -438,6 +443,7 @@ class PositionWriter:
             if written is None:  # failed or cancelled mid-write: keep them, first in line
                 self._ready = dict.fromkeys(markets) | self._ready
         self.stats.rows_written["positions"] += written
+        self._written = _announce(self._written)
         return True
 
     def _take_batch(self, now: float) -> list[str]:

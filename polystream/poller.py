@@ -33,9 +33,9 @@ market-data/get-market-prices-request-body), all public, no auth:
   (py-clob-client issue #180), so ``/book`` is not used.
 
 Prices are probabilities in [0, 1]; a value that is not a finite number in
-that range is skipped and counted (``ClobClient.bad_values``).  A best bid of
-0 or a best ask of 1 is how the market channel marks an empty side
-(protocol.md, section 6), and is read the same way here.
+that range is skipped and counted (``ClobClient.bad_values``).  A best bid
+<= 0 or a best ask >= 1 is how the venue marks an empty side (docs/protocol.md,
+"Empty sides"), and is read the same way here.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ import orjson
 import structlog
 import trio
 
-from polystream.errors import PolystreamError
+from polystream.errors import MalformedFrame, PolystreamError
 from polystream.feed import Shard
+from polystream.protocol import BookSnapshot, FrameParser
 from polystream.rest import chunks, send_with_retries
 
 __all__ = [
@@ -129,20 +130,20 @@ def _probability(value: object) -> Decimal | None:
 
 
 def _side(
-    token_id: str,
-    sides: dict[str, object],
-    side: str,
-    empty: Decimal,
-    bad: list[tuple[str, object]],
+    token_id: str, sides: dict[str, object], side: str, bad: list[tuple[str, object]]
 ) -> Decimal | None:
-    """One side of a ``/prices`` entry; None if absent, empty (``empty``) or bad (noted)."""
+    """
+    One side of a ``/prices`` entry; None if absent, empty (a bid <= 0 or an
+    ask >= 1: docs/protocol.md, "Empty sides") or bad (noted in ``bad``).
+    """
     if side not in sides:
         return None
     price = _probability(sides[side])
     if price is None:
         bad.append((token_id, sides[side]))
         return None
-    return None if price == empty else price
+    empty = price <= _ZERO if side == "BUY" else price >= _ONE
+    return None if empty else price
 
 
 @attrs.define(eq=False)
@@ -172,6 +173,13 @@ class ClobClient:
 
     async def _post(self, path: str, body: list[dict[str, str]]) -> dict[str, object]:
         """POST ``body`` as JSON with retries; the decoded JSON object. Raises ClobError."""
+        answer = await self._post_json(path, body)
+        if not isinstance(answer, dict):
+            raise ClobError(f"POST {path}: expected a JSON object, got {type(answer).__name__}")
+        return answer
+
+    async def _post_json(self, path: str, body: list[dict[str, str]]) -> object:
+        """POST ``body`` as JSON with retries; the decoded JSON answer. Raises ClobError."""
         content = orjson.dumps(body)
         headers = {"content-type": "application/json"}
         async def send() -> httpx.Response:
@@ -190,12 +198,36 @@ class ClobClient:
         except httpx.HTTPError as exc:
             raise ClobError(f"POST {path}: {type(exc).__name__}: {exc}") from exc
         try:
-            answer = orjson.loads(response.content)
+            return orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
             raise ClobError(f"POST {path}: answer is not JSON") from exc
-        if not isinstance(answer, dict):
-            raise ClobError(f"POST {path}: expected a JSON object, got {type(answer).__name__}")
-        return answer
+
+    async def books(self, token_ids: Sequence[str], parser: FrameParser) -> list[BookSnapshot]:
+        """
+        ``POST /books`` (body ``[{"token_id": ...}, ...]``, at most
+        ``batch_size`` and never more than 500 items a request; protocol.md
+        section 8): the books the CLOB knows of ``token_ids``, parsed like
+        WebSocket ``book`` events (hash checked: a REST book carries
+        ``min_order_size`` and ``neg_risk``). A book that cannot be parsed is
+        counted in ``bad_values`` and skipped.
+
+        Raises:
+            ClobError: a request failed after its retries, or the answer is
+                not a JSON array.
+        """
+        books: list[BookSnapshot] = []
+        for chunk in chunks(token_ids, min(self.batch_size, DEFAULT_BATCH_SIZE)):
+            answer = await self._post_json("/books", [{"token_id": t} for t in chunk])
+            if not isinstance(answer, list):
+                raise ClobError(f"POST /books: expected a JSON array, got {type(answer).__name__}")
+            bad: list[tuple[str, object]] = []
+            for item in answer:
+                try:
+                    books.append(parser.book(item))
+                except MalformedFrame as exc:
+                    bad.append((str(item.get("asset_id")) if isinstance(item, dict) else "?", exc))
+            self._report_bad("/books", bad)
+        return books
 
     def _report_bad(self, path: str, bad: list[tuple[str, object]]) -> None:
         """Count the bad values of one answer; one log line per answer, with a sample."""
@@ -241,7 +273,7 @@ class ClobClient:
         ``POST /prices`` (sides ``BUY`` and ``SELL`` of each token, so at
         most ``batch_size // 2`` tokens per request): token id ->
         ``(best_bid, best_ask)``.  A missing side, a bid of 0 or an ask of 1
-        is None (empty side); a bad value is None and counted in
+        is None (empty side); a bid <= 0 or an ask >= 1 too; a bad value is None and counted in
         ``bad_values``; tokens with neither side known are absent.
 
         Raises:
@@ -260,8 +292,8 @@ class ClobClient:
                 if not isinstance(sides, dict):
                     bad.append((token_id, sides))
                     continue
-                bid = _side(token_id, sides, "BUY", _ZERO, bad)
-                ask = _side(token_id, sides, "SELL", _ONE, bad)
+                bid = _side(token_id, sides, "BUY", bad)
+                ask = _side(token_id, sides, "SELL", bad)
                 if bid is not None or ask is not None:
                     result[token_id] = (bid, ask)
             self._report_bad("/prices", bad)

@@ -21,6 +21,7 @@ at https://docs.polymarket.com/api-reference/wss/market):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -32,12 +33,15 @@ from polystream.errors import MalformedFrame
 
 __all__ = [
     "CONTROL_FRAMES",
+    "KNOWN_EVENT_TYPES",
     "BestBidAsk",
     "BookSnapshot",
     "Control",
     "FeedEvent",
     "FrameParser",
+    "Integrity",
     "LastTradePrice",
+    "Level",
     "LevelChange",
     "MarketResolved",
     "NewMarket",
@@ -45,12 +49,15 @@ __all__ = [
     "PriceChange",
     "Side",
     "TickSizeChange",
+    "book_hash",
     "encode_operation",
     "encode_subscribe",
     "parse_frame",
 ]
 
 Side = Literal["BUY", "SELL"]
+Integrity = Literal["verified", "mismatched", "unverifiable"]
+"""Outcome of a ``book`` hash check (protocol.md section 11, "Book hash")."""
 
 CONTROL_FRAMES = frozenset({"PONG", "INVALID OPERATION", "NO NEW ASSETS"})
 """Non-JSON text frames the server sends (protocol.md, section 5)."""
@@ -74,6 +81,9 @@ class BookSnapshot:
 
     ``bids``/``asks`` are in the order received (not trusted to be sorted).
     ``tick_size`` and ``last_trade_price`` appear in initial dumps only.
+    ``market`` is the condition id. ``integrity`` is the outcome of checking
+    ``hash`` against the levels (:func:`book_hash`): ``verified``,
+    ``mismatched`` or ``unverifiable`` (no hash, or a preimage field absent).
     """
 
     asset_id: str
@@ -84,6 +94,7 @@ class BookSnapshot:
     hash: str
     tick_size: Decimal | None = None
     last_trade_price: Decimal | None = None
+    integrity: Integrity = "unverifiable"
 
 
 @attrs.frozen(slots=True)
@@ -91,8 +102,13 @@ class LevelChange:
     """
     One ``price_changes[]`` entry: the new aggregate ``size`` (shares) at
     ``price`` on ``side`` (``BUY`` = bid level, ``SELL`` = ask level); size 0
-    removes the level. ``best_bid``/``best_ask`` are the server's top of book
-    after the change, None when absent or empty (``""``).
+    removes the level.
+
+    ``has_top`` says the entry carried the venue's own top of book after the
+    change (``best_bid`` and ``best_ask`` both present): then ``best_bid`` /
+    ``best_ask`` are that top, None for an empty side (``""``, a bid <= 0 or an
+    ask >= 1: protocol.md section 11, "Empty sides are spelled as prices").
+    Without it both are None and the local book is the only source.
     """
 
     asset_id: str
@@ -101,6 +117,7 @@ class LevelChange:
     side: Side
     best_bid: Decimal | None = None
     best_ask: Decimal | None = None
+    has_top: bool = False
 
 
 @attrs.frozen(slots=True)
@@ -197,15 +214,19 @@ class ParsedFrame:
     Attributes:
         events: the usable events, in frame order.
         control: the control text when the frame was one (``PONG``...), else None.
-        problems: one :class:`MalformedFrame` per event that was skipped
-            (unknown type, missing or mistyped field, price outside [0, 1]).
+        problems: one :class:`MalformedFrame` per event or ``price_changes``
+            entry that was skipped (missing or mistyped field, price outside
+            [0, 1], an object whose type cannot be told).
         event_types: the ``event_type`` of every object seen, skipped ones included.
+        ignored: event types the market channel does not define (e.g.
+            ``settlement_preview``): normal input beside known events, not used.
     """
 
     events: list[FeedEvent]
     control: str | None = None
     problems: list[MalformedFrame] = attrs.field(factory=list)
     event_types: list[str] = attrs.field(factory=list)
+    ignored: list[str] = attrs.field(factory=list)
 
 
 # ------------------------------------------------------------------ fields
@@ -248,6 +269,18 @@ def _optional_price(obj: dict[str, Any], name: str, p: FrameParser) -> Decimal |
     if value is None or value == "":
         return None
     return p.price(value, name)
+
+
+def _bid_top(obj: dict[str, Any], p: FrameParser) -> Decimal | None:
+    """The venue's ``best_bid``: None for ``""`` or a price <= 0 (no bid; section 11)."""
+    price = _optional_price(obj, "best_bid", p)
+    return None if price is None or price <= _ZERO else price
+
+
+def _ask_top(obj: dict[str, Any], p: FrameParser) -> Decimal | None:
+    """The venue's ``best_ask``: None for ``""`` or a price >= 1 (no ask; section 11)."""
+    price = _optional_price(obj, "best_ask", p)
+    return None if price is None or price >= _ONE else price
 
 
 def _size(value: Any, name: str) -> Decimal:
@@ -302,12 +335,71 @@ def _levels(value: Any, name: str, p: FrameParser) -> tuple[Level, ...]:
 
 # ------------------------------------------------------------------ events
 
+Problems = list[MalformedFrame]
+"""Where an event parser reports the parts of an event it skipped."""
 
-def _book(obj: dict[str, Any], p: FrameParser) -> BookSnapshot:
+
+class _NothingUsable(Exception):
+    """An event whose every part was skipped and reported already."""
+
+_BOOK_HASH_DEFAULTS = {"min_order_size": "5", "neg_risk": False}
+"""What the venue hashes for the two fields a WebSocket ``book`` lacks (section 11)."""
+
+
+def book_hash(obj: dict[str, Any]) -> str | None:
+    """
+    The venue's hash of a ``book`` object (WebSocket or REST), or None when a
+    field of the preimage is absent (``tick_size`` or ``last_trade_price``).
+
+    SHA-1 hex of the compact JSON ``{"market", "asset_id", "timestamp",
+    "hash": "", "bids", "asks", "min_order_size", "tick_size", "neg_risk",
+    "last_trade_price"}`` in that key order, levels as ``{"price", "size"}``
+    strings in the order received; ``min_order_size`` ``"5"`` and
+    ``neg_risk`` ``false`` where the object lacks them (the WebSocket never
+    sends them). A CLOB V2 book's ``version`` (``"v2"``) follows
+    ``last_trade_price`` in the preimage: that is what reproduces the
+    recorded V2 hash (tests/data/replay/adriancova-session-2026-10-05.jsonl).
+    Sources: py-clob-client-v2 ``utilities.py``
+    (``generate_orderbook_summary_hash``), NautilusTrader
+    ``verify_book_snapshot_hash``; docs/protocol.md, "Book hash".
+    """
+    if "tick_size" not in obj or "last_trade_price" not in obj:
+        return None
+    try:
+        preimage = {
+            "market": obj["market"],
+            "asset_id": obj["asset_id"],
+            "timestamp": obj["timestamp"],
+            "hash": "",
+            "bids": [{"price": lv["price"], "size": lv["size"]} for lv in obj["bids"]],
+            "asks": [{"price": lv["price"], "size": lv["size"]} for lv in obj["asks"]],
+            "min_order_size": obj.get("min_order_size", _BOOK_HASH_DEFAULTS["min_order_size"]),
+            "tick_size": obj["tick_size"],
+            "neg_risk": obj.get("neg_risk", _BOOK_HASH_DEFAULTS["neg_risk"]),
+            "last_trade_price": obj["last_trade_price"],
+        }
+        if "version" in obj:  # CLOB V2 books hash their version too (recorded 2026-10-05)
+            preimage["version"] = obj["version"]
+        return hashlib.sha1(orjson.dumps(preimage), usedforsecurity=False).hexdigest()
+    except (KeyError, TypeError, orjson.JSONEncodeError):
+        return None
+
+
+def _integrity(obj: dict[str, Any]) -> Integrity:
+    expected = obj.get("hash")
+    if not isinstance(expected, str) or not expected:
+        return "unverifiable"
+    computed = book_hash(obj)
+    if computed is None:
+        return "unverifiable"
+    return "verified" if computed == expected.lower() else "mismatched"
+
+
+def _book(obj: dict[str, Any], p: FrameParser, problems: Problems) -> BookSnapshot:
     bids = obj["bids"] if "bids" in obj else obj.get("buys")
     asks = obj["asks"] if "asks" in obj else obj.get("sells")
     tick = obj.get("tick_size")
-    return BookSnapshot(
+    snapshot = BookSnapshot(
         asset_id=_text(obj, "asset_id"),
         market=str(obj.get("market") or ""),
         bids=_levels(bids, "bids", p),
@@ -317,22 +409,33 @@ def _book(obj: dict[str, Any], p: FrameParser) -> BookSnapshot:
         tick_size=None if tick in (None, "") else p.price(tick, "tick_size"),
         last_trade_price=_optional_price(obj, "last_trade_price", p),
     )
+    if "bids" in obj and "asks" in obj:
+        return attrs.evolve(snapshot, integrity=_integrity(obj))
+    return snapshot
 
 
 def _change(entry: Any, asset_id: str | None, p: FrameParser) -> LevelChange:
     if not isinstance(entry, dict):
         raise MalformedFrame("bad_field", "price change entry is not an object")
+    has_top = "best_bid" in entry and "best_ask" in entry
     return LevelChange(
         asset_id=asset_id if asset_id is not None else _text(entry, "asset_id"),
         price=p.price(_field(entry, "price"), "price"),
         size=p.size(_field(entry, "size"), "size"),
         side=_side(_field(entry, "side")),
-        best_bid=_optional_price(entry, "best_bid", p),
-        best_ask=_optional_price(entry, "best_ask", p),
+        best_bid=_bid_top(entry, p) if has_top else None,
+        best_ask=_ask_top(entry, p) if has_top else None,
+        has_top=has_top,
     )
 
 
-def _price_change(obj: dict[str, Any], p: FrameParser) -> PriceChange:
+def _price_change(obj: dict[str, Any], p: FrameParser, problems: Problems) -> PriceChange:
+    """
+    A ``price_change``; an entry that cannot be used (missing or malformed
+    field: rs-clob-client's ``parses_batch_price_changes`` has entries
+    without ``size``) is reported in ``problems`` and skipped, its good
+    siblings are kept (section 11, "price_change entries can lack fields").
+    """
     if "price_changes" in obj:
         entries, asset_id = obj["price_changes"], None
     elif "changes" in obj:  # legacy: one asset, changes[]
@@ -343,14 +446,24 @@ def _price_change(obj: dict[str, Any], p: FrameParser) -> PriceChange:
         raise MalformedFrame("missing_field", "no 'price_changes'")
     if not isinstance(entries, list):
         raise MalformedFrame("bad_field", "'price_changes' is not a list")
+    changes = []
+    for index, entry in enumerate(entries):
+        try:
+            changes.append(_change(entry, asset_id, p))
+        except MalformedFrame as exc:
+            problems.append(MalformedFrame(exc.kind, f"price_changes[{index}]: {exc.detail}"))
+    if not changes:
+        if problems:  # every entry was reported: nothing more to say
+            raise _NothingUsable
+        raise MalformedFrame("missing_field", "'price_changes' is empty")
     return PriceChange(
         market=str(obj.get("market") or ""),
         timestamp_ms=_timestamp(obj),
-        changes=tuple(_change(entry, asset_id, p) for entry in entries),
+        changes=tuple(changes),
     )
 
 
-def _last_trade(obj: dict[str, Any], p: FrameParser) -> LastTradePrice:
+def _last_trade(obj: dict[str, Any], p: FrameParser, problems: Problems) -> LastTradePrice:
     side = obj.get("side")
     return LastTradePrice(
         asset_id=_text(obj, "asset_id"),
@@ -362,7 +475,7 @@ def _last_trade(obj: dict[str, Any], p: FrameParser) -> LastTradePrice:
     )
 
 
-def _tick_size_change(obj: dict[str, Any], p: FrameParser) -> TickSizeChange:
+def _tick_size_change(obj: dict[str, Any], p: FrameParser, problems: Problems) -> TickSizeChange:
     old = obj.get("old_tick_size")
     return TickSizeChange(
         asset_id=_text(obj, "asset_id"),
@@ -373,17 +486,17 @@ def _tick_size_change(obj: dict[str, Any], p: FrameParser) -> TickSizeChange:
     )
 
 
-def _best_bid_ask(obj: dict[str, Any], p: FrameParser) -> BestBidAsk:
+def _best_bid_ask(obj: dict[str, Any], p: FrameParser, problems: Problems) -> BestBidAsk:
     return BestBidAsk(
         asset_id=_text(obj, "asset_id"),
         market=str(obj.get("market") or ""),
-        best_bid=_optional_price(obj, "best_bid", p),
-        best_ask=_optional_price(obj, "best_ask", p),
+        best_bid=_bid_top(obj, p),
+        best_ask=_ask_top(obj, p),
         timestamp_ms=_timestamp(obj),
     )
 
 
-def _new_market(obj: dict[str, Any], p: FrameParser) -> NewMarket:
+def _new_market(obj: dict[str, Any], p: FrameParser, problems: Problems) -> NewMarket:
     assets = _ids(obj, "assets_ids") or _ids(obj, "clob_token_ids")
     return NewMarket(
         id=str(_field(obj, "id")),
@@ -396,7 +509,7 @@ def _new_market(obj: dict[str, Any], p: FrameParser) -> NewMarket:
     )
 
 
-def _market_resolved(obj: dict[str, Any], p: FrameParser) -> MarketResolved:
+def _market_resolved(obj: dict[str, Any], p: FrameParser, problems: Problems) -> MarketResolved:
     return MarketResolved(
         id=str(_field(obj, "id")),
         market=_text(obj, "market"),
@@ -407,7 +520,7 @@ def _market_resolved(obj: dict[str, Any], p: FrameParser) -> MarketResolved:
     )
 
 
-_PARSERS: dict[str, Callable[[dict[str, Any], FrameParser], FeedEvent]] = {
+_PARSERS: dict[str, Callable[[dict[str, Any], FrameParser, Problems], FeedEvent]] = {
     "book": _book,
     "price_change": _price_change,
     "last_trade_price": _last_trade,
@@ -417,9 +530,18 @@ _PARSERS: dict[str, Callable[[dict[str, Any], FrameParser], FeedEvent]] = {
     "market_resolved": _market_resolved,
 }
 
+KNOWN_EVENT_TYPES = frozenset(_PARSERS)
+"""The market channel's event types (AsyncAPI spec, protocol.md section 10)."""
+
 
 def _event_type(obj: dict[str, Any]) -> str:
-    """The object's ``event_type``, inferred for legacy objects that lack it."""
+    """
+    The object's ``event_type``, inferred where a legacy object without it
+    has an unambiguous shape (``price_changes[]``, ``bids``/``buys`` with
+    ``asset_id``, ``new_tick_size``). A trade-like object (``asset_id``,
+    ``price``, ``side``) could be a last trade or a legacy one-level price
+    change: counted as ``ambiguous_event``, never guessed (section 11).
+    """
     kind = obj.get("event_type")
     if isinstance(kind, str):
         return kind
@@ -429,6 +551,10 @@ def _event_type(obj: dict[str, Any]) -> str:
         return "price_change"
     if "asset_id" in obj and ("bids" in obj or "buys" in obj):
         return "book"
+    if "new_tick_size" in obj and "asset_id" in obj:
+        return "tick_size_change"
+    if "asset_id" in obj and "price" in obj and "side" in obj:
+        raise MalformedFrame("ambiguous_event", "no 'event_type': last trade or price change")
     raise MalformedFrame("missing_field", "no 'event_type'")
 
 
@@ -487,13 +613,29 @@ class FrameParser:
             return
         parsed.event_types.append(kind)
         parser = _PARSERS.get(kind)
-        if parser is None:
-            parsed.problems.append(MalformedFrame("unknown_event_type", repr(kind)[:80]))
+        if parser is None:  # e.g. settlement_preview: normal input, not ours
+            parsed.ignored.append(kind[:80])
             return
+        problems: Problems = []
         try:
-            parsed.events.append(parser(obj, self))
+            parsed.events.append(parser(obj, self, problems))
         except MalformedFrame as exc:
-            parsed.problems.append(MalformedFrame(exc.kind, f"{kind}: {exc.detail}"))
+            problems.append(exc)
+        except _NothingUsable:
+            pass
+        parsed.problems.extend(MalformedFrame(e.kind, f"{kind}: {e.detail}") for e in problems)
+
+    def book(self, obj: Any) -> BookSnapshot:
+        """
+        One book object outside a frame (a CLOB REST ``GET /book`` /
+        ``POST /books`` answer item), parsed like a ``book`` event.
+
+        Raises:
+            MalformedFrame: not an object, or a field is missing or malformed.
+        """
+        if not isinstance(obj, dict):
+            raise MalformedFrame("not_an_object", f"{type(obj).__name__} as book")
+        return _book(obj, self, [])
 
     def parse(self, raw: str | bytes) -> ParsedFrame:
         """
@@ -501,9 +643,10 @@ class FrameParser:
 
         A frame is a JSON object or array of objects with ``event_type``;
         prices are decimal strings in [0, 1]; timestamps are milliseconds.
-        Source: ../shared/protocol.md, section 6. An event that cannot be
-        used is skipped and reported in ``problems``; the other events of the
-        frame are kept.
+        Source: docs/protocol.md, "Server messages". An event (or a
+        ``price_changes`` entry) that cannot be used is skipped and reported
+        in ``problems``; the other events and entries of the frame are kept.
+        Event types the channel does not define are listed in ``ignored``.
 
         Args:
             raw: the frame as received (``str`` for text frames; ``bytes``

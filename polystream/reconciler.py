@@ -17,7 +17,7 @@ on the connection's socket, then drain ``notifies``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
@@ -41,6 +41,7 @@ __all__ = [
     "Notes",
     "Reconciler",
     "read_desired",
+    "read_new_positions",
     "run_listener",
 ]
 
@@ -121,10 +122,18 @@ class DbLink:
 
 @attrs.frozen
 class DesiredSet:
-    """What the database wants subscribed, and the catalog that goes with it."""
+    """
+    What the database wants subscribed, and the catalog that goes with it.
+
+    ``unpriced`` holds the catalog keys (market ids, or bare token ids) of
+    markets with an active position that has no price yet (``current_price``
+    or ``pnl_amount`` NULL): the position writer prices them from the
+    current books at once, without waiting for the market to move.
+    """
 
     assets: frozenset[str]
     catalog: Catalog
+    unpriced: frozenset[str] = frozenset()
 
 
 _FILL_TOKEN_IDS = """
@@ -135,14 +144,17 @@ WHERE p.token_id IS NULL AND p.status = 'active' AND p.outcome IS NOT NULL
   AND jsonb_typeof(m.clob_token_ids) = 'array' AND lower(o.name) = lower(p.outcome)
 """
 
+_FILL_TOKEN_IDS_OF = _FILL_TOKEN_IDS + " AND p.id = ANY(%(ids)s) RETURNING p.token_id"
+
 _ACTIVE = """
-SELECT token_id, market_id, count(*) FROM positions
-WHERE status = 'active' GROUP BY token_id, market_id
+SELECT token_id, market_id, count(*),
+       count(*) FILTER (WHERE current_price IS NULL OR pnl_amount IS NULL)
+FROM positions WHERE status = 'active' GROUP BY token_id, market_id
 """
 
 # Same shape as _ACTIVE; a prediction holds no position, so it counts 0.
 _PREDICTED = """
-SELECT token_id, market_id, 0 FROM predictions
+SELECT token_id, market_id, 0, 0 FROM predictions
 WHERE status = 'pending' AND (closes_at IS NULL OR closes_at > now() - interval '1 minute')
 """
 
@@ -168,19 +180,38 @@ def read_market_tokens(
     return [(str(i), c, [str(t) for t in clob]) for i, c, clob in rows]
 
 
+def read_new_positions(
+    conn: psycopg.Connection[Any], market_keys: list[str], tokens: list[str], position_ids: list[int]
+) -> tuple[list[tuple[str, str | None, list[str]]], list[str]]:
+    """
+    The fast path's one round trip: fill ``token_id`` of the notified
+    positions that name only their ``outcome`` (from ``markets.outcomes``),
+    then read their markets (see :func:`read_market_tokens`).
+
+    Returns:
+        The market rows, and the token ids just filled in.
+    """
+    filled: list[str] = []
+    if position_ids:
+        rows = conn.execute(_FILL_TOKEN_IDS_OF, {"ids": position_ids}).fetchall()
+        filled = [str(token) for (token,) in rows if token is not None]
+    return read_market_tokens(conn, market_keys, tokens + filled), filled
+
+
 def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> DesiredSet:
     """
     Read the desired asset set (see the module docstring) and its catalog.
 
     Also fills ``positions.token_id`` from ``markets.outcomes`` where another
-    service left it empty but named the outcome.
+    service left it empty but named the outcome, and names the markets whose
+    active positions have no price yet (``DesiredSet.unpriced``).
     """
     conn.execute(_FILL_TOKEN_IDS)
     # (token_id, market_id, active positions): positions, then pending predictions,
     # which need their prices too.
     holders = conn.execute(_ACTIVE).fetchall() + conn.execute(_PREDICTED).fetchall()
-    market_keys = [m for _, m, _ in holders if m]
-    tokens = [t for t, _, _ in holders if t] + list(watch)
+    market_keys = [m for _, m, _, _ in holders if m]
+    tokens = [t for t, _, _, _ in holders if t] + list(watch)
     catalog = Catalog()
     by_key: dict[str, str] = {}
     for market_id, condition_id, clob in read_market_tokens(conn, market_keys, tokens):
@@ -189,7 +220,8 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
         if condition_id:
             by_key[condition_id] = market_id
     assets: set[str] = set(watch)
-    for token, market_key, count in holders:
+    unpriced: set[str] = set()
+    for token, market_key, count, unpriced_count in holders:
         found = by_key.get(market_key or "") or catalog.asset_market.get(token or "")
         if found is not None:
             assets.update(catalog.market_tokens[found])
@@ -198,7 +230,9 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
         key = found or token
         if key and count:
             catalog.positions_per_market[key] = catalog.positions_per_market.get(key, 0) + count
-    return DesiredSet(frozenset(assets), catalog)
+        if key and unpriced_count:
+            unpriced.add(key)
+    return DesiredSet(frozenset(assets), catalog, frozenset(unpriced))
 
 
 @attrs.define(eq=False)
@@ -211,6 +245,11 @@ class Reconciler:
     subscribed for ``grace`` seconds (a close-and-reopen does not flap). The
     catalog object is updated in place so that the router and writers, which
     hold it, see the change.
+
+    ``price_now(market_keys)`` (the position writer's ``touch``) is told of
+    markets holding a position that became active, had its token filled in or
+    has no price yet, so it is priced from the current books within one
+    debounce window, whether or not its market moves.
     """
 
     link: DbLink
@@ -224,9 +263,11 @@ class Reconciler:
     _leaving: dict[str, float] = attrs.field(factory=dict)
     _full_at: float | None = None
     _added: dict[str, str | None] = attrs.field(factory=dict)  # market key -> token
+    _added_positions: set[int] = attrs.field(factory=set)
     _fast_wake: trio.Event = attrs.field(factory=trio.Event)
     _fast_markets: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
     fast_link: DbLink | None = None  # the fast path's own connection (else ``link``)
+    price_now: Callable[[Iterable[str]], None] | None = None
 
     def wake(self) -> None:
         """Reconcile (fully) as soon as possible."""
@@ -244,27 +285,38 @@ class Reconciler:
             self.wake()
             return
         now = trio.current_time()
-        for _channel, payload in notes:
+        for channel, payload in notes:
             try:
                 note = orjson.loads(payload)
                 active = note["op"] != "DELETE" and note["status"] in ("active", "pending")
                 market, token = note.get("market_id"), note.get("token_id")
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                active, market, token = False, None, None
+                row_id = int(note["id"]) if channel == POSITIONS_CHANNEL else None
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                active, market, token, row_id = False, None, None, None
             if active and (market or token):
                 self._added[str(market or token)] = None if token is None else str(token)
+                if row_id is not None:
+                    self._added_positions.add(row_id)
                 self._fast_wake.set()
             full_at = now + (FULL_AFTER_NOTIFY if active else COALESCE_SECONDS)
             self._full_at = full_at if self._full_at is None else min(self._full_at, full_at)
         self._wake.set()
 
     async def _fast_path(self) -> None:
-        """Subscribe the markets of newly active rows without a full read."""
+        """Subscribe (and price) the markets of newly active rows without a full read."""
         added, self._added = self._added, {}
+        position_ids, self._added_positions = sorted(self._added_positions), set()
         keys = list(added)
         tokens = [t for t in added.values() if t is not None]
-        rows = await (self.fast_link or self.link).call(read_market_tokens, keys, tokens)
-        assets = set(tokens)
+        try:
+            rows, filled = await (self.fast_link or self.link).call(
+                read_new_positions, keys, tokens, position_ids
+            )
+        except DatabaseError:
+            self._added = added | self._added
+            self._added_positions.update(position_ids)
+            raise
+        assets = set(tokens) | set(filled)
         for market_id, _condition_id, clob in rows:
             assets.update(clob)
             self._fast_markets[market_id] = tuple(clob)
@@ -276,6 +328,10 @@ class Reconciler:
         if new:
             self.pool.set_assets(set(self.pool.asset_shard) | new)
             logger.info("subscriptions_added", assets=len(new), markets=len(rows))
+        if self.price_now is not None:
+            known = {t for _, _, clob in rows for t in clob}
+            bare = [t for t in tokens if t not in known]  # a token with no market row
+            self.price_now([market_id for market_id, _, _ in rows] + bare)
 
     def _with_grace(self, desired: frozenset[str], now: float) -> set[str]:
         """``desired`` plus the assets still inside their unsubscribe grace period."""
@@ -302,6 +358,8 @@ class Reconciler:
         self.catalog.positions_per_market = desired.catalog.positions_per_market
         self.pool.set_assets(self._with_grace(desired.assets, trio.current_time()))
         self.stats.desired_assets = len(desired.assets)
+        if desired.unpriced and self.price_now is not None:
+            self.price_now(desired.unpriced)
         return desired
 
     def _next_run(self) -> float:

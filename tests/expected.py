@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import psycopg
 
-from polystream.book import AssetBook
-from polystream.protocol import PriceChange, parse_frame
+from polystream.book import Books
+from polystream.protocol import parse_frame
 
 ROOT = Path(__file__).parent.parent
 UPDOWN = ROOT / "examples" / "updown-2025-12-11"
@@ -35,25 +35,14 @@ def expected_assets(*captures: Path) -> dict[str, dict[str, Any]]:
     return assets
 
 
-def apply_frame(books: dict[str, AssetBook], line: bytes) -> set[str]:
-    """Apply one recorded frame to ``books`` (created as needed); returns the assets touched."""
-    touched: set[str] = set()
-    for event in parse_frame(line).events:
-        if isinstance(event, PriceChange):
-            for change in event.changes:
-                book = books.setdefault(change.asset_id, AssetBook(change.asset_id))
-                book.apply_change(change, event.timestamp_ms)
-                touched.add(change.asset_id)
-        else:
-            asset = event.asset_id  # type: ignore[union-attr]
-            books.setdefault(asset, AssetBook(asset)).apply(event)
-            touched.add(asset)
-    return touched
+def apply_frame(books: Books, line: bytes) -> set[str]:
+    """Apply one recorded frame to ``books`` (created as needed); returns the assets moved."""
+    return books.apply(parse_frame(line).events).moved
 
 
-def books_after(capture: Path = UPDOWN, frames: int | None = None) -> dict[str, AssetBook]:
+def books_after(capture: Path = UPDOWN, frames: int | None = None) -> Books:
     """The books after the first ``frames`` frames of ``capture`` (all when None)."""
-    books: dict[str, AssetBook] = {}
+    books = Books()
     with gzip.open(f"{capture}.jsonl.gz", "rb") as handle:
         for number, line in enumerate(handle):
             if number == frames:
@@ -62,9 +51,20 @@ def books_after(capture: Path = UPDOWN, frames: int | None = None) -> dict[str, 
     return books
 
 
+def best_bid_frames(capture: Path = UPDOWN) -> dict[str, list[tuple[int, Decimal | None]]]:
+    """``(frame index, best bid)`` of each asset after each frame that moved it."""
+    books = Books()
+    path: dict[str, list[tuple[int, Decimal | None]]] = {}
+    with gzip.open(f"{capture}.jsonl.gz", "rb") as handle:
+        for number, line in enumerate(handle):
+            for asset in apply_frame(books, line):
+                path.setdefault(asset, []).append((number, books[asset].best_bid))
+    return path
+
+
 def best_bid_path(capture: Path = UPDOWN) -> dict[str, list[Decimal | None]]:
     """Best bid of each asset after each frame that touched it, from the recording."""
-    books: dict[str, AssetBook] = {}
+    books = Books()
     path: dict[str, list[Decimal | None]] = {}
     with gzip.open(f"{capture}.jsonl.gz", "rb") as handle:
         for line in handle:

@@ -11,13 +11,14 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import attrs
 import orjson
 import structlog
 import trio
 from test_feed import RecordingServer, _pool
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from polystream.book import AssetBook
+from polystream.book import Books
 from polystream.pipeline import Catalog, MarketWriter, PositionWriter, Router
 from polystream.protocol import parse_frame
 from polystream.stats import Stats
@@ -30,7 +31,7 @@ async def _sink(rows: list[Any]) -> int:
 
 
 def _router() -> Router:
-    books: dict[str, AssetBook] = {}
+    books = Books()
     catalog = Catalog()
     stats = Stats()
     markets = MarketWriter(books, catalog, stats, sink=_sink, interval=1.0)
@@ -112,26 +113,62 @@ async def test_events_older_than_the_book_are_skipped() -> None:
     assert router.markets.stats.parse_errors["stale_event"] == 2
 
 
-async def test_tick_size_change_invalidates_until_next_snapshot() -> None:
+def _tick(old: str, new: str, ts: int = 1100) -> list[Any]:
+    return _frame(
+        event_type="tick_size_change",
+        asset_id="a",
+        market="m",
+        old_tick_size=old,
+        new_tick_size=new,
+        timestamp=str(ts),
+    )
+
+
+async def test_noop_tick_size_change_keeps_book_and_quote() -> None:
+    # NautilusTrader test tick_size_change_noop_preserves_book_and_quote.
+    requests: list[tuple[str, str]] = []
     router = _router()
+    router.resync = lambda asset, reason: requests.append((asset, reason))
     router.apply(_frame(**BOOK))
+    before = router.books["a"].top()
+    router.apply(_tick("0.01", "0.01"))
+    book = router.books["a"]
+    assert book.top() == attrs.evolve(before, tick_size=D("0.01"))  # learnt, nothing else
+    assert (len(book.bids.levels), len(book.asks.levels)) == (2, 2)
+    assert not book.resyncing and requests == []
+
+
+async def test_real_tick_size_change_keeps_quoting_and_asks_for_a_rest_book() -> None:
+    requests: list[tuple[str, str]] = []
+    router = _router()
+    router.resync = lambda asset, reason: requests.append((asset, reason))
+    router.apply(_frame(**BOOK))
+    router.apply(_tick("0.01", "0.001"))
+    book = router.books["a"]
+    assert requests == [("a", "tick_size_change")]
+    assert book.resyncing and book.tick_size == D("0.001")
+    assert (book.best_bid, book.best_ask) == (D("0.45"), D("0.50"))  # not wiped
+    # The venue keeps sending price changes with its own top: they are the quote.
     router.apply(
         _frame(
-            event_type="tick_size_change",
-            asset_id="a",
+            event_type="price_change",
             market="m",
-            old_tick_size="0.01",
-            new_tick_size="0.001",
-            timestamp="1100",
+            timestamp="1101",
+            price_changes=[
+                {"asset_id": "a", "price": "0.451", "size": "2", "side": "BUY", "hash": "h",
+                 "best_bid": "0.451", "best_ask": "0.5"}
+            ],
         )
     )
-    assert router.books["a"].top().has_book is False  # writers keep the stored quotes
-    router.apply(_change(1101, "0.451", "2", "BUY"))
-    assert router.books["a"].best_bid is None
-    assert router.markets.stats.parse_errors["book_invalid"] == 1
-    router.apply(_frame(**dict(BOOK, timestamp="1200")))
-    assert router.books["a"].best_bid == D("0.45")
-    assert router.books["a"].tick_size == D("0.001")
+    assert (book.best_bid, book.best_ask) == (D("0.451"), D("0.5"))
+    assert router.markets.stats.parse_errors == {}
+    # The REST copy (older than that change) replaces the levels; the buffered
+    # change newer than it is applied again on top.
+    rest = _frame(**dict(BOOK, timestamp="1100", bids=[{"price": "0.44", "size": "1"}]))[0]
+    router.apply_rest_book(rest)
+    assert not book.resyncing
+    assert sorted(book.bids.levels) == [D("0.44"), D("0.451")]
+    assert (book.best_bid, book.best_ask) == (D("0.451"), D("0.5"))
 
 
 async def test_binary_and_oversized_frames(nursery: trio.Nursery) -> None:

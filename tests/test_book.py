@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from polystream.book import AssetBook, display_price
-from polystream.protocol import BookSnapshot, PriceChange, parse_frame
+from polystream.book import AssetBook, Books, display_price
+from polystream.protocol import BookSnapshot, parse_frame
 
 DATA = Path(__file__).parent / "data" / "replay"
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -35,7 +35,7 @@ def _dec(value: str | None) -> Decimal | None:
 @pytest.mark.parametrize(("capture", "expected_path"), CAPTURES, ids=lambda p: p.name)
 def test_final_state_matches_expected(capture: Path, expected_path: Path) -> None:
     expected = orjson.loads(expected_path.read_bytes())
-    books: dict[str, AssetBook] = {}
+    books = Books()
     counts: dict[str, int] = {}
     for line in _lines(capture):
         parsed = parse_frame(line)
@@ -43,13 +43,7 @@ def test_final_state_matches_expected(capture: Path, expected_path: Path) -> Non
         for event in parsed.events:
             name = type(event).__name__
             counts[name] = counts.get(name, 0) + 1
-            if isinstance(event, PriceChange):
-                for change in event.changes:
-                    book = books.setdefault(change.asset_id, AssetBook(change.asset_id))
-                    book.apply_change(change, event.timestamp_ms)
-            else:
-                asset = event.asset_id  # type: ignore[union-attr]
-                books.setdefault(asset, AssetBook(asset)).apply(event)
+        books.apply(parsed.events)
     assert set(books) == set(expected["assets"])
     for asset_id, want in expected["assets"].items():
         top = books[asset_id].top()
@@ -86,21 +80,21 @@ def test_level_order_is_not_trusted() -> None:
     (event,) = parse_frame(frame).events
     assert isinstance(event, BookSnapshot)
     book = AssetBook("1")
-    book.apply(event)
+    book.apply_snapshot(event)
     assert (book.best_bid, book.best_ask) == (Decimal("0.45"), Decimal("0.5"))
     assert book.top().display == Decimal("0.475")
 
 
 def test_removing_best_level_falls_back_to_next() -> None:
-    book = AssetBook("a")
+    books = Books()
     frame = (
         b'{"event_type":"price_change","market":"m","timestamp":"5","price_changes":['
         b'{"asset_id":"a","price":"0.5","size":"10","side":"buy","hash":"h","best_bid":"","best_ask":""},'
         b'{"asset_id":"a","price":"0.52","size":"3","side":"BUY","hash":"h"},'
         b'{"asset_id":"a","price":"0.52","size":"0","side":"BUY","hash":"h"}]}'
     )
-    (event,) = parse_frame(frame).events
-    book.apply(event)
+    books.apply(parse_frame(frame).events)
+    book = books["a"]
     assert book.best_bid == Decimal("0.5")
     assert book.best_ask is None
     assert book.top().display is None

@@ -94,11 +94,12 @@ async def test_database_restart_loses_nothing(server: ThrowawayPostgres) -> None
                 health=HealthConfig(listen="127.0.0.1:0"),
             )
             app: App = await nursery.start(run, config, dsn)
-            await trio.sleep(3)  # the tape runs 15 s at 60x: stop the database mid-run
+            # The tape runs 15 s at 60x: stop the database mid-run, once prices flow.
+            while app.stats.rows_written["positions"] == 0:
+                await app.positions.next_write()
             await trio.to_thread.run_sync(server.stop)
-            while app.stats.db_errors == 0:  # the writers notice
+            while app.stats.db_errors < 3:  # the writers notice, and retry in vain a while
                 await trio.sleep(0.1)
-            await trio.sleep(3)
             await trio.to_thread.run_sync(server.start)
             while not await trio.to_thread.run_sync(_listening, dsn):  # LISTEN is back
                 await trio.sleep(0.1)

@@ -81,6 +81,7 @@ def _tokens() -> dict[tuple[str, str], str]:
 
 
 TOKENS = _tokens()
+NOT_ERRORS = ("foreign_asset", "unknown_event_type")  # counted apart: foreign, ignored
 GARBAGE_ASSETS = frozenset(TOKENS[m] for m in GARBAGE_MARKETS)
 
 
@@ -327,7 +328,8 @@ async def test_quiet_market_is_not_recycled(rig: Rigged) -> None:
         await r.rules_fired()
         # The tape holds (a quiet market) and REST agrees with the daemon's books.
         r.clob.quotes = tape_quotes(r.server.tape)
-        await trio.sleep(2.5)  # 2.5 times stale_after with nothing to say
+        # Two stale checks (stale_after 1 s each) with nothing to say.
+        await r.until(lambda: r.shard.stale_checks >= 2)
         assert r.shard.reconnects == 0
         assert r.shard.state == "connected"
         checks = r.shard.stale_checks
@@ -428,9 +430,10 @@ async def test_garbage_between_frames_is_refused_and_counted(rig: Rigged) -> Non
         assert before == {}
         assert r.shard.reconnects == 0
         stats = r.app.stats
-        want = {GARBAGE_KINDS[k]: 1 for k in kinds if k != "foreign_asset"}
+        want = {GARBAGE_KINDS[k]: 1 for k in kinds if k not in NOT_ERRORS}
         assert dict(stats.parse_errors) == want
         assert stats.foreign_events == 1
+        assert stats.ignored_events == {"price_surprise": 1}  # an undefined type is no error
         assert stats.events["price_surprise"] == 1
 
 
@@ -445,9 +448,10 @@ async def test_scheduled_garbage_every_500_frames(rig: Rigged) -> None:
         sent = r.server.stats.garbage_sent
         assert sum(sent.values()) >= 12 * 20
         stats = r.app.stats
-        want = {GARBAGE_KINDS[k]: n for k, n in sent.items() if k != "foreign_asset"}
+        want = {GARBAGE_KINDS[k]: n for k, n in sent.items() if k not in NOT_ERRORS}
         assert dict(stats.parse_errors) == want
         assert stats.foreign_events == sent["foreign_asset"]
+        assert stats.ignored_events == {"price_surprise": sent["unknown_event_type"]}
         assert r.shard.reconnects == 0
 
 

@@ -14,6 +14,7 @@ import attrs
 import orjson
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from polystream.config import FeedConfig
@@ -54,6 +55,7 @@ class RecordingServer:
     peers: list[Peer] = attrs.field(factory=list)
     changed: trio.Event = attrs.field(factory=trio.Event)
     answer_pings: bool = True
+    refuse: int = 0  # close this many connections right after their subscribe, unanswered
 
     async def handler(self, request: WebSocketRequest) -> None:
         ws = await request.accept()
@@ -74,6 +76,9 @@ class RecordingServer:
                     message = await ws.get_message()
                     assert isinstance(message, str)
                     peer.received.append(message)
+                    if self.refuse > 0 and len(peer.received) == 1:
+                        self.refuse -= 1
+                        await ws.aclose(1011, "subscribe refused")
                     if message == "PING" and self.answer_pings:
                         await ws.send_message("PONG")
                     self._notify()
@@ -239,7 +244,8 @@ async def test_ping_and_events(server: RecordingServer, nursery: trio.Nursery) -
         assert isinstance(book, BookSnapshot) and len(book.bids) == 90_000
         (trade,) = await events.receive()
         assert isinstance(trade, LastTradePrice) and trade.price == Decimal("0.52")
-        assert stats.parse_errors == {"invalid_json": 1, "unknown_event_type": 1}
+        assert stats.parse_errors == {"invalid_json": 1}
+        assert stats.ignored_events == {"mystery": 1}  # an undefined type is no error
         assert stats.foreign_events == 1
         assert stats.control["PONG"] >= 1
         assert stats.shards[0].ping_rtt is not None
@@ -259,3 +265,88 @@ async def test_unanswered_ping_reconnects(server: RecordingServer, nursery: trio
     assert first.received.count("PING") >= 2
     assert stats.shards[0].reconnects >= 1
     assert "no PONG" in (stats.shards[0].last_error or "")
+
+
+async def test_no_ping_before_subscribe_and_no_empty_connection(
+    server: RecordingServer, nursery: trio.Nursery
+) -> None:
+    """A text PING before a valid subscribe earns close 1008 (protocol.md section 11)."""
+    pool, _, _ = _pool(server)
+    await nursery.start(pool.run)
+    with trio.fail_after(10):
+        pool.set_assets(set())
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.peers == []  # nothing to subscribe: no connection at all
+        pool.set_assets({ASSETS[0]})
+        await server.wait_for(lambda: bool(server.peers) and "PING" in server.peers[0].received)
+        first = server.peers[0].received[0]
+        assert first != "PING" and orjson.loads(first)["assets_ids"] == [ASSETS[0]]
+        pool.set_assets(set())  # emptied: the connection goes
+        await server.wait_for(lambda: not server.live())
+
+
+def _book(asset: str) -> str:
+    return orjson.dumps(
+        {"event_type": "book", "asset_id": asset, "market": "0xm", "bids": [], "asks": [],
+         "timestamp": "1", "hash": ""}
+    ).decode()
+
+
+async def test_coverage_counts_books_and_trades_not_price_changes(
+    server: RecordingServer, nursery: trio.Nursery
+) -> None:
+    pool, events, stats = _pool(server)
+    await nursery.start(pool.run)
+    with trio.fail_after(10):
+        pool.set_assets(set(ASSETS[:3]))
+        await server.wait_for(lambda: bool(server.peers) and server.peers[0].received)
+        outbox = server.peers[0].outbox
+        assert outbox is not None
+        change = {"asset_id": ASSETS[0], "price": "0.5", "size": "1", "side": "BUY", "hash": "h"}
+        await outbox.send(orjson.dumps({"event_type": "price_change", "market": "0xm",
+                                        "timestamp": "1", "price_changes": [change]}).decode())
+        await outbox.send(orjson.dumps({"event_type": "last_trade_price", "asset_id": ASSETS[1],
+                                        "market": "0xm", "price": "0.5", "size": "1",
+                                        "side": "BUY", "timestamp": "2"}).decode())
+        await outbox.send(_book(ASSETS[2]))
+        for _ in range(3):
+            await events.receive()
+    shard = stats.shards[0]
+    assert shard.seen_assets == {ASSETS[1], ASSETS[2]}  # a price change confirms nothing
+    assert shard.book_hashes["unverifiable"] == 1
+
+
+async def test_refused_subscribe_shrinks_frames_and_they_grow_back(
+    server: RecordingServer, nursery: trio.Nursery
+) -> None:
+    server.refuse = 1  # the venue closes the first connection after its subscribe, unserved
+    pool, _, stats = _pool(server, max_subscribe_bytes=8192)
+    await nursery.start(pool.run)
+    with trio.fail_after(10):
+        pool.set_assets({ASSETS[0]})
+        await server.wait_for(lambda: len(server.peers) == 2 and server.peers[1].received)
+        shard = pool.shards[0]
+        assert shard.subscribe_bytes == 2048  # quartered
+        assert stats.shards[0].reconnects == 1
+        # Healthy for backoff_max (0.05 s) at a time: doubled back, then the configured cap.
+        while shard.subscribe_bytes:
+            await trio.sleep(0.01)
+        assert len(server.peers) == 2
+
+
+async def test_drop_after_data_is_no_refusal(
+    server: RecordingServer, nursery: trio.Nursery
+) -> None:
+    pool, events, stats = _pool(server, max_subscribe_bytes=8192)
+    await nursery.start(pool.run)
+    with trio.fail_after(10):
+        pool.set_assets({ASSETS[0]})
+        await server.wait_for(lambda: bool(server.peers) and server.peers[0].received)
+        outbox = server.peers[0].outbox
+        assert outbox is not None
+        await outbox.send(_book(ASSETS[0]))  # the venue answered the subscribe...
+        await events.receive()
+        await server.drop_all()  # ... and the link dropped within the second: a reconnect
+        await server.wait_for(lambda: len(server.peers) == 2 and server.peers[1].received)
+    assert pool.shards[0].subscribe_bytes == 0  # frames not shrunk
+    assert stats.shards[0].reconnects == 1

@@ -94,4 +94,7 @@ def test_on_a_parsed_real_shape_frame() -> None:
     (event,) = kept
     assert isinstance(event, PriceChange)
     assert event.timestamp_ms == 1757908892351
-    assert [(c.asset_id, c.side, c.best_ask) for c in event.changes] == [("111", "BUY", Decimal(1))]
+    # best_ask "1" spells an empty ask side (protocol.md section 11): no ask, never a quote of 1.
+    assert [(c.asset_id, c.side, c.best_ask, c.has_top) for c in event.changes] == [
+        ("111", "BUY", None, True)
+    ]

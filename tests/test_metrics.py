@@ -14,6 +14,7 @@ from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
 from polystream.markets import import_markets_file
 from polystream.replay import ReplayServer, serve_replay
+from polystream.status import render_health
 
 
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -48,6 +49,7 @@ async def test_metrics_parse_and_move(db_dsn: str) -> None:
             while app.stats.rows_written["positions"] == 0:
                 await trio.sleep(0.05)
             after = await trio.to_thread.run_sync(_samples, url)
+            health = app.stats.health()
             app.stop()
             nursery.cancel_scope.cancel()
 
@@ -62,3 +64,14 @@ async def test_metrics_parse_and_move(db_dsn: str) -> None:
     calls = ("polystream_db_call_seconds_count", (("link", "markets"),))
     assert after[calls] > before.get(calls, 0)
     assert after[("polystream_queue_depth", (("queue", "router"),))] >= 0
+
+    # Book integrity: the replay's subscribe snapshots carry the venue's hash (verified);
+    # the capture's own recorded books carry made-up hashes and no tick size (unverifiable).
+    hashes = {
+        result: after[("polystream_book_hashes_total", (("result", result), ("shard", "0")))]
+        for result in ("verified", "mismatched", "unverifiable")
+    }
+    assert hashes == {"verified": 2, "mismatched": 0, "unverifiable": 2}
+    assert health["book_hashes"] == hashes == health["shards"][0]["book_hashes"]
+    assert "2/0/2" in render_health(health)
+    assert "book hashes: mismatched 0, unverifiable 2, verified 2" in render_health(health)

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from trio.testing import wait_all_tasks_blocked
 
-from polystream.book import AssetBook
+from polystream.book import AssetBook, Books
 from polystream.errors import DatabaseError
 from polystream.pipeline import Catalog, MarketRow, MarketWriter, PositionWriter
 from polystream.protocol import BookSnapshot, Level
@@ -191,9 +191,9 @@ def _snapshot(asset: str, bid: str, ask: str) -> AssetBook:
     return book
 
 
-def _world() -> tuple[dict[str, AssetBook], Catalog]:
+def _world() -> tuple[Books, Catalog]:
     """Markets m1..m6, each with a YES (0.40/0.42) and a NO (0.58/0.60) book."""
-    books: dict[str, AssetBook] = {}
+    books = Books()
     catalog = Catalog()
     for market in MARKETS:
         yes, no = f"{market}-yes", f"{market}-no"
