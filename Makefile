@@ -22,9 +22,11 @@ demo: setup
 		$(BIN)/polystream demo --config config.toml
 
 # Tests use POLYSTREAM_TEST_DSN when set (an admin DSN; each test gets a fresh
-# database), else an embedded PostgreSQL.
+# database), else an embedded PostgreSQL (one per worker). Two workers by default
+# (PYTEST_WORKERS=0 runs them in this process).
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 lint: setup
 	$(BIN)/ruff check polystream tests bench
@@ -36,7 +38,8 @@ bench: setup
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.subscriptions
 	$(BIN)/python -m bench.monitor
-	@if [ -f bench/recovery.py ]; then $(BIN)/python -m bench.recovery; fi
+	$(BIN)/python -m bench.recovery
+	$(BIN)/python -m bench.pricing
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache .hypothesis

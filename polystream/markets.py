@@ -12,7 +12,7 @@ Prices become :class:`decimal.Decimal` (through ``str()``), never floats.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -76,6 +76,11 @@ def _price(obj: dict[str, Any], market_id: str, field: str) -> Decimal | None:
     if value is None or value == "":
         return None
     return _probability(value, market_id, field)
+
+
+def _side(price: Decimal | None, empty: Callable[[Decimal], bool]) -> Decimal | None:
+    """A best bid <= 0 or best ask >= 1 is an empty side, never a quote (docs/protocol.md)."""
+    return None if price is None or empty(price) else price
 
 
 def _probability(value: object, market_id: str, field: str) -> Decimal:
@@ -206,8 +211,8 @@ class GammaMarket:
             active=_flag(obj, market_id, "active"),
             closed=_flag(obj, market_id, "closed"),
             tick_size=_tick_size(obj, market_id),
-            best_bid=_price(obj, market_id, "bestBid"),
-            best_ask=_price(obj, market_id, "bestAsk"),
+            best_bid=_side(_price(obj, market_id, "bestBid"), empty=lambda p: p <= _ZERO),
+            best_ask=_side(_price(obj, market_id, "bestAsk"), empty=lambda p: p >= _ONE),
             last_trade_price=_price(obj, market_id, "lastTradePrice"),
         )
 

@@ -43,6 +43,20 @@ def test_real_gamma_objects_decode() -> None:
         assert all(isinstance(p, Decimal) for p in market.outcome_prices)
 
 
+@pytest.mark.parametrize(
+    ("name", "bid", "ask"),
+    [
+        ("gamma_market_closed_zero_zero_legacy.json", None, None),  # bestBid 0, bestAsk 1
+        ("gamma_market_sports_market_money_line.json", Decimal("0.999"), None),  # bestAsk 1
+        ("gamma_market_closed_binary_accepting_false.json", None, Decimal("0.001")),
+    ],
+)
+def test_gamma_empty_sides_are_no_quotes(name: str, bid: Decimal | None, ask: Decimal | None) -> None:
+    """A Gamma bestBid of 0 or bestAsk of 1 is an empty side, never a price (protocol.md)."""
+    market = GammaMarket.from_gamma(orjson.loads((REAL / name).read_bytes()))
+    assert (market.best_bid, market.best_ask) == (bid, ask)
+
+
 def test_from_gamma_fields() -> None:
     market = GammaMarket.from_gamma(orjson.loads((REAL / "gamma_market.json").read_bytes()))
     assert market.id == "1557558"
