@@ -29,24 +29,17 @@ Times are ``time.monotonic()``, one system-wide clock for all processes. The
 machine is shared and noisy: compare figures within one run only.
 
 PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin DSN),
-else an embedded server in a temporary directory. Each daemon run gets its own
-database ``polystream_bench_<pid>_<round>``, dropped afterwards.
+else an embedded server in a temporary directory (``bench.harness``). Each daemon run
+gets its own database ``polystream_bench_<pid>_<round>``, dropped afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import gzip
 import math
 import os
-import platform
-import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -59,45 +52,51 @@ import attrs
 import orjson
 import trio
 
-from bench.common import (
+from bench.harness import (
+    CAPTURE,
+    CAPTURE_EXPECTED,
+    CAPTURE_MARKETS,
+    CAPTURE_TAPE,
+    ROOT,
     BenchError,
+    DaemonLog,
     ExpectingServer,
-    accept,
-    admin_database,
+    Link,
+    Market,
+    Session,
+    add_output_options,
+    bench_setup,
+    capture_lines,
+    data_frames,
+    exit_status,
+    lap_offset_ms,
+    load_markets,
     log_directory,
+    print_hotspots,
+    profiling,
+    progress,
+    shift_timestamps,
+    text_frames,
+    throwaway_database,
     write_results,
 )
+from polystream.ops.daemon import DaemonProcess, open_daemon, peak_rss_kib, setting_variables
 
-ROOT = Path(__file__).resolve().parent.parent  # the project
-CAPTURE = ROOT / "examples" / "updown-2025-12-11"
-SCRIPT = Path(__file__).resolve()
-OUT_DIR = SCRIPT.parent
 CHUNK_BYTES = 1 << 20
 POLL_INTERVAL = 0.02
 MIN_FRAMES = 150_000
-MESSAGE_QUEUE = 256  # polystream.feed._MESSAGE_QUEUE
+MESSAGE_QUEUE = 256  # polystream.feed.pool._MESSAGE_QUEUE
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # polystream.config.FeedConfig.max_message_size
 ENTRY_PRICES = (Decimal("0.30"), Decimal("0.60"))  # two positions per asset
 DAEMON_SETTINGS = {
-    "POLYSTREAM_LOG__FORMAT": "json",
-    "POLYSTREAM_LOG__LEVEL": "info",
-    "POLYSTREAM_PIPELINE__DEBOUNCE": "0.2",
-    "POLYSTREAM_PIPELINE__MARKET_FLUSH_INTERVAL": "0.05",
+    "log__format": "json",
+    "log__level": "info",
+    "pipeline__debounce": "0.2",
+    "pipeline__market_flush_interval": "0.05",
 }
 
 
 # --- the workload ----------------------------------------------------------------
-
-
-_TIMESTAMP = re.compile(rb'"timestamp":"(\d+)"')
-
-
-def shift_timestamps(line: bytes, offset_ms: int) -> bytes:
-    """The frame with every ``timestamp`` moved ``offset_ms`` later (a later repetition
-    must look newer, or the daemon rightly drops its events as stale)."""
-    if not offset_ms:
-        return line
-    return _TIMESTAMP.sub(lambda m: b'"timestamp":"%d"' % (int(m.group(1)) + offset_ms), line)
 
 
 @attrs.frozen
@@ -117,12 +116,8 @@ class Tape:
         Read ``path``, repeated ``repeat`` times (None: enough for MIN_FRAMES frames),
         encoded once.
         """
-        from wsproto.frame_protocol import FrameProtocol
-
-        lines = [line for line in gzip.decompress(path.read_bytes()).split(b"\n") if line.strip()]
-        encoder = FrameProtocol(client=False, extensions=[])
-        stamps = [int(m) for line in lines for m in _TIMESTAMP.findall(line)]
-        span_ms = max(stamps) - min(stamps) + 1000
+        lines = capture_lines(path)
+        span_ms = lap_offset_ms(lines)
         events = 0
         types: Counter[str] = Counter()
         for line in lines:
@@ -132,13 +127,9 @@ class Tape:
             types.update(str(obj.get("event_type")) for obj in objects)
         if repeat is None:
             repeat = math.ceil(MIN_FRAMES / len(lines))
-        parts: list[bytes] = []
-        for lap in range(repeat):
-            for line in lines:
-                text = shift_timestamps(line, lap * span_ms).decode()
-                parts.append(bytes(encoder.send_data(text, fin=True)))
+        shifted = (shift_timestamps(line, lap * span_ms) for lap in range(repeat) for line in lines)
         return cls(
-            blob=b"".join(parts),
+            blob=b"".join(text_frames(shifted)),
             frames=len(lines),
             events=events,
             repeat=repeat,
@@ -166,24 +157,6 @@ class Tape:
         return {kind: n * self.repeat for kind, n in sorted(self.event_types.items())}
 
 
-@attrs.frozen
-class Market:
-    """One market of the capture: id, outcomes and their CLOB token ids, in order."""
-
-    id: str
-    outcomes: tuple[str, ...]
-    tokens: tuple[str, ...]
-
-
-def load_markets() -> list[Market]:
-    """The capture's markets (``updown-2025-12-11.markets.json``)."""
-    raw = orjson.loads(Path(f"{CAPTURE}.markets.json").read_bytes())
-    return [
-        Market(m["id"], tuple(orjson.loads(m["outcomes"])), tuple(orjson.loads(m["clobTokenIds"])))
-        for m in raw
-    ]
-
-
 def _dec(value: str | None) -> Decimal | None:
     return None if value is None else Decimal(value)
 
@@ -203,7 +176,7 @@ class FinalState:
     @classmethod
     def expected(cls, markets: Sequence[Market]) -> FinalState:
         """The final state of ``markets`` from ``expected.json``."""
-        assets = orjson.loads(Path(f"{CAPTURE}.expected.json").read_bytes())["assets"]
+        assets = orjson.loads(CAPTURE_EXPECTED.read_bytes())["assets"]
         rows: dict[str, MarketState] = {}
         for market in markets:
             first = assets[market.tokens[0]]
@@ -222,66 +195,25 @@ class FinalState:
 
 
 @attrs.define(eq=False)
-class Session:
-    """One expected client connection and what the sender saw of it."""
+class ClientSession(Session):
+    """One expected client connection of ``kind`` (``discard``, ``bare``, ``daemon``)."""
 
     kind: str
-    connected: trio.Event = attrs.field(factory=trio.Event)
-    closed: trio.Event = attrs.field(factory=trio.Event)
-    assets: list[str] = attrs.field(factory=list)
-    first_byte_at: float | None = None
-    sent_all_at: float | None = None
-    error: str | None = None
 
 
 @attrs.define(eq=False)
-class Sender(ExpectingServer[Session]):
+class Sender(ExpectingServer[ClientSession]):
     """The bench's WebSocket server: the tape, written with plain socket sends."""
 
     tape: Tape = attrs.field(kw_only=True)
 
-    def expect(self, kind: str) -> Session:
-        """The next connection is a session of ``kind``."""
-        return self.expect_session(Session(kind))
-
-    async def run_session(self, stream: trio.SocketStream, session: Session) -> None:
-        """Handshake, then the whole tape in chunks; the client's frames are discarded."""
-        from wsproto import ConnectionType, WSConnection
-
-        ws = WSConnection(ConnectionType.SERVER)
-        subscribe = orjson.loads(await accept(stream, ws))
-        session.assets = list(subscribe.get("assets_ids", []))
-        session.connected.set()
-        lock = trio.StrictFIFOLock()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_discard_incoming, stream, ws, lock, nursery.cancel_scope)
-            view = memoryview(self.tape.blob)
-            session.first_byte_at = time.monotonic()
-            for offset in range(0, len(view), CHUNK_BYTES):
-                async with lock:
-                    await stream.send_all(view[offset : offset + CHUNK_BYTES])
-            session.sent_all_at = time.monotonic()
-
-
-async def _discard_incoming(
-    stream: trio.SocketStream, ws: Any, lock: trio.StrictFIFOLock, scope: trio.CancelScope
-) -> None:
-    """Read and drop the client's frames; answer only its close; end the session on EOF."""
-    from wsproto.events import CloseConnection
-
-    while True:
-        data = await stream.receive_some(65536)
-        if not data:
-            scope.cancel()
-            return
-        ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, CloseConnection):
-                async with lock:
-                    with contextlib.suppress(trio.BrokenResourceError):
-                        await stream.send_all(ws.send(event.response()))
-                scope.cancel()
-                return
+    async def play(self, link: Link, session: ClientSession) -> None:
+        """The whole tape in 1 MiB chunks (the client's frames are discarded meanwhile)."""
+        view = memoryview(self.tape.blob)
+        session.first_byte_at = time.monotonic()
+        for offset in range(0, len(view), CHUNK_BYTES):
+            await link.send_bytes(view[offset : offset + CHUNK_BYTES])
+        session.sent_all_at = time.monotonic()
 
 
 # --- the client child processes --------------------------------------------------
@@ -344,7 +276,7 @@ def _client_main(args: argparse.Namespace) -> int:
         )
     else:
         result = trio.run(_discard_client, args.port, args.bytes, assets)
-    result["peak_rss_kib"] = _vm_hwm_kib("self")
+    result["peak_rss_kib"] = peak_rss_kib(os.getpid())
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
 
@@ -352,7 +284,7 @@ def _client_main(args: argparse.Namespace) -> int:
 async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, Any]:
     """Run a client child process against the sender; return its figures."""
     tape = sender.tape
-    session = sender.expect(kind)
+    session = sender.expect(ClientSession(kind))
     command = [
         sys.executable,
         "-m",
@@ -396,42 +328,21 @@ async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, 
 # --- the daemon ------------------------------------------------------------------
 
 
-def _vm_hwm_kib(pid: int | str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmHWM in /proc/{pid}/status")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid``, all threads (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def prepare_database(dsn: str, markets: Sequence[Market]) -> None:
-    """Migrate, import the capture's markets, open two positions per asset."""
-    from polystream import db
-    from polystream.markets import import_markets_file
+    """Import the capture's markets into the migrated database, open two positions per asset."""
+    from polystream.store import db
+    from polystream.store.markets import import_markets_file
 
     with db.connect(dsn, application_name="polystream-bench") as conn:
-        db.migrate(conn)
-        import_markets_file(conn, Path(f"{CAPTURE}.markets.json"))
+        import_markets_file(conn, CAPTURE_MARKETS)
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
                 " VALUES ('bench', %s, %s, %s, %s, %s)",
                 [
-                    (m.id, outcome, token, Decimal(100), entry)
+                    (market, outcome, token, Decimal(100), entry)
                     for m in markets
-                    for outcome, token in zip(m.outcomes, m.tokens, strict=True)
+                    for market, outcome, token in m.owners
                     for entry in ENTRY_PRICES
                 ],
             )
@@ -448,7 +359,7 @@ class StateProbe:
     """
 
     def __init__(self, dsn: str, want: FinalState) -> None:
-        from polystream import db
+        from polystream.store import db
 
         self._conn = db.connect(dsn, application_name="polystream-bench-probe", autocommit=True)
         self._want = want
@@ -498,23 +409,10 @@ class StateProbe:
         self._conn.close()
 
 
-def _health(url: str) -> dict[str, Any]:
-    import httpx
-
-    document: dict[str, Any] = httpx.get(url, timeout=2.0).json()
-    return document
-
-
-def _data_frames(health: dict[str, Any]) -> int:
-    """Frames the daemon read, control frames (``PONG``...) left out."""
-    control: dict[str, int] = health["control_frames"]
-    return int(health["frames"]) - sum(control.values())
-
-
 def _drained(health: dict[str, Any], frames: int) -> bool:
     pending = health["pending"]
     return bool(
-        _data_frames(health) >= frames
+        data_frames(health) >= frames
         and not any(pending.get(k) for k in ("markets", "positions", "router_queue"))
     )
 
@@ -526,8 +424,8 @@ def health_differences(health: dict[str, Any], tape: Tape) -> list[str]:
     pending, no event dropped as foreign.
     """
     found = []
-    if _data_frames(health) != tape.total_frames:
-        found.append(f"frames read {_data_frames(health)}, sent {tape.total_frames}")
+    if data_frames(health) != tape.total_frames:
+        found.append(f"frames read {data_frames(health)}, sent {tape.total_frames}")
     events = {kind: n for kind, n in sorted(health["events"].items()) if n}
     if events != tape.total_event_types:
         found.append(f"events {events}, sent {tape.total_event_types}")
@@ -549,7 +447,9 @@ async def _stays_matched(probe: StateProbe, seconds: float = 0.2) -> bool:
     return True
 
 
-async def wait_final_state(probe: StateProbe, health_url: str, frames: int) -> tuple[float, int]:
+async def wait_final_state(
+    probe: StateProbe, daemon: DaemonProcess, frames: int
+) -> tuple[float, int]:
     """
     Poll until the database holds the final state and the daemon has read every
     frame with nothing pending; return when the state was first seen and how
@@ -561,53 +461,9 @@ async def wait_final_state(probe: StateProbe, health_url: str, frames: int) -> t
         if not await trio.to_thread.run_sync(probe.matches):
             continue
         seen_at = time.monotonic()
-        health = await trio.to_thread.run_sync(_health, health_url)
-        if _drained(health, frames) and await _stays_matched(probe):
+        if _drained(await daemon.health(), frames) and await _stays_matched(probe):
             return seen_at, early
         early += 1
-
-
-def _daemon_env(dsn: str, url: str, health_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
-    env.update(DAEMON_SETTINGS)
-    env.update(
-        {
-            "POLYSTREAM_DATABASE__DSN": dsn,
-            "POLYSTREAM_FEED__URL": url,
-            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
-        }
-    )
-    return env
-
-
-async def _wait_connected(session: Session, process: trio.Process, log_path: Path) -> None:
-    with trio.fail_after(60):
-        while not session.connected.is_set():
-            if process.poll() is not None:
-                raise BenchError(f"daemon exited {process.returncode}: {_tail(log_path)}")
-            with trio.move_on_after(0.05):
-                await session.connected.wait()
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _log_summary(path: Path) -> dict[str, Any]:
-    """Warnings/errors and the ``daemon_stopped`` counters from the daemon's JSON log."""
-    problems: list[str] = []
-    stopped: dict[str, Any] = {}
-    for line in path.read_bytes().splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            problems.append(line.decode(errors="replace")[:200])
-            continue
-        if record.get("level") in ("warning", "error", "critical"):
-            problems.append(str(record.get("event")))
-        if record.get("event") == "daemon_stopped":
-            stopped = record
-    return {"problems": problems, "stopped": stopped}
 
 
 @attrs.frozen
@@ -628,13 +484,7 @@ async def run_daemon(
     options: Options,
 ) -> dict[str, Any]:
     """One end-to-end measurement of ``polystream run`` on a fresh database."""
-    from polystream import db
-
-    name = f"polystream_bench_{os.getpid()}_{round_no}"
-    db.drop_database(admin_dsn, name)
-    db.create_database(admin_dsn, name)
-    try:
-        dsn = db.dsn_with_dbname(admin_dsn, name)
+    with throwaway_database(admin_dsn, f"polystream_bench_{os.getpid()}_{round_no}") as dsn:
         await trio.to_thread.run_sync(prepare_database, dsn, markets)
         probe = StateProbe(dsn, want)
         try:
@@ -645,8 +495,6 @@ async def run_daemon(
             return await _measure_daemon(sender, dsn, probe, want, log_path, profile)
         finally:
             probe.close()
-    finally:
-        db.drop_database(admin_dsn, name)
 
 
 async def _measure_daemon(
@@ -665,58 +513,37 @@ async def _measure_daemon(
     reconnects.
     """
     tape = sender.tape
-    health_port = _free_port()
-    health_url = f"http://127.0.0.1:{health_port}/health"
-    session = sender.expect("daemon")
+    session = sender.expect(ClientSession("daemon"))
     differences: list[str] = []
-    with log_path.open("wb") as log:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "polystream", "run"],
-            env=_daemon_env(dsn, sender.url, health_port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    spy: trio.Process | None = None
     seen_at: float | None = None
     early = 0
-    try:
-        if profile is not None:
-            spy = await _start_py_spy(process.pid, profile)
-        await _wait_connected(session, process, log_path)
-        cpu_start = _cpu_seconds(process.pid)
-        if sorted(session.assets) != sorted(want.prices):
-            differences.append(f"subscribed {len(session.assets)} assets, not the 12 held")
-        with trio.move_on_after(300):
-            seen_at, early = await wait_final_state(probe, health_url, tape.total_frames)
-        peak_kib = _vm_hwm_kib(process.pid)
-        cpu = _cpu_seconds(process.pid) - cpu_start
-        if seen_at is None:
-            differences.append("final state not reached within 300 s")
-        differences += await trio.to_thread.run_sync(probe.mismatches)
-        differences += health_differences(await trio.to_thread.run_sync(_health, health_url), tape)
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            with trio.fail_after(30):
-                await spy.wait()
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            code = await process.wait()
-    finally:
-        for child in (spy, process):
-            if child is not None and child.returncode is None:
-                child.kill()
-                await child.wait()
+    async with open_daemon(dsn, sender.url, log_path, settings=DAEMON_SETTINGS, cwd=ROOT) as daemon:
+        async with profiling(daemon.pid, profile):
+            with trio.fail_after(60):
+                await daemon.wait_for(session.connected)
+            cpu_start = daemon.cpu_seconds()
+            if sorted(session.assets) != sorted(want.prices):
+                differences.append(f"subscribed {len(session.assets)} assets, not the 12 held")
+            with trio.move_on_after(300):
+                seen_at, early = await wait_final_state(probe, daemon, tape.total_frames)
+            peak_kib = daemon.peak_rss_kib()
+            cpu = daemon.cpu_seconds() - cpu_start
+            if seen_at is None:
+                differences.append("final state not reached within 300 s")
+            differences += await trio.to_thread.run_sync(probe.mismatches)
+            differences += health_differences(await daemon.health(), tape)
+        code = await daemon.stop()
     assert session.first_byte_at is not None
-    summary = _log_summary(log_path)
+    log = DaemonLog.read(log_path)
     if code != 0:
         differences.append(f"daemon exit {code}")
-    differences += [f"log: {problem}" for problem in summary["problems"][:10]]
+    differences += [f"log: {problem}" for problem in log.problems()[:10]]
     if sender.unexpected:
         differences.append(f"{sender.unexpected} unexpected connections (reconnects)")
     if differences:
-        print(f"daemon differences (log {log_path}): {differences[:5]}", file=sys.stderr)
+        progress(f"daemon differences (log {log_path}): {differences[:5]}")
     elapsed = (seen_at or time.monotonic()) - session.first_byte_at
+    stopped = log.last("daemon_stopped")
     return {
         "elapsed_s": elapsed,
         "events_per_s": tape.total_events / elapsed,
@@ -726,62 +553,10 @@ async def _measure_daemon(
         "cpu_us_per_event": cpu / tape.total_events * 1e6,
         "exit_code": code,
         "early_matches": early,
-        "rows_markets": summary["stopped"].get("rows_markets"),
-        "rows_positions": summary["stopped"].get("rows_positions"),
+        "rows_markets": stopped.get("rows_markets"),
+        "rows_positions": stopped.get("rows_positions"),
         "differences": differences,
     }
-
-
-# --- profiling (--profile) -------------------------------------------------------
-
-
-async def _start_py_spy(pid: int, output: Path) -> trio.Process:
-    """Sample ``pid`` with py-spy (``pip install py-spy``) into a collapsed-stack file."""
-    exe = Path(sys.executable).with_name("py-spy")
-    command = [
-        str(exe) if exe.exists() else "py-spy",
-        "record",
-        "--pid",
-        str(pid),
-        "--rate",
-        "250",
-        "--nonblocking",
-        "--format",
-        "raw",
-        "--threads",
-        "--gil",  # only samples holding the GIL: where the CPU goes
-        "--output",
-        str(output),
-    ]
-    spy = await trio.lowlevel.open_process(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    await trio.sleep(0.5)  # let it attach before the first frame
-    return spy
-
-
-def hotspots(path: Path, top: int = 15) -> str:
-    """Self and inclusive sample shares by function from a py-spy ``raw`` file."""
-    own: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
-        frames = [f.rsplit(":", 1)[0] for f in stack.split(";")[1:]]  # drop the thread frame
-        total += count
-        if frames:
-            own[frames[-1]] = own.get(frames[-1], 0) + count
-        for name in set(frames):
-            inclusive[name] = inclusive.get(name, 0) + count
-    lines = [f"{path.name}: {total} samples"]
-    for title, table in (("self", own), ("inclusive", inclusive)):
-        lines.append(f"  top {top} by {title} time:")
-        for name, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
-            lines.append(f"    {100 * count / max(total, 1):5.1f}%  {name}")
-    return "\n".join(lines)
 
 
 # --- orchestration ---------------------------------------------------------------
@@ -815,12 +590,10 @@ async def bench(tape: Tape, admin_dsn: str, options: Options) -> Runs:
 
 def _progress(round_no: int, runs: Runs) -> None:
     s, b, d = (runs[k][-1] for k in ("sender", "bare_client", "daemon"))
-    print(
+    progress(
         f"round {round_no}: sender {s['frames_per_s']:,.0f} frames/s, "
         f"bare client {b['events_per_s']:,.0f} events/s, daemon {d['events_per_s']:,.0f} "
-        f"events/s ({d['elapsed_s']:.2f} s, peak RSS {d['peak_rss_mib']:.1f} MiB)",
-        file=sys.stderr,
-        flush=True,
+        f"events/s ({d['elapsed_s']:.2f} s, peak RSS {d['peak_rss_mib']:.1f} MiB)"
     )
 
 
@@ -844,25 +617,14 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
     def each(kind: str, key: str) -> list[float]:
         return [float(run[key]) for run in runs[kind]]
 
-    ratios = [
-        d / b
-        for d, b in zip(
-            each("daemon", "events_per_s"), each("bare_client", "events_per_s"), strict=True
-        )
-    ]
-    cpu_ratios = [
-        d / b
-        for d, b in zip(
-            each("daemon", "cpu_us_per_event"), each("bare_client", "cpu_us_per_event"), strict=True
-        )
-    ]
+    def per_round(kind: str, key: str) -> list[float]:
+        """``kind``'s ``key`` over the bare client's, round by round."""
+        return [a / b for a, b in zip(each(kind, key), each("bare_client", key), strict=True)]
+
+    ratios = per_round("daemon", "events_per_s")
+    cpu_ratios = per_round("daemon", "cpu_us_per_event")
     busy = [run["cpu_s"] / run["elapsed_s"] for run in runs["daemon"]]
-    headroom = [
-        s / b
-        for s, b in zip(
-            each("sender", "frames_per_s"), each("bare_client", "frames_per_s"), strict=True
-        )
-    ]
+    headroom = per_round("sender", "frames_per_s")
     return {
         "machine": machine,
         "correctness": correctness(tape, runs),
@@ -873,7 +635,7 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
             "events": tape.total_events,
             "bytes": tape.total_bytes,
             "rounds": len(runs["daemon"]),
-            "daemon_settings": DAEMON_SETTINGS,
+            "daemon_settings": setting_variables(DAEMON_SETTINGS),
         },
         "ingest": {
             "sender": {
@@ -982,17 +744,6 @@ def correctness_line(check: dict[str, Any]) -> str:
     )
 
 
-def machine_facts() -> dict[str, Any]:
-    """CPU count, Python, platform, load average (at the start) and date."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average": list(os.getloadavg()),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 TABLE_ROWS = [
     ("Sender alone (raw reader)", "ingest.sender.frames_per_s"),
     ("Sender alone (raw reader)", "ingest.sender.mb_per_s"),
@@ -1049,40 +800,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"repetitions of the capture (default: >= {MIN_FRAMES:,} frames)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=OUT_DIR,
-        help="where results.json and results.md go (default bench/)",
-    )
-    parser.add_argument(
-        "--log-dir",
-        type=Path,
-        default=None,
-        help="keep the daemon logs here (default: a temporary directory)",
-    )
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="record each daemon run with py-spy into this directory "
-        "(slows the daemon: figures are not comparable)",
-    )
+    add_output_options(parser, "results", profile="each daemon run")
     parser.add_argument("--client", choices=["bare", "discard"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def _quiet_logging() -> None:
-    """The bench's own use of polystream (migrations, embedded server) logs warnings only."""
-    import logging
-
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1093,32 +817,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.client:
         return _client_main(args)
-    _quiet_logging()
-    machine = machine_facts()
-    tape = Tape.load(Path(f"{CAPTURE}.jsonl.gz"), args.repeat)
-    print(
-        f"workload: {tape.total_frames:,} frames, {tape.total_events:,} events, "
-        f"{tape.total_bytes / 1e6:.0f} MB",
-        file=sys.stderr,
-        flush=True,
-    )
     with contextlib.ExitStack() as stack:
+        admin_dsn, machine = stack.enter_context(bench_setup())
+        tape = Tape.load(CAPTURE_TAPE, args.repeat)
+        progress(
+            f"workload: {tape.total_frames:,} frames, {tape.total_events:,} events, "
+            f"{tape.total_bytes / 1e6:.0f} MB"
+        )
         log_dir = log_directory(stack, args.log_dir, "polystream-bench-logs-")
-        admin_dsn, machine["database"] = stack.enter_context(admin_database())
-        if args.profile is not None:
-            args.profile.mkdir(parents=True, exist_ok=True)
         options = Options(args.rounds, log_dir, args.profile)
         runs = trio.run(bench, tape, admin_dsn, options)
     if args.profile is not None:
-        for path in sorted(args.profile.glob("daemon-*.txt")):
-            print(hotspots(path), file=sys.stderr)
+        print_hotspots(args.profile, top=15)
         return 0  # profiled figures are not written as results
     document = results(tape, runs, machine)
     table = markdown(document)
     write_results(args.out, "results", document, table)
-    for difference in document["correctness"]["differences"]:
-        print(f"FAILED {difference}", file=sys.stderr)
-    return 1 if document["correctness"]["differences"] else 0
+    return exit_status(document["correctness"]["differences"])
 
 
 if __name__ == "__main__":

@@ -40,47 +40,41 @@ import argparse
 import contextlib
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
 import trio
 
-from bench.common import BenchError, admin_database, log_directory, write_results
-from polystream import db
-from polystream.markets import import_markets_file
+from bench.harness import (
+    CAPTURE,
+    CAPTURE_MARKETS,
+    CAPTURE_TAPE,
+    ROOT,
+    BenchError,
+    Market,
+    add_output_options,
+    bench_setup,
+    exit_status,
+    load_markets,
+    log_directory,
+    progress,
+    quantile,
+    throwaway_database,
+    write_results,
+)
+from polystream.errors import PolystreamError
+from polystream.ops.daemon import open_daemon
 from polystream.replay import Capture, ReplayServer, ScheduledFault, Tape
+from polystream.store.markets import import_markets_file
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = Path(__file__).resolve().parent
-CAPTURE = ROOT / "examples" / "updown-2025-12-11"
 DEBOUNCE_S = 1.0  # pipeline.debounce, the daemon's default
 BOUND_S = DEBOUNCE_S + 0.1
 PATHS = ("token", "outcome", "reopen")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _health(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            document: dict[str, Any] = orjson.loads(response.read())
-            return document
-    except (OSError, ValueError):
-        return None
 
 
 def display(book: dict[str, Any]) -> Decimal | None:
@@ -94,17 +88,9 @@ def display(book: dict[str, Any]) -> Decimal | None:
     return last
 
 
-def _markets(path: Path) -> list[tuple[str, list[str], list[str]]]:
-    """``(market id, outcomes, token ids)`` of the capture's markets."""
-    out = []
-    for market in orjson.loads(path.read_bytes()):
-        outcomes = orjson.loads(market["outcomes"])
-        tokens = orjson.loads(market["clobTokenIds"])
-        out.append((str(market["id"]), outcomes, tokens))
-    return out
-
-
-def _insert(conn: psycopg.Connection[Any], market: str, token: str | None, outcome: str | None) -> int:
+def _insert(
+    conn: psycopg.Connection[Any], market: str, token: str | None, outcome: str | None
+) -> int:
     row = conn.execute(
         "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
         " VALUES ('bench', %s, %s, %s, 10, 0.5) RETURNING id",
@@ -134,11 +120,11 @@ def _sample(
     writer: psycopg.Connection[Any],
     reader: psycopg.Connection[Any],
     path: str,
-    market: tuple[str, list[str], list[str]],
+    market: Market,
     rng: random.Random,
 ) -> tuple[float, str | None, Decimal | None]:
     """One insert (or re-open) committed by another service, and its pricing."""
-    market_id, outcomes, tokens = market
+    market_id, outcomes, tokens = market.id, market.outcomes, market.tokens
     index = rng.randrange(len(tokens))
     if path == "reopen":
         position_id = _insert(writer, market_id, tokens[index], None)
@@ -157,22 +143,17 @@ def _sample(
 
 
 async def run_bench(admin_dsn: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
-    name = f"polystream_benchprice_{os.getpid()}"
-    db.create_database(admin_dsn, name)
-    dsn = db.dsn_with_dbname(admin_dsn, name)
-    try:
+    """The capture's markets in a throwaway database, then :func:`_measure`."""
+    with throwaway_database(admin_dsn, f"polystream_benchprice_{os.getpid()}") as dsn:
         with psycopg.connect(dsn) as conn:
-            db.migrate(conn)
-            import_markets_file(conn, Path(f"{CAPTURE}.markets.json"))
+            import_markets_file(conn, CAPTURE_MARKETS)
         return await _measure(dsn, args, logs)
-    finally:
-        db.drop_database(admin_dsn, name)
 
 
 async def _measure(dsn: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
-    markets = _markets(Path(f"{CAPTURE}.markets.json"))
+    markets = load_markets()
     server = ReplayServer(
-        tape=Tape(Capture.load([Path(f"{CAPTURE}.jsonl.gz")])),
+        tape=Tape(Capture.load([CAPTURE_TAPE])),
         max_speed=True,
         start_when_subscribed=False,
         faults=(ScheduledFault("pause", after=args.pause_at),),
@@ -183,61 +164,40 @@ async def _measure(dsn: str, args: argparse.Namespace, logs: Path) -> dict[str, 
         while not server.paused:  # noqa: ASYNC110 (the replay server has no pause event)
             await trio.sleep(0.01)
         expected = {}
-        for _, _, tokens in markets:
-            for token in tokens:
+        for market in markets:
+            for token in market.tokens:
                 book = server.tape.snapshot(token)
                 expected[token] = None if book is None else display(book)
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
-        env.update(
-            {
-                "POLYSTREAM_DATABASE__DSN": dsn,
-                "POLYSTREAM_FEED__URL": server.url,
-                "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{port}",
-                "POLYSTREAM_LOG__FORMAT": "json",
-            }
-        )
-        log_path = logs / "daemon.log"
-        with log_path.open("wb") as log:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "polystream", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        try:
+        async with open_daemon(dsn, server.url, logs / "daemon.log", cwd=ROOT) as daemon:
             with trio.fail_after(60):
-                while await trio.to_thread.run_sync(_health, f"http://127.0.0.1:{port}/health") is None:
-                    if process.poll() is not None:
-                        raise BenchError(f"daemon exited {process.returncode}; see {log_path}")
-                    await trio.sleep(0.05)
+                await daemon.wait_ready()
             samples = await trio.to_thread.run_sync(_samples, dsn, markets, args, rng)
-        finally:
-            process.terminate()
-            await process.wait()
+            code = await daemon.stop()
         frames_after = server.tape.frames_played
         nursery.cancel_scope.cancel()
-    wrong = [s for s in samples if s["price"] is None or Decimal(s["price"]) != expected[s["token"]]]
+    wrong = [
+        s for s in samples if s["price"] is None or Decimal(s["price"]) != expected[s["token"]]
+    ]
     if frames_after != args.pause_at:
         raise BenchError(f"the tape moved: {frames_after} frames played, expected {args.pause_at}")
-    return {"samples": samples, "wrong": wrong, "exit_code": process.returncode}
+    return {"samples": samples, "wrong": wrong, "exit_code": code}
 
 
 def _samples(
     dsn: str,
-    markets: list[tuple[str, list[str], list[str]]],
+    markets: list[Market],
     args: argparse.Namespace,
     rng: random.Random,
 ) -> list[dict[str, Any]]:
     samples = []
-    with psycopg.connect(dsn, autocommit=True) as writer, psycopg.connect(
-        dsn, autocommit=True
-    ) as reader:
+    with (
+        psycopg.connect(dsn, autocommit=True) as writer,
+        psycopg.connect(dsn, autocommit=True) as reader,
+    ):
         for market in markets:  # warm-up: every market subscribed and its book known
-            position_id = _insert(writer, market[0], market[2][0], None)
+            position_id = _insert(writer, market.id, market.tokens[0], None)
             if _wait_priced(reader, position_id, time.monotonic(), limit=30)[2] is None:
-                raise BenchError(f"warm-up position on market {market[0]} never priced")
+                raise BenchError(f"warm-up position on market {market.id} never priced")
         for number in range(args.samples * len(PATHS)):
             path = PATHS[number % len(PATHS)]
             market = markets[rng.randrange(len(markets))]
@@ -245,7 +205,7 @@ def _samples(
             samples.append(
                 {
                     "path": path,
-                    "market": market[0],
+                    "market": market.id,
                     "token": token,
                     "price": None if price is None else str(price),
                     "latency_ms": round(seconds * 1000, 2),
@@ -259,11 +219,13 @@ def _spread(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "max": None, "n": 0}
     ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return {"p50": round(statistics.median(ordered), 2), "p99": p99, "max": ordered[-1], "n": len(ordered)}
+    p50 = round(statistics.median(ordered), 2)
+    return {"p50": p50, "p99": quantile(ordered, 0.99), "max": ordered[-1], "n": len(ordered)}
 
 
-def report(result: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def report(
+    result: dict[str, Any], args: argparse.Namespace, machine: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
     samples = result["samples"]
     by_path = {p: _spread([s["latency_ms"] for s in samples if s["path"] == p]) for p in PATHS}
     overall = _spread([s["latency_ms"] for s in samples])
@@ -278,8 +240,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, 
             "wrong": result["wrong"],
         },
         "config": {"pause_at": args.pause_at, "gap_s": args.gap, "debounce_s": DEBOUNCE_S},
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
         "samples": samples,
     }
     lines = [
@@ -293,7 +254,9 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, 
     ]
     for path in PATHS:
         spread = by_path[path]
-        lines.append(f"| {path} | {spread['p50']} | {spread['p99']} | {spread['max']} | {spread['n']} |")
+        lines.append(
+            f"| {path} | {spread['p50']} | {spread['p99']} | {spread['max']} | {spread['n']} |"
+        )
     lines.append(
         f"| **all** | {overall['p50']} | {overall['p99']} | {overall['max']} | {overall['n']} |"
     )
@@ -315,23 +278,20 @@ def main() -> int:
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between samples")
     parser.add_argument("--pause-at", type=int, default=3000, help="frames before the tape holds")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--logs", type=Path, default=None, help="keep the daemon log here")
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    add_output_options(parser, "results-pricing")
+    parser.add_argument("--logs", dest="log_dir", type=Path, help=argparse.SUPPRESS)  # old name
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        logs = log_directory(stack, args.logs, "polystream-bench-pricing-")
-        admin_dsn, _source = stack.enter_context(admin_database())
+        logs = log_directory(stack, args.log_dir, "polystream-bench-pricing-")
+        admin_dsn, machine = stack.enter_context(bench_setup())
         try:
             result = trio.run(run_bench, admin_dsn, args, logs)
-        except BenchError as exc:
-            print(f"bench.pricing: {exc}", file=sys.stderr)
+        except (BenchError, PolystreamError) as exc:
+            progress(f"bench.pricing: {exc}")
             return 1
-        document, table = report(result, args)
+        document, table = report(result, args, machine)
         write_results(args.out, "results-pricing", document, table)
-        if result["wrong"]:
-            print(f"bench.pricing: {len(result['wrong'])} samples wrong or unpriced", file=sys.stderr)
-            return 1
-    return 0
+    return exit_status([f"sample wrong or unpriced: {sample}" for sample in result["wrong"]])
 
 
 if __name__ == "__main__":

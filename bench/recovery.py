@@ -36,22 +36,17 @@ position on each of its 12 tokens in a fresh database.
 Times are on a shared, noisy machine: compare figures within one run only.
 
 PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin
-DSN), else an embedded server for the run (``bench.common.admin_database``).
+DSN), else an embedded server for the run (``bench.harness.admin_database``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from functools import partial
@@ -64,47 +59,34 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from bench.common import BenchError, admin_database
-from polystream import db
-from polystream.markets import import_markets_file
+from bench.harness import (
+    CAPTURE_MARKETS,
+    CAPTURE_TAPE,
+    OUT_DIR,
+    ROOT,
+    BenchError,
+    DaemonLog,
+    bench_setup,
+    exit_status,
+    quantile,
+    throwaway_database,
+    write_results,
+)
+from polystream.ops.daemon import DaemonProcess, open_daemon
+from polystream.ops.health import Receive, Scope, Send, answer_lifespan
 from polystream.replay import Capture, ReplayServer, Tape
+from polystream.store.markets import import_markets_file
 
-ROOT = Path(__file__).resolve().parent.parent
-CAPTURE = ROOT / "examples" / "updown-2025-12-11"
-OUT_DIR = Path(__file__).resolve().parent
 BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 0.5
 POLL_GRACE = 1.0
 POLL_CHECK = 0.1
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _health(url: str) -> dict[str, Any]:
-    """The ``/health`` document (it answers 503 while unhealthy, with the same body)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            body = response.read()
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-    value: dict[str, Any] = orjson.loads(body)
-    return value
-
 
 def _prepare(dsn: str) -> list[str]:
-    """Markets and one active position per token; returns the token ids."""
+    """Markets and one active position per token in the migrated database; returns the token ids."""
     with psycopg.connect(dsn) as conn:
-        db.migrate(conn)
-        import_markets_file(conn, Path(f"{CAPTURE}.markets.json"))
+        import_markets_file(conn, CAPTURE_MARKETS)
         rows = conn.execute(
             "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
             " SELECT 'bench', m.id, o.name, m.clob_token_ids ->> (o.ord::int - 1), 10, 0.5"
@@ -128,13 +110,8 @@ class MovingClob:
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI app (lifespan, and ``POST /prices`` answered for every token asked)."""
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         data = b""
         while True:
             message = await receive()
@@ -154,11 +131,6 @@ class MovingClob:
         await send({"type": "http.response.body", "body": orjson.dumps(answer)})
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 async def _until(condition: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
     """Poll ``condition`` every ~2 ms (it reads another process: nothing to wait on)."""
     with trio.move_on_after(within) as scope:
@@ -169,7 +141,11 @@ async def _until(condition: Callable[[], Awaitable[bool]], within: float, what: 
 
 
 async def measure_drops(
-    server: ReplayServer, health_url: str, drops: int, tokens: set[str], differences: list[str]
+    server: ReplayServer,
+    daemon: DaemonProcess,
+    drops: int,
+    tokens: set[str],
+    differences: list[str],
 ) -> dict[str, list[float]]:
     """
     Drop the daemon's connection ``drops`` times; per drop, the three delays
@@ -178,10 +154,9 @@ async def measure_drops(
     snapshot of each, and by exactly one more reconnect in ``/health``;
     anything else is added to ``differences``.
     """
-    fetch = partial(trio.to_thread.run_sync, _health, health_url)
 
     async def shard() -> dict[str, Any]:
-        shards = (await fetch())["shards"]
+        shards = (await daemon.health())["shards"]
         return shards[0] if shards else {}
 
     async def connected() -> bool:
@@ -315,28 +290,19 @@ async def measure_outage(
     }
 
 
-def _daemon_env(
-    dsn: str, url: str, clob_url: str, health: int, poll_interval: float
-) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
-    env.update(
-        {
-            "POLYSTREAM_LOG__FORMAT": "json",
-            "POLYSTREAM_LOG__LEVEL": "info",
-            "POLYSTREAM_DATABASE__DSN": dsn,
-            "POLYSTREAM_FEED__URL": url,
-            "POLYSTREAM_FEED__BACKOFF_INITIAL": str(BACKOFF_INITIAL),
-            "POLYSTREAM_FEED__BACKOFF_MAX": str(BACKOFF_MAX),
-            "POLYSTREAM_POLL__URL": clob_url,
-            "POLYSTREAM_POLL__INTERVAL": str(poll_interval),
-            "POLYSTREAM_POLL__GRACE": str(POLL_GRACE),
-            "POLYSTREAM_POLL__CHECK_INTERVAL": str(POLL_CHECK),
-            "POLYSTREAM_POLL__ATTEMPTS": "1",
-            "POLYSTREAM_PIPELINE__MARKET_FLUSH_INTERVAL": "0.05",
-            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health}",
-        }
-    )
-    return env
+def _settings(clob_url: str, poll_interval: float) -> dict[str, object]:
+    """The daemon's settings: fast reconnects, the fake CLOB polled every ``poll_interval`` s."""
+    return {
+        "log__level": "info",
+        "feed__backoff_initial": BACKOFF_INITIAL,
+        "feed__backoff_max": BACKOFF_MAX,
+        "poll__url": clob_url,
+        "poll__interval": poll_interval,
+        "poll__grace": POLL_GRACE,
+        "poll__check_interval": POLL_CHECK,
+        "poll__attempts": 1,
+        "pipeline__market_flush_interval": 0.05,
+    }
 
 
 async def run(args: argparse.Namespace, dsn: str, tokens: set[str]) -> dict[str, Any]:
@@ -344,79 +310,38 @@ async def run(args: argparse.Namespace, dsn: str, tokens: set[str]) -> dict[str,
     The drops, then the outage, against one daemon; figures and differences.
 
     Raises:
-        BenchError: the daemon exited or a wait timed out.
+        BenchError: a wait timed out.
+        PolystreamError: the daemon exited.
     """
-    capture = Capture.load([Path(f"{CAPTURE}.jsonl.gz")])
+    capture = Capture.load([CAPTURE_TAPE])
     server = ReplayServer(tape=Tape(capture), speed=args.speed, loop=True, record=True)
     clob = MovingClob()
-    health_port = _free_port()
-    log_path = Path(args.log)
+    differences: list[str] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         hyper = HypercornConfig()
         hyper.bind = ["127.0.0.1:0"]
         hyper.accesslog = hyper.errorlog = None
         urls = await nursery.start(partial(serve, clob.app, hyper, mode="asgi"))  # type: ignore[arg-type]
-        env = _daemon_env(dsn, server.url, urls[0], health_port, args.poll_interval)
-        log = await trio.to_thread.run_sync(partial(log_path.open, "wb"))
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "polystream", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        finally:
-            log.close()
-        try:
-            health_url = f"http://127.0.0.1:{health_port}/health"
-
-            async def up() -> bool:
-                if process.poll() is not None:
-                    raise BenchError(f"daemon exited {process.returncode}; log {log_path}")
-                try:
-                    return bool(await trio.to_thread.run_sync(_health, health_url))
-                except OSError:
-                    return False
-
-            await _until(up, 30, "the daemon's /health")
-            differences: list[str] = []
-            drops = await measure_drops(server, health_url, args.drops, tokens, differences)
+        settings = _settings(urls[0], args.poll_interval)
+        async with open_daemon(dsn, server.url, args.log, settings=settings, cwd=ROOT) as daemon:
+            with trio.fail_after(30):
+                await daemon.wait_ready()
+            drops = await measure_drops(server, daemon, args.drops, tokens, differences)
             outage = await measure_outage(server, dsn, clob, args.outage, differences)
-        finally:
-            if process.returncode is None:
-                process.terminate()
-                with trio.move_on_after(10):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-            nursery.cancel_scope.cancel()
-    if process.returncode != 0:
-        differences.append(f"daemon exit {process.returncode}")
-    differences += [f"log: {line}" for line in _log_errors(log_path)[:10]]
+            code = await daemon.stop()
+        nursery.cancel_scope.cancel()
+    if code != 0:
+        differences.append(f"daemon exit {code}")
+    errors = DaemonLog.read(args.log).problems(levels=("error", "critical"))  # warnings expected
+    differences += [f"log: {line}" for line in errors[:10]]
     return {
         "drops": drops,
         "outage": outage,
         "differences": differences,
         "rejected": server.stats.rejected,
-        "exit_code": process.returncode,
+        "exit_code": code,
     }
-
-
-def _log_errors(path: Path) -> list[str]:
-    """``error``/``critical`` records of the daemon's JSON log (warnings are expected here)."""
-    found = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            found.append(line.decode(errors="replace")[:200])
-            continue
-        if isinstance(record, dict) and record.get("level") in ("error", "critical"):
-            found.append(str(record.get("event")))
-    return found
 
 
 def correctness_line(measured: dict[str, Any], args: argparse.Namespace) -> str:
@@ -446,7 +371,7 @@ def _results(measured: dict[str, Any], args: argparse.Namespace) -> dict[str, di
         values = measured["drops"][key]
         for q, tag in ((0.5, "p50"), (0.99, "p99")):
             results[f"recover_{key}_{tag}_ms"] = {
-                "value": round(_percentile(values, q), 1),
+                "value": round(quantile(values, q), 1),
                 "unit": "ms",
                 "what": f"{label}, {tag} of {len(values)} drops",
             }
@@ -494,41 +419,27 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=15.0)
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--outage", type=float, default=15.0, help="seconds sampled while down")
-    parser.add_argument("--log", default="/tmp/polystream-bench-recovery.log")
+    parser.add_argument("--log", type=Path, default=Path("/tmp/polystream-bench-recovery.log"))
     parser.add_argument(
         "--out", type=Path, default=OUT_DIR, help="where results-recovery.json/.md go (bench/)"
     )
     args = parser.parse_args()
     name = f"polystream_bench_recovery_{os.getpid()}"
-    with admin_database() as (admin, _source):
-        db.drop_database(admin, name)
-        db.create_database(admin, name)
-        try:
-            dsn = db.dsn_with_dbname(admin, name)
-            tokens = set(_prepare(dsn))
-            measured = trio.run(run, args, dsn, tokens)
-        finally:
-            db.drop_database(admin, name)
+    with bench_setup() as (admin, _machine), throwaway_database(admin, name) as dsn:
+        tokens = set(_prepare(dsn))
+        measured = trio.run(run, args, dsn, tokens)
     results = _results(measured, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-recovery.json").write_text(
-        json.dumps(
-            {k: {"value": v["value"], "unit": v["unit"]} for k, v in results.items()}, indent=2
-        )
-        + "\n"
-    )
     table = _table(results) + "\n\n" + correctness_line(measured, args)
-    (args.out / "results-recovery.md").write_text(
+    markdown = (
         "# Recovery benchmark (`python -m bench.recovery`)\n\n"
         + (__doc__ or "").split("\n\n", 1)[1].split("\n\nPostgreSQL:")[0]
         + "\n\n"
         + table
         + "\n"
     )
-    print(table)
-    for difference in measured["differences"]:
-        print(f"FAILED {difference}", file=sys.stderr)
-    return 1 if measured["differences"] else 0
+    figures = {k: {"value": v["value"], "unit": v["unit"]} for k, v in results.items()}
+    write_results(args.out, "results-recovery", figures, markdown, printed=table)
+    return exit_status(measured["differences"])
 
 
 if __name__ == "__main__":

@@ -38,42 +38,43 @@ watchdog. Each insert with 10,000 assets subscribed costs a full reconcile
 (the whole desired set is re-read on each NOTIFY), hence fewer samples there (``--loaded-samples``).
 
 PostgreSQL: ``POLYSTREAM_BENCH_DSN``, else ``POLYSTREAM_TEST_DSN`` (an admin
-DSN), else an embedded server for the run (``bench.common.admin_database``).
+DSN), else an embedded server for the run (``bench.harness.admin_database``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import orjson
 import psycopg
 import trio
 
-from bench.common import BenchError, admin_database, log_directory, write_results
-from polystream import db
-from polystream.markets import GammaMarket, upsert_markets
+from bench.harness import (
+    CAPTURE_TAPE,
+    ROOT,
+    DaemonLog,
+    add_output_options,
+    bench_setup,
+    exit_status,
+    log_directory,
+    progress,
+    throwaway_database,
+    write_results,
+)
+from polystream.ops.daemon import DaemonProcess, open_daemon
 from polystream.replay import Capture, ReplayServer, Synthetic, Tape
+from polystream.store.markets import GammaMarket, upsert_markets
 
-ROOT = Path(__file__).resolve().parent.parent
-CAPTURE = ROOT / "examples" / "updown-2025-12-11.jsonl.gz"
-OUT_DIR = Path(__file__).resolve().parent
 COVERAGE_MARKETS = 5_000  # x 2 tokens = 10,000 assets
 POLL = 0.002
 SAMPLE_TIMEOUT = 10.0
@@ -99,31 +100,7 @@ class Options:
     log_dir: Path
 
 
-@attrs.define
-class Daemon:
-    """A spawned daemon: its process, ``/health`` URL, log and spawn time (monotonic s)."""
-
-    process: trio.Process
-    health_url: str
-    log_path: Path
-    spawned_at: float
-
-
 # --- database ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def throwaway_database(admin: str, name: str) -> Iterator[str]:
-    """A migrated database ``name`` for one run, dropped afterwards; yields its DSN."""
-    db.drop_database(admin, name)
-    db.create_database(admin, name)
-    try:
-        dsn = db.dsn_with_dbname(admin, name)
-        with db.connect(dsn) as conn:
-            db.migrate(conn)
-        yield dsn
-    finally:
-        db.drop_database(admin, name)
 
 
 def prepare(dsn: str, markets: Sequence[GammaMarket], positions: int) -> None:
@@ -140,107 +117,6 @@ def prepare(dsn: str, markets: Sequence[GammaMarket], positions: int) -> None:
         conn.execute("ANALYZE")
 
 
-# --- the daemon --------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _daemon_env(dsn: str, url: str, health_port: int, stagger: float) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
-    env.update(
-        {
-            "POLYSTREAM_DATABASE__DSN": dsn,
-            "POLYSTREAM_FEED__URL": url,
-            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
-            "POLYSTREAM_LOG__FORMAT": "json",
-            "POLYSTREAM_LOG__LEVEL": "info",
-            "POLYSTREAM_FEED__CONNECT_STAGGER": str(stagger),
-        }
-    )
-    return env
-
-
-async def spawn_daemon(dsn: str, url: str, log_path: Path, stagger: float) -> Daemon:
-    """Start ``polystream run`` on ``dsn`` against the replay server at ``url``."""
-    port = _free_port()
-    with log_path.open("wb") as log:
-        spawned_at = time.monotonic()
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "polystream", "run"],
-            env=_daemon_env(dsn, url, port, stagger),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    return Daemon(process, f"http://127.0.0.1:{port}/health", log_path, spawned_at)
-
-
-async def stop_daemon(daemon: Daemon) -> int:
-    """SIGTERM, then kill after 30 s; returns the exit code."""
-    process = daemon.process
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(30):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return int(process.returncode or 0)
-
-
-def _health(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            document: dict[str, Any] = orjson.loads(response.read())
-            return document
-    except (OSError, ValueError):
-        return None
-
-
-async def health(daemon: Daemon) -> dict[str, Any] | None:
-    """
-    The daemon's ``/health`` document, None while it does not answer.
-
-    Raises:
-        BenchError: the daemon exited.
-    """
-    if daemon.process.poll() is not None:
-        raise BenchError(f"daemon exited {daemon.process.returncode}: {_tail(daemon.log_path)}")
-    return await trio.to_thread.run_sync(_health, daemon.health_url)
-
-
-async def wait_ready(daemon: Daemon) -> float:
-    """Wait until ``/health`` answers (every part started, LISTEN on); returns when."""
-    with trio.fail_after(60):
-        while True:
-            if await health(daemon) is not None:
-                return time.monotonic()
-            await trio.sleep(0.02)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def log_problems(path: Path) -> list[str]:
-    """Warning and error records (and non-JSON lines) of a daemon log."""
-    problems = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            problems.append(line.decode(errors="replace")[:200])
-            continue
-        if record.get("level") in ("warning", "error", "critical"):
-            problems.append(f"{record.get('event')}: {str(record)[:200]}")
-    return problems
-
-
 # --- measurements ------------------------------------------------------------
 
 
@@ -253,7 +129,7 @@ def _insert(conn: psycopg.Connection[Any], market: GammaMarket) -> tuple[float, 
 
 async def measure_latency(
     server: ReplayServer,
-    daemon: Daemon,
+    daemon: DaemonProcess,
     dsn: str,
     markets: Sequence[GammaMarket],
     differences: list[str],
@@ -264,7 +140,7 @@ async def measure_latency(
     within SAMPLE_TIMEOUT is added to ``differences`` (and has no sample).
 
     Raises:
-        BenchError: the daemon exited.
+        PolystreamError: the daemon exited.
     """
     from_sent: list[float] = []
     from_commit: list[float] = []
@@ -274,8 +150,7 @@ async def measure_latency(
             sent_at, committed_at = await trio.to_thread.run_sync(_insert, conn, market)
             with trio.move_on_after(SAMPLE_TIMEOUT) as scope:
                 while server.subscribe_times.get(token, 0.0) < sent_at:
-                    if daemon.process.poll() is not None:
-                        raise BenchError(f"daemon exited: {_tail(daemon.log_path)}")
+                    daemon.ensure_running()
                     await trio.sleep(POLL)
             if scope.cancelled_caught:
                 differences.append(f"{token[:12]} not subscribed {SAMPLE_TIMEOUT} s after insert")
@@ -288,7 +163,7 @@ async def measure_latency(
 
 
 async def subscription_differences(
-    server: ReplayServer, daemon: Daemon, want: set[str]
+    server: ReplayServer, daemon: DaemonProcess, want: set[str]
 ) -> list[str]:
     """
     How the open connections' subscriptions differ from ``want`` (every
@@ -315,7 +190,7 @@ async def subscription_differences(
     counted: tuple[int, ...] | None = None
     with trio.move_on_after(5):
         while counted != expected:
-            document = await health(daemon)
+            document = await daemon.try_health()
             if document is not None:
                 covered = sum(s["assets_with_data"] for s in document["shards"])
                 counted = (document["desired_assets"], document["subscribed_assets"], covered)
@@ -326,7 +201,7 @@ async def subscription_differences(
 
 
 async def measure_coverage(
-    server: ReplayServer, daemon: Daemon, wanted: set[str]
+    server: ReplayServer, daemon: DaemonProcess, wanted: set[str]
 ) -> dict[str, float]:
     """Times (monotonic) at which the server, then ``/health``, saw every asset covered."""
     times = server.snapshot_times
@@ -337,7 +212,7 @@ async def measure_coverage(
             if server_done is None and len(wanted.intersection(times)) == len(wanted):
                 server_done = max(times[a] for a in wanted)
             if health_done is None:
-                document = await health(daemon)
+                document = await daemon.try_health()
                 shards = document["shards"] if document else []
                 if sum(s["assets_with_data"] for s in shards) >= len(wanted):
                     health_done = time.monotonic()
@@ -375,6 +250,32 @@ def new_server(capture: Capture, synthetic: Synthetic, options: Options) -> Repl
     )
 
 
+def _open_daemon(
+    dsn: str, server: ReplayServer, options: Options, log_name: str
+) -> contextlib.AbstractAsyncContextManager[DaemonProcess]:
+    """``polystream run`` on ``dsn`` against the replay server, logging to ``log_name``."""
+    settings = {"log__level": "info", "feed__connect_stagger": options.stagger}
+    return open_daemon(dsn, server.url, options.log_dir / log_name, settings=settings, cwd=ROOT)
+
+
+def _checked(
+    from_sent: list[float],
+    from_commit: list[float],
+    daemon: DaemonProcess,
+    code: int,
+    expected: int,
+    differences: list[str],
+) -> dict[str, Any]:
+    """What both runs report: latencies, exit code, log warnings, subscription differences."""
+    return {
+        "latency": percentiles(from_commit),
+        "latency_from_insert_sent": percentiles(from_sent),
+        "exit_code": code,
+        "log_problems": DaemonLog.read(daemon.log_path).problems()[:10],
+        "subscribed": {"expected": expected, "differences": differences},
+    }
+
+
 async def run_idle(
     capture: Capture,
     synthetic: Synthetic,
@@ -385,25 +286,20 @@ async def run_idle(
     """The idle run: nothing held at start, then the latency samples; its figures and checks."""
     async with trio.open_nursery() as nursery:
         server: ReplayServer = await nursery.start(new_server(capture, synthetic, options).serve)
-        daemon = await spawn_daemon(dsn, server.url, options.log_dir / "idle.log", options.stagger)
         differences: list[str] = []
-        try:
-            await wait_ready(daemon)
+        async with _open_daemon(dsn, server, options, "idle.log") as daemon:
+            with trio.fail_after(60):
+                await daemon.wait_ready()
             from_sent, from_commit = await measure_latency(
                 server, daemon, dsn, latency, differences
             )
             want = {token for m in latency for token in m.clob_token_ids}
             differences += await subscription_differences(server, daemon, want)
-        finally:
-            code = await stop_daemon(daemon)
+            code = await daemon.stop()
         nursery.cancel_scope.cancel()
     return {
-        "latency": percentiles(from_commit),
-        "latency_from_insert_sent": percentiles(from_sent),
-        "exit_code": code,
+        **_checked(from_sent, from_commit, daemon, code, len(want), differences),
         "connections": server.stats.connections,
-        "log_problems": log_problems(daemon.log_path)[:10],
-        "subscribed": {"expected": len(want), "differences": differences},
     }
 
 
@@ -421,11 +317,8 @@ async def run_loaded(
     """
     async with trio.open_nursery() as nursery:
         server: ReplayServer = await nursery.start(new_server(capture, synthetic, options).serve)
-        daemon = await spawn_daemon(
-            dsn, server.url, options.log_dir / "loaded.log", options.stagger
-        )
         differences: list[str] = []
-        try:
+        async with _open_daemon(dsn, server, options, "loaded.log") as daemon:
             done = await measure_coverage(server, daemon, wanted)
             differences += [
                 f"at full coverage: {d}"
@@ -442,8 +335,7 @@ async def run_loaded(
                 f"after the inserts: {d}"
                 for d in await subscription_differences(server, daemon, after)
             ]
-        finally:
-            code = await stop_daemon(daemon)
+            code = await daemon.stop()
         nursery.cancel_scope.cancel()
     start = daemon.spawned_at
     return {
@@ -463,18 +355,14 @@ async def run_loaded(
         "connections_used": {"value": connections, "unit": "connections"},
         "max_subscribe_frame": {"value": server.stats.max_message_bytes, "unit": "bytes"},
         "max_assets_per_connection": {"value": server.stats.max_subscribed, "unit": "assets"},
-        "latency": percentiles(from_commit),
-        "latency_from_insert_sent": percentiles(from_sent),
-        "exit_code": code,
+        **_checked(from_sent, from_commit, daemon, code, len(after), differences),
         "connections_total": server.stats.connections,
-        "log_problems": log_problems(daemon.log_path)[:10],
-        "subscribed": {"expected": len(after), "differences": differences},
     }
 
 
 async def bench(admin: str, options: Options) -> dict[str, Any]:
     """Both runs, each on its own throwaway database."""
-    capture = Capture.load([CAPTURE])
+    capture = Capture.load([CAPTURE_TAPE])
     count = 2 * (COVERAGE_MARKETS + options.samples)
     synthetic = Synthetic.build(capture.markets, count)
     markets = [GammaMarket.from_gamma(obj) for obj in synthetic.gamma_markets()]
@@ -483,29 +371,16 @@ async def bench(admin: str, options: Options) -> dict[str, Any]:
     base = f"polystream_bench_subs_{os.getpid()}"
     with throwaway_database(admin, f"{base}_idle") as dsn:
         await trio.to_thread.run_sync(prepare, dsn, markets, 0)
-        print("run idle: latency with nothing subscribed", file=sys.stderr, flush=True)
+        progress("run idle: latency with nothing subscribed")
         idle = await run_idle(capture, synthetic, dsn, latency, options)
     with throwaway_database(admin, f"{base}_loaded") as dsn:
         await trio.to_thread.run_sync(prepare, dsn, markets, COVERAGE_MARKETS)
-        print(
-            "run loaded: cold start with 10,000 assets, then latency", file=sys.stderr, flush=True
-        )
+        progress("run loaded: cold start with 10,000 assets, then latency")
         loaded = await run_loaded(capture, synthetic, dsn, wanted, latency, options)
     return {"idle": idle, "loaded": loaded}
 
 
 # --- report ------------------------------------------------------------------
-
-
-def machine_facts() -> dict[str, Any]:
-    """CPU count, Python, platform, load average and date."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average": list(os.getloadavg()),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
 
 
 def markdown(document: dict[str, Any]) -> str:
@@ -621,26 +496,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="tape speed (0.1: ~1,300 events/s to 10,000 synthetic assets; 1.0 gives "
         "~13k/s, beyond the daemon's ingest rate on 2 cores)",
     )
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (bench/)")
-    parser.add_argument("--log-dir", type=Path, default=None, help="keep daemon logs here")
+    add_output_options(parser, "results-subscriptions")
     return parser.parse_args(argv)
-
-
-def _quiet_logging() -> None:
-    import logging
-
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write its results; returns 1 on any difference, else 0."""
     args = _parse_args(argv)
-    _quiet_logging()
-    machine = machine_facts()
     with contextlib.ExitStack() as stack:
-        admin, machine["database"] = stack.enter_context(admin_database())
+        admin, machine = stack.enter_context(bench_setup())
         log_dir = log_directory(stack, args.log_dir, "polystream-bench-subs-")
         options = Options(
             args.samples, args.loaded_samples, args.stagger, args.events, args.speed, log_dir
@@ -648,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = trio.run(bench, admin, options)
     document = {
         "workload": {
-            "capture": str(CAPTURE.relative_to(ROOT)),
+            "capture": str(CAPTURE_TAPE.relative_to(ROOT)),
             "samples": args.samples,
             "loaded_samples": args.loaded_samples,
             "tape_speed": args.speed,
@@ -664,10 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
     }
     write_results(args.out, "results-subscriptions", document, markdown(document))
-    problems = failures(document)
-    for problem in problems:
-        print(f"FAILED {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return exit_status(failures(document))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,28 @@
 """
 ``run(config, dsn)``: the one place where polystream's parts are built and
-wired, in one nursery. Nothing is created at import time.
+wired, in one nursery (docs/architecture.md, "The shape"). Nothing is created
+at import time.
 
-::
+:func:`build` makes every part, with no I/O; :func:`run` opens the REST
+clients, starts the parts in order and waits for :meth:`App.stop`::
 
-    Reconciler --set_assets--> FeedPool --events--> Router --touch--> MarketWriter
-        ^  (LISTEN wakes it)      ^                   |                 PositionWriter
-        |                  Poller (HTTP fallback)     |   '--on_price--> Monitor --> Executor
-        '----------------- PostgreSQL <---------------'-------------------------------'
+    subscriptions --set_assets--> FeedPool --events--> Router --touch--> MarketWriter
+        ^  (LISTEN wakes it)         ^                   |                 PositionWriter
+        |                   fallback / resync (REST)     '--on_book--> Monitor --> Executor
+        '------------------- PostgreSQL <-----------------------------------------'
 
 Shutdown (:meth:`App.stop`, SIGTERM/SIGINT in the CLI) is ordered: intake
-stops first (feed, reconciler, LISTEN, poller), the router applies what the
-readers had already received, then the writers, the monitor's executor and
-the health server are cancelled and flush the coalesced state in their
-``finally`` blocks, within a bound.
+stops first (feed, subscriptions, LISTEN, REST), the router applies what the
+readers had already received (at most :data:`DRAIN_SECONDS`), then the
+writers, the executor and the health server are cancelled and flush the
+coalesced state in their ``finally`` blocks, within a bound.
 """
 
 from __future__ import annotations
 
 import gc
-import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from functools import partial
 
@@ -28,61 +31,51 @@ import structlog
 import trio
 
 from polystream.book import Books
+from polystream.catalog import Catalog
 from polystream.config import Config
-from polystream.feed import FeedPool
-from polystream.gamma import GammaClient, MetadataFiller, open_gamma_client, run_metadata_filler
-from polystream.health import serve_health
-from polystream.monitor import Executor, Monitor, RuleLoader, write_decisions
-from polystream.pipeline import (
-    Catalog,
-    MarketWriter,
-    PositionWriter,
-    Router,
-    write_markets,
-    write_positions,
-)
-from polystream.poller import ClobClient, ShardWatch, open_clob_client, prices_moved, run_poller
-from polystream.protocol import FeedEvent, FrameParser
-from polystream.reconciler import DbLink, Notes, Reconciler, run_listener
-from polystream.resync import BookResync
+from polystream.feed.pool import FeedPool
+from polystream.feed.protocol import FeedEvent, FrameParser
+from polystream.monitor.engine import Monitor
+from polystream.monitor.executor import Executor, write_decisions
+from polystream.monitor.loader import RuleLoader
+from polystream.ops.health import serve_health
+from polystream.pipeline.fallback import ShardWatch, run_poller
+from polystream.pipeline.metadata import MetadataFiller, run_metadata_filler
+from polystream.pipeline.resync import BookResync
+from polystream.pipeline.router import Router
+from polystream.pipeline.subscriptions import Reconciler
+from polystream.pipeline.writers import MarketWriter, PositionWriter, write_markets, write_positions
 from polystream.stats import Stats
+from polystream.store.link import DbLink
+from polystream.store.listen import Notes, run_listener
+from polystream.venue.clob import ClobClient, open_clob_client, prices_moved
+from polystream.venue.gamma import GammaClient, open_gamma_client
 
-__all__ = ["App", "run"]
+__all__ = ["DRAIN_SECONDS", "LINKS", "App", "build", "run"]
 
 logger = structlog.get_logger(__name__)
 
 DRAIN_SECONDS = 5.0
 """Longest wait, at shutdown, for the router to apply what was already received."""
 
+LINKS = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules", "triggers")
+"""The database connections, one per owner (docs/architecture.md, "No threads but database calls")."""
 
-@attrs.define(eq=False)
+
+@attrs.define(eq=False, kw_only=True)
 class App:
     """
-    Handles on a running daemon, given to ``task_status.started`` (tests and
-    the demo use them; production only stops it).
+    Every part of one daemon, built by :func:`build` and started by
+    :func:`run`, which hands it to ``task_status.started`` (tests and the demo
+    use the handles; production only stops it).
+
+    Attributes:
+        events: the feed readers' end of the router's channel (frames of events).
+        frames: the router's end.
+        filler: the Gamma metadata filler, once started.
+        health_urls: where ``/health`` and ``/metrics`` listen, once started.
+        intake: the cancel scope of everything that stops first at shutdown.
     """
-
-    stats: Stats
-    books: Books
-    catalog: Catalog
-    pool: FeedPool
-    reconciler: Reconciler
-    markets: MarketWriter
-    positions: PositionWriter
-    monitor: Monitor
-    executor: Executor
-    health_urls: list[str]
-    cancel_scope: trio.CancelScope
-    stopping: trio.Event = attrs.field(factory=trio.Event)
-
-    def stop(self) -> None:
-        """Stop intake, let the router drain, flush the writers; ``run`` then returns."""
-        self.stopping.set()
-
-
-@attrs.define(eq=False)
-class _Parts:
-    """Everything :func:`run` builds before starting it."""
 
     config: Config
     dsn: str
@@ -96,122 +89,284 @@ class _Parts:
     monitor: Monitor
     loader: RuleLoader
     router: Router
+    pool: FeedPool
+    reconciler: Reconciler
+    events: trio.MemorySendChannel[list[FeedEvent]]
+    frames: trio.MemoryReceiveChannel[list[FeedEvent]]
+    filler: MetadataFiller | None = None
+    health_urls: list[str] = attrs.Factory(list)
+    intake: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    stopping: trio.Event = attrs.Factory(trio.Event)
+    routed: trio.Event = attrs.Factory(trio.Event)
+
+    def stop(self) -> None:
+        """Stop intake, let the router drain, flush the writers; ``run`` then returns."""
+        self.stopping.set()
+
+    def top_pair(self, asset_id: str) -> tuple[Decimal | None, Decimal | None] | None:
+        """
+        Our best bid and ask of ``asset_id`` for the feed's stale check, or None
+        when we know no book, or while frames wait for the router: our books
+        then lag the feed and a REST comparison would prove nothing.
+        """
+        book = self.books.get(asset_id)
+        if book is None or not book.has_book or self.stats.queue_depth_now():
+            return None
+        return book.best_bid, book.best_ask
+
+    def on_rows_changed(self, notes: Notes) -> None:
+        """LISTEN's callback: positions or predictions changed (None: reconnected)."""
+        self.reconciler.notify(notes)
+        self.loader.notify(notes)
+        if self.filler is not None:
+            self.filler.wake()
 
 
-def _build(config: Config, dsn: str) -> _Parts:
-    stats = Stats(silent_after=config.feed.silent_after)
-    books = Books()
-    catalog = Catalog()
-    timeout = config.database.statement_timeout
-    names = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules", "triggers")
-    links = {name: DbLink(dsn, name, stats, timeout) for name in names}
-    pipeline = config.pipeline
+def _writers(
+    config: Config, books: Books, catalog: Catalog, stats: Stats, links: dict[str, DbLink]
+) -> tuple[MarketWriter, PositionWriter]:
+    pipeline, retry_max = config.pipeline, config.database.retry_max
     markets = MarketWriter(
-        books,
-        catalog,
-        stats,
-        sink=lambda rows: links["markets"].call(write_markets, rows),
+        books=books,
+        catalog=catalog,
+        stats=stats,
+        sink=partial(links["markets"].call, write_markets),
         interval=pipeline.market_flush_interval,
-        retry_max=config.database.retry_max,
+        retry_max=retry_max,
     )
     positions = PositionWriter(
-        books,
-        catalog,
-        stats,
-        sink=lambda prices: links["positions"].call(write_positions, prices),
-        mark=config.positions.mark,
+        books=books,
+        catalog=catalog,
+        stats=stats,
+        sink=partial(links["positions"].call, write_positions),
+        price_choice=config.positions.mark,
         debounce=pipeline.debounce,
         rate=pipeline.positions_per_second,
-        retry_max=config.database.retry_max,
+        retry_max=retry_max,
     )
+    return markets, positions
+
+
+def _monitor(
+    config: Config, stats: Stats, links: dict[str, DbLink]
+) -> tuple[Executor, Monitor, RuleLoader]:
     executor = Executor(
-        config.execute.mode,
-        sink=lambda decisions: links["triggers"].call(write_decisions, decisions),
+        mode=config.execute.mode,
+        sink=partial(links["triggers"].call, write_decisions),
         stats=stats,
     )
-    monitor = Monitor(executor.submit, stats, trigger_price=config.monitor.trigger_price)
-    loader = RuleLoader(links["rules"], monitor, config.monitor.reload_interval)
-    router = Router(books, catalog, markets, positions, listeners=[monitor.on_book])
-    return _Parts(
-        config,
-        dsn,
-        stats,
-        books,
-        catalog,
-        links,
-        markets,
-        positions,
-        executor,
-        monitor,
-        loader,
-        router,
+    monitor = Monitor(
+        decide=executor.submit, stats=stats, price_choice=config.monitor.trigger_price
+    )
+    loader = RuleLoader(
+        link=links["rules"], monitor=monitor, interval=config.monitor.reload_interval
+    )
+    return executor, monitor, loader
+
+
+def _subscriptions(
+    config: Config,
+    pool: FeedPool,
+    catalog: Catalog,
+    stats: Stats,
+    links: dict[str, DbLink],
+    positions: PositionWriter,
+) -> Reconciler:
+    feed = config.feed
+    return Reconciler(
+        link=links["reconciler"],
+        pool=pool,
+        catalog=catalog,
+        stats=stats,
+        watch=feed.watch,
+        interval=feed.reconcile_interval,
+        grace=feed.unsubscribe_grace,
+        fast_link=links["subscribe"],
+        price_now=positions.price_now,
+    )
+
+
+def build(config: Config, dsn: str) -> App:
+    """Make every part of a daemon for ``config`` on database ``dsn``; no I/O, nothing started."""
+    stats = Stats(silent_after=config.feed.silent_after)
+    books, catalog = Books(), Catalog()
+    timeout = config.database.statement_timeout
+    links = {
+        name: DbLink(dsn=dsn, name=name, stats=stats, statement_timeout=timeout) for name in LINKS
+    }
+    markets, positions = _writers(config, books, catalog, stats, links)
+    executor, monitor, loader = _monitor(config, stats, links)
+    events, frames = trio.open_memory_channel[list[FeedEvent]](config.pipeline.queue_size)
+    pool = FeedPool(config=config.feed, events=events, stats=stats)
+    stats.queue_depth = lambda: frames.statistics().current_buffer_used
+    stats.executor_pending = lambda: executor.pending
+    return App(
+        config=config,
+        dsn=dsn,
+        stats=stats,
+        books=books,
+        catalog=catalog,
+        links=links,
+        markets=markets,
+        positions=positions,
+        executor=executor,
+        monitor=monitor,
+        loader=loader,
+        router=Router(
+            books=books,
+            catalog=catalog,
+            markets=markets,
+            positions=positions,
+            listeners=[monitor.on_book],
+        ),
+        pool=pool,
+        reconciler=_subscriptions(config, pool, catalog, stats, links, positions),
+        events=events,
+        frames=frames,
+    )
+
+
+@asynccontextmanager
+async def _venue_clients(config: Config) -> AsyncIterator[tuple[ClobClient, GammaClient]]:
+    """The CLOB and Gamma REST clients, closed on exit."""
+    async with (
+        open_clob_client(
+            config.poll.url,
+            batch_size=config.poll.batch_size,
+            request_timeout=config.poll.request_timeout,
+            attempts=config.poll.attempts,
+        ) as clob,
+        open_gamma_client(
+            config.gamma.url,
+            request_timeout=config.gamma.request_timeout,
+            attempts=config.gamma.attempts,
+        ) as gamma,
+    ):
+        yield clob, gamma
+
+
+async def _route(app: App) -> None:
+    """The router's task; ``app.routed`` says it has applied the last frame."""
+    try:
+        await app.router.run(app.frames)
+    finally:
+        app.routed.set()
+
+
+async def _start_outputs(app: App, nursery: trio.Nursery) -> None:
+    """Writers, executor, rules and the router: they outlive intake, to flush at shutdown."""
+    for part in (app.markets, app.positions, app.executor, app.loader, app.monitor):
+        await nursery.start(part.run)
+    nursery.start_soon(_route, app)
+
+
+async def _start_resync(app: App, clob: ClobClient, nursery: trio.Nursery) -> None:
+    config = app.config
+    if not config.resync.enabled:
+        return
+    resync: BookResync = await nursery.start(
+        BookResync(
+            fetch=partial(clob.books, parser=FrameParser()),
+            deliver=app.router.apply_rest_book,
+            min_interval=config.resync.min_interval,
+            asset_interval=config.resync.asset_interval,
+            retry_max=config.database.retry_max,
+        ).run
+    )
+    app.router.resync = resync.request
+    app.stats.resync_snapshot = resync.snapshot
+
+
+async def _start_fallback(app: App, clob: ClobClient, nursery: trio.Nursery) -> None:
+    poll = app.config.poll
+    if not poll.enabled:
+        return
+    watch = ShardWatch(grace=poll.grace)
+    poller = await nursery.start(
+        partial(
+            run_poller,
+            clob,
+            lambda: watch.assets(app.pool.shards.values(), trio.current_time()),
+            app.router.apply_quote,
+            interval=poll.interval,
+            check_interval=poll.check_interval,
+        )
+    )
+    app.stats.poll_snapshot = poller.snapshot
+
+
+async def _start_metadata(app: App, gamma: GammaClient, nursery: trio.Nursery) -> None:
+    gamma_config = app.config.gamma
+    app.filler = await nursery.start(
+        partial(
+            run_metadata_filler,
+            app.links["gamma"],
+            gamma,
+            app.reconciler.wake,
+            interval=gamma_config.fill_interval,
+            retry_initial=gamma_config.retry_initial,
+            retry_max=gamma_config.retry_max,
+        )
     )
 
 
 async def _run_intake(
-    parts: _Parts,
-    pool: FeedPool,
-    reconciler: Reconciler,
+    app: App,
     clob: ClobClient,
     gamma: GammaClient,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Feed, subscriptions, LISTEN, metadata and the HTTP fallback: what stops first."""
-    config = parts.config
-    async with trio.open_nursery() as nursery:
-        if config.resync.enabled:
-            parser = FrameParser()
-            resync: BookResync = await nursery.start(
-                BookResync(
-                    fetch=partial(clob.books, parser=parser),
-                    deliver=parts.router.apply_rest_book,
-                    min_interval=config.resync.min_interval,
-                    asset_interval=config.resync.asset_interval,
-                    retry_max=config.database.retry_max,
-                ).run
-            )
-            parts.router.resync = resync.request
-            parts.stats.resync_snapshot = resync.snapshot
-        await nursery.start(pool.run)
-        await nursery.start(reconciler.run)
-        if config.poll.enabled:
-            watch = ShardWatch(grace=config.poll.grace)
-            poller = await nursery.start(
+    """Feed, subscriptions, LISTEN, metadata and REST: what stops first (``app.intake``)."""
+    app.pool.stale_check = partial(prices_moved, clob, app.top_pair)
+    with app.intake:
+        async with trio.open_nursery() as nursery:
+            await _start_resync(app, clob, nursery)
+            await nursery.start(app.pool.run)
+            await nursery.start(app.reconciler.run)
+            await _start_fallback(app, clob, nursery)
+            await _start_metadata(app, gamma, nursery)
+            await nursery.start(
                 partial(
-                    run_poller,
-                    clob,
-                    lambda: watch.assets(pool.shards.values(), time.monotonic()),
-                    parts.router.apply_quote,
-                    interval=config.poll.interval,
-                    check_interval=config.poll.check_interval,
-                    midpoints=config.poll.midpoints,
+                    run_listener,
+                    app.dsn,
+                    app.on_rows_changed,
+                    retry_max=app.config.database.retry_max,
                 )
             )
-            parts.stats.poll_snapshot = poller.snapshot
-        filler: MetadataFiller = await nursery.start(
-            partial(
-                run_metadata_filler,
-                parts.links["gamma"],
-                gamma,
-                reconciler.wake,
-                interval=config.gamma.fill_interval,
-                retry_initial=config.gamma.retry_initial,
-                retry_max=config.gamma.retry_max,
-            )
-        )
+            task_status.started()
 
-        def on_positions_changed(notes: Notes) -> None:
-            reconciler.notify(notes)
-            filler.wake()
-            parts.loader.notify(notes)
 
-        await nursery.start(
-            partial(
-                run_listener, parts.dsn, on_positions_changed, retry_max=config.database.retry_max
-            )
-        )
-        task_status.started()
+async def _shut_down(app: App, nursery: trio.Nursery) -> None:
+    """Intake first; the router drains what was received; then the writers flush."""
+    logger.info("daemon_stopping", frames=app.stats.frames)
+    app.intake.cancel()  # readers close their channel: the router drains and ends
+    with trio.move_on_after(DRAIN_SECONDS):
+        await app.routed.wait()
+    nursery.cancel_scope.cancel()  # writers flush in their `finally`
+
+
+def _log_started(app: App) -> None:
+    logger.info(
+        "daemon_started",
+        feed_url=app.config.feed.url,
+        health=app.health_urls,
+        assets=app.stats.desired_assets,
+        rules=app.monitor.rule_count,
+        mark=app.config.positions.mark,
+    )
+
+
+def _log_stopped(app: App) -> None:
+    stats = app.stats
+    logger.info(
+        "daemon_stopped",
+        frames=stats.frames,
+        frames_applied=app.router.frames_applied,
+        rows_markets=stats.rows_written["markets"],
+        rows_positions=stats.rows_written["positions"],
+        triggers=stats.triggers_written,
+    )
 
 
 async def run(
@@ -232,119 +387,21 @@ async def run(
     Raises:
         OSError: ``health.listen`` cannot be bound.
     """
-    parts = _build(config, dsn)
-    stats = parts.stats
-    send, receive = trio.open_memory_channel[list[FeedEvent]](config.pipeline.queue_size)
-    stats.queue_depth = lambda: receive.statistics().current_buffer_used
-    stats.executor_pending = lambda: parts.executor.pending
+    app = build(config, dsn)
     try:
-        with trio.CancelScope() as scope:
-            async with (
-                open_gamma_client(
-                    config.gamma.url,
-                    request_timeout=config.gamma.request_timeout,
-                    attempts=config.gamma.attempts,
-                ) as gamma,
-                open_clob_client(
-                    config.poll.url,
-                    batch_size=config.poll.batch_size,
-                    request_timeout=config.poll.request_timeout,
-                    attempts=config.poll.attempts,
-                ) as clob,
-                trio.open_nursery() as nursery,
-            ):
-                books = parts.books
-
-                def top_pair(asset_id: str) -> tuple[Decimal | None, Decimal | None] | None:
-                    book = books.get(asset_id)
-                    if book is None or not book.has_book:
-                        return None
-                    return book.best_bid, book.best_ask
-
-                async with send:
-                    pool = FeedPool(
-                        config.feed,
-                        send.clone(),
-                        stats,
-                        stale_check=partial(prices_moved, clob, top_pair),
-                    )
-                reconciler = Reconciler(
-                    parts.links["reconciler"],
-                    pool,
-                    parts.catalog,
-                    stats,
-                    config.feed.watch,
-                    config.feed.reconcile_interval,
-                    grace=config.feed.unsubscribe_grace,
-                    fast_link=parts.links["subscribe"],
-                    price_now=parts.positions.price_now,
-                )
-                # Writers and the monitor first: they outlive intake, to flush at shutdown.
-                await nursery.start(parts.markets.run)
-                await nursery.start(parts.positions.run)
-                await nursery.start(parts.executor.run)
-                await nursery.start(parts.loader.run)
-                await nursery.start(parts.monitor.run)
-                router_done = trio.Event()
-
-                async def route() -> None:
-                    try:
-                        await parts.router.run(receive)
-                    finally:
-                        router_done.set()
-
-                nursery.start_soon(route)
-                intake = trio.CancelScope()
-
-                async def run_intake(task_status: trio.TaskStatus[None]) -> None:
-                    with intake:
-                        await _run_intake(
-                            parts, pool, reconciler, clob, gamma, task_status=task_status
-                        )
-
-                await nursery.start(run_intake)
-                urls: list[str] = await nursery.start(serve_health, stats, config.health.listen)
-                app = App(
-                    stats,
-                    books,
-                    parts.catalog,
-                    pool,
-                    reconciler,
-                    parts.markets,
-                    parts.positions,
-                    parts.monitor,
-                    parts.executor,
-                    urls,
-                    scope,
-                )
-                logger.info(
-                    "daemon_started",
-                    feed_url=config.feed.url,
-                    health=urls,
-                    assets=stats.desired_assets,
-                    rules=parts.monitor.rule_count,
-                    mark=config.positions.mark,
-                )
-                task_status.started(app)
-                # Everything loaded at start-up (100,000s of rules, the books) lives
-                # as long as the process: keep it out of the cyclic collector's full
-                # passes, which otherwise stall the event loop (and the heartbeat)
-                # for a second or more.
-                gc.freeze()
-                await app.stopping.wait()
-                logger.info("daemon_stopping", frames=stats.frames)
-                intake.cancel()  # readers close their channel: the router drains and ends
-                with trio.move_on_after(DRAIN_SECONDS):
-                    await router_done.wait()
-                nursery.cancel_scope.cancel()  # writers flush in their `finally`
+        async with _venue_clients(config) as (clob, gamma), trio.open_nursery() as nursery:
+            await _start_outputs(app, nursery)
+            await nursery.start(_run_intake, app, clob, gamma)
+            app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
+            _log_started(app)
+            task_status.started(app)
+            # Everything loaded at start-up (100,000s of rules, the books) lives as
+            # long as the process: keep it out of the cyclic collector's full passes,
+            # which otherwise stall the event loop (and the heartbeat) for a second.
+            gc.freeze()
+            await app.stopping.wait()
+            await _shut_down(app, nursery)
     finally:
-        for link in parts.links.values():
+        for link in app.links.values():
             link.close()
-        logger.info(
-            "daemon_stopped",
-            frames=stats.frames,
-            frames_applied=parts.router.frames_applied,
-            rows_markets=stats.rows_written["markets"],
-            rows_positions=stats.rows_written["positions"],
-            triggers=stats.triggers_written,
-        )
+        _log_stopped(app)

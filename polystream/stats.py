@@ -4,27 +4,25 @@ Counters and per-shard state of one running daemon.
 One :class:`Stats` is built in :func:`polystream.app.run` and passed to the
 parts that count; nothing here is module-level. ``/health`` renders
 :meth:`Stats.health` as JSON, and ``/metrics`` exposes the same numbers in
-Prometheus format through :class:`StatsCollector` (prometheus_client).
+Prometheus format (:mod:`polystream.ops.metrics`, prometheus_client).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import Histogram
 
-__all__ = ["HEALTH_SCHEMA", "ShardStats", "Stats", "StatsCollector"]
+__all__ = ["BOOK_HASHES", "HEALTH_SCHEMA", "ShardStats", "Stats"]
 
 HEALTH_SCHEMA = 1
 
 BOOK_HASHES = ("verified", "mismatched", "unverifiable")
-"""Outcomes of a ``book`` hash check (:data:`polystream.protocol.Integrity`)."""
+"""Outcomes of a ``book`` hash check (:data:`polystream.feed.protocol.Integrity`)."""
 
 
 @attrs.define
@@ -129,28 +127,30 @@ class Stats:
     resync_snapshot: Callable[[], dict[str, Any]] | None = None
     queue_depth: Callable[[], int] | None = None
     executor_pending: Callable[[], int] | None = None
-    registry: CollectorRegistry = attrs.field(init=False)
     db_seconds: Histogram = attrs.field(init=False)
     db_batch_rows: Histogram = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        # One registry per daemon (never prometheus_client's global one).
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(StatsCollector(self))
+        # In no registry (never prometheus_client's global one): polystream.ops.metrics
+        # builds the daemon's own registry around them.
         self.db_seconds = Histogram(
             "polystream_db_call_seconds",
             "Database round trips (one batch each), by owner",
             ["link"],
-            registry=self.registry,
+            registry=None,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.db_batch_rows = Histogram(
             "polystream_db_batch_rows",
             "Items per database round trip, by owner",
             ["link"],
-            registry=self.registry,
+            registry=None,
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
         )
+
+    def queue_depth_now(self) -> int:
+        """Frames received but not yet applied by the router (0 when unknown)."""
+        return 0 if self.queue_depth is None else self.queue_depth()
 
     def shard(self, index: int) -> ShardStats:
         """The stats of shard ``index``, created on first use."""
@@ -227,146 +227,3 @@ class Stats:
             "silent_after_s": self.silent_after,
             "shards": [s.snapshot(now, self.silent_after) for _, s in sorted(self.shards.items())],
         }
-
-
-class StatsCollector(Collector):
-    """prometheus_client collector reading a :class:`Stats` at scrape time."""
-
-    def __init__(self, stats: Stats) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Metric]:
-        """Yield the metric families (names prefixed ``polystream_``)."""
-        stats = self._stats
-        now = time.monotonic()
-        frames = CounterMetricFamily("polystream_frames", "Text frames received", labels=["shard"])
-        for shard in stats.shards.values():
-            frames.add_metric([str(shard.index)], shard.frames)
-        yield frames
-        events = CounterMetricFamily("polystream_events", "Events received", labels=["type"])
-        for kind, count in stats.events.items():
-            events.add_metric([kind], count)
-        yield events
-        errors = CounterMetricFamily(
-            "polystream_parse_errors", "Frames or events skipped", labels=["kind"]
-        )
-        for kind, count in stats.parse_errors.items():
-            errors.add_metric([kind], count)
-        yield errors
-        rows = CounterMetricFamily("polystream_rows_written", "Rows updated", labels=["table"])
-        for table, count in stats.rows_written.items():
-            rows.add_metric([table], count)
-        yield rows
-        yield CounterMetricFamily(
-            "polystream_reconnects",
-            "Shard reconnects",
-            value=sum(s.reconnects for s in stats.shards.values()),
-        )
-        yield CounterMetricFamily(
-            "polystream_foreign_events",
-            "Events for unsubscribed assets dropped",
-            value=stats.foreign_events,
-        )
-        fired = CounterMetricFamily("polystream_triggers", "Rules fired", labels=["kind"])
-        for kind, count in stats.triggers.items():
-            fired.add_metric([kind], count)
-        yield fired
-        yield GaugeMetricFamily(
-            "polystream_predictions_deferred",
-            "Predictions due but not decided: their asset has no ask yet",
-            value=stats.predictions_deferred,
-        )
-        deferrals = CounterMetricFamily(
-            "polystream_prediction_deferrals",
-            "Times a due prediction was deferred (first and each later look), by reason",
-            labels=["reason"],
-        )
-        for reason, count in stats.prediction_deferrals.items():
-            deferrals.add_metric([reason], count)
-        yield deferrals
-        poll = stats.poll_snapshot(now) if stats.poll_snapshot is not None else None
-        if poll is not None:
-            yield CounterMetricFamily("polystream_polls", "Fallback polls", value=poll["polls"])
-            yield CounterMetricFamily(
-                "polystream_poll_errors", "Failed fallback poll batches", value=poll["errors"]
-            )
-            yield GaugeMetricFamily(
-                "polystream_polling_assets", "Assets polled over REST", value=poll["assets"]
-            )
-        yield GaugeMetricFamily(
-            "polystream_monitor_rules", "TP/SL rules watched", value=stats.monitor_rules
-        )
-        yield CounterMetricFamily(
-            "polystream_db_errors", "Failed database round trips", value=stats.db_errors
-        )
-        assets = GaugeMetricFamily("polystream_subscribed_assets", "Assets", labels=["shard"])
-        covered = GaugeMetricFamily(
-            "polystream_covered_assets",
-            "Subscribed assets that delivered an event since subscription",
-            labels=["shard"],
-        )
-        age = GaugeMetricFamily(
-            "polystream_last_frame_age_seconds", "Seconds since last frame", labels=["shard"]
-        )
-        for shard in stats.shards.values():
-            assets.add_metric([str(shard.index)], shard.assets)
-            covered.add_metric([str(shard.index)], len(shard.seen_assets))
-            if shard.last_frame_at is not None:
-                age.add_metric([str(shard.index)], now - shard.last_frame_at)
-        rtt = GaugeMetricFamily(
-            "polystream_ping_rtt_seconds", "Last PING/PONG round trip", labels=["shard"]
-        )
-        reconnects = CounterMetricFamily(
-            "polystream_shard_reconnects", "Reconnects per shard", labels=["shard"]
-        )
-        for shard in stats.shards.values():
-            if shard.ping_rtt is not None:
-                rtt.add_metric([str(shard.index)], shard.ping_rtt)
-            reconnects.add_metric([str(shard.index)], shard.reconnects)
-        yield assets
-        yield covered
-        yield age
-        yield rtt
-        yield reconnects
-        hashes = CounterMetricFamily(
-            "polystream_book_hashes",
-            "book snapshots by hash check (verified, mismatched, unverifiable)",
-            labels=["shard", "result"],
-        )
-        for shard in stats.shards.values():
-            for result in BOOK_HASHES:
-                hashes.add_metric([str(shard.index), result], shard.book_hashes[result])
-        yield hashes
-        ignored = CounterMetricFamily(
-            "polystream_ignored_events", "Events of types the channel does not define", labels=["type"]
-        )
-        for kind, count in stats.ignored_events.items():
-            ignored.add_metric([kind], count)
-        yield ignored
-        resync = stats.resync_snapshot() if stats.resync_snapshot is not None else None
-        if resync is not None:
-            resyncs = CounterMetricFamily(
-                "polystream_book_resyncs", "REST book resyncs requested", labels=["reason"]
-            )
-            for reason in ("tick_size_change", "hash_mismatch"):
-                resyncs.add_metric([reason], resync["requested"].get(reason, 0))
-            yield resyncs
-            yield CounterMetricFamily(
-                "polystream_book_resync_fetched", "REST books applied", value=resync["fetched"]
-            )
-            yield GaugeMetricFamily(
-                "polystream_book_resync_pending", "Books waiting for a REST copy", value=resync["pending"]
-            )
-        depth = GaugeMetricFamily("polystream_queue_depth", "Items waiting", labels=["queue"])
-        depth.add_metric(["router"], 0 if stats.queue_depth is None else stats.queue_depth())
-        depth.add_metric(["markets"], stats.pending_markets)
-        depth.add_metric(["positions"], stats.pending_positions)
-        depth.add_metric(
-            ["triggers"], 0 if stats.executor_pending is None else stats.executor_pending()
-        )
-        yield depth
-        yield GaugeMetricFamily(
-            "polystream_database_connected",
-            "1 when the writers' connection works",
-            value=1.0 if stats.db_connected else 0.0,
-        )

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from polystream.db import connect, create_database, drop_database, dsn_with_dbname, migrate
-from polystream.embedded import open_embedded_postgres
+from polystream.store.db import connect, create_database, drop_database, dsn_with_dbname, migrate
+from polystream.store.embedded import open_embedded_postgres
 
 # --- PostgreSQL ---------------------------------------------------------------
 

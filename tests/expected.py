@@ -15,7 +15,7 @@ import orjson
 import psycopg
 
 from polystream.book import Books
-from polystream.protocol import parse_frame
+from polystream.feed.protocol import parse_frame
 
 ROOT = Path(__file__).parent.parent
 UPDOWN = ROOT / "examples" / "updown-2025-12-11"

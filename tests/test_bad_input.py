@@ -19,8 +19,10 @@ from test_feed import RecordingServer, _pool
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from polystream.book import Books
-from polystream.pipeline import Catalog, MarketWriter, PositionWriter, Router
-from polystream.protocol import parse_frame
+from polystream.catalog import Catalog
+from polystream.feed.protocol import parse_frame
+from polystream.pipeline.router import Router
+from polystream.pipeline.writers import MarketWriter, PositionWriter
 from polystream.stats import Stats
 
 D = Decimal
@@ -36,7 +38,7 @@ def _router() -> Router:
     stats = Stats()
     markets = MarketWriter(books, catalog, stats, sink=_sink, interval=1.0)
     positions = PositionWriter(
-        books, catalog, stats, sink=_sink, mark="display", debounce=1.0, rate=100.0
+        books, catalog, stats, sink=_sink, price_choice="display", debounce=1.0, rate=100.0
     )
     return Router(books, catalog, markets, positions)
 
@@ -155,8 +157,15 @@ async def test_real_tick_size_change_keeps_quoting_and_asks_for_a_rest_book() ->
             market="m",
             timestamp="1101",
             price_changes=[
-                {"asset_id": "a", "price": "0.451", "size": "2", "side": "BUY", "hash": "h",
-                 "best_bid": "0.451", "best_ask": "0.5"}
+                {
+                    "asset_id": "a",
+                    "price": "0.451",
+                    "size": "2",
+                    "side": "BUY",
+                    "hash": "h",
+                    "best_bid": "0.451",
+                    "best_ask": "0.5",
+                }
             ],
         )
     )

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from polystream.book import AssetBook, Books, display_price
-from polystream.protocol import BookSnapshot, parse_frame
+from polystream.feed.protocol import BookSnapshot, parse_frame
 
 DATA = Path(__file__).parent / "data" / "replay"
 EXAMPLES = Path(__file__).parent.parent / "examples"

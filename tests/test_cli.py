@@ -19,7 +19,13 @@ import trio
 
 from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig
-from polystream.status import EXIT_DOWN, EXIT_HEALTHY, EXIT_UNHEALTHY, fetch_health, render_health
+from polystream.ops.status import (
+    EXIT_DOWN,
+    EXIT_HEALTHY,
+    EXIT_UNHEALTHY,
+    fetch_health,
+    render_health,
+)
 
 ROOT = Path(__file__).parent.parent
 

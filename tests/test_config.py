@@ -8,7 +8,14 @@ from pathlib import Path
 import attrs
 import pytest
 
-from polystream.config import DEFAULT_FEED_URL, Config, load_config, schema_keys
+from polystream.config import (
+    DEFAULT_FEED_URL,
+    Config,
+    load_config,
+    render_config_table,
+    render_config_toml,
+    schema_keys,
+)
 from polystream.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).parent.parent / "config.toml"
@@ -327,3 +334,16 @@ def test_repo_config_toml_documents_every_key() -> None:
         if f"[{section}]" not in text:
             missing.append(f"[{section}]")
     assert missing == []
+
+
+def test_repo_config_toml_is_the_declaration_rendered() -> None:
+    """config.toml is generated from polystream/config.py: `python -m polystream.config`."""
+    assert REPO_CONFIG.read_text(encoding="utf-8") == render_config_toml()
+
+
+def test_readme_configuration_table_is_the_declaration_rendered() -> None:
+    """README's table is generated too: `python -m polystream.config --readme`."""
+    text = (REPO_CONFIG.parent / "README.md").read_text(encoding="utf-8")
+    begin = text.index("<!-- config-table")
+    table = text[text.index("\n", begin) + 1 : text.index("<!-- /config-table -->")]
+    assert table == render_config_table()

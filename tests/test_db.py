@@ -11,7 +11,9 @@ import orjson
 import psycopg
 import pytest
 
-from polystream.db import (
+from polystream.errors import DatabaseError
+from polystream.logs import redact
+from polystream.store.db import (
     connect,
     create_database,
     drop_database,
@@ -19,9 +21,7 @@ from polystream.db import (
     load_migrations,
     migrate,
     pending_migrations,
-    redact_dsn,
 )
-from polystream.errors import DatabaseError
 
 EXPECTED_COLUMNS = {
     "markets": {
@@ -75,11 +75,12 @@ def empty_db(pg_admin_dsn: str) -> Iterator[str]:
         ("host=h user=u password=secret dbname=d", "host=h user=u password=*** dbname=d"),
         ("host=h password = 'se cret' dbname=d", "host=h password = *** dbname=d"),
         ("host=h dbname=d", "host=h dbname=d"),
+        ('["postgresql://u:pw@h/db"]', '["postgresql://u:***@h/db"]'),  # a TOML list, unparsed
         ("", ""),
     ],
 )
 def test_redact_dsn(dsn: str, expected: str) -> None:
-    assert redact_dsn(dsn) == expected
+    assert redact(dsn) == expected
 
 
 @pytest.mark.parametrize(

@@ -23,12 +23,12 @@ from expected import (
 )
 from throwaway_pg import ThrowawayPostgres
 
-from polystream import db
 from polystream.app import App, run
 from polystream.config import Config, DatabaseConfig, FeedConfig, HealthConfig, PipelineConfig
 from polystream.errors import DatabaseError
-from polystream.markets import import_markets_file
 from polystream.replay import ReplayServer, serve_replay
+from polystream.store import db
+from polystream.store.markets import import_markets_file
 
 RULES = [("900003", "Up", "take_profit", "0.60"), ("900005", "Down", "stop_loss", "0.40")]
 
@@ -95,8 +95,7 @@ async def test_database_restart_loses_nothing(server: ThrowawayPostgres) -> None
             )
             app: App = await nursery.start(run, config, dsn)
             # The tape runs 15 s at 60x: stop the database mid-run, once prices flow.
-            while app.stats.rows_written["positions"] == 0:
-                await app.positions.next_write()
+            await app.positions.batches.after(0)
             await trio.to_thread.run_sync(server.stop)
             while app.stats.db_errors < 3:  # the writers notice, and retry in vain a while
                 await trio.sleep(0.1)

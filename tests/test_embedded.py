@@ -14,8 +14,8 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 from structlog.testing import capture_logs
 
-from polystream.db import connect
-from polystream.embedded import database_dsn, open_embedded_postgres
+from polystream.store.db import connect
+from polystream.store.embedded import database_dsn, open_embedded_postgres
 
 pytestmark = pytest.mark.slow  # each start runs initdb/pg_ctl: about a second
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-from polystream.embedded import open_embedded_postgres
+from polystream.store.embedded import open_embedded_postgres
 
 with open_embedded_postgres(Path(sys.argv[1])) as dsn:
     print("READY", flush=True)

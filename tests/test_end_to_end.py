@@ -19,8 +19,8 @@ from expected import AAIMEK, UPDOWN, expected_assets, insert_position, mismatche
 
 from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
-from polystream.markets import import_markets_file
 from polystream.replay import ReplayServer, serve_replay
+from polystream.store.markets import import_markets_file
 
 # (market id, outcome, size, entry price)
 POSITIONS = [

@@ -18,8 +18,8 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from polystream.config import FeedConfig
-from polystream.feed import FeedPool
-from polystream.protocol import BookSnapshot, FeedEvent, LastTradePrice
+from polystream.feed.pool import FeedPool
+from polystream.feed.protocol import BookSnapshot, FeedEvent, LastTradePrice
 from polystream.stats import Stats
 
 ASSETS = [f"{n:077d}" for n in range(1, 8)]
@@ -270,7 +270,7 @@ async def test_unanswered_ping_reconnects(server: RecordingServer, nursery: trio
 async def test_no_ping_before_subscribe_and_no_empty_connection(
     server: RecordingServer, nursery: trio.Nursery
 ) -> None:
-    """A text PING before a valid subscribe earns close 1008 (protocol.md section 11)."""
+    """A text PING before a valid subscribe earns close 1008 (docs/protocol.md, "What the venue really does")."""
     pool, _, _ = _pool(server)
     await nursery.start(pool.run)
     with trio.fail_after(10):
@@ -287,8 +287,15 @@ async def test_no_ping_before_subscribe_and_no_empty_connection(
 
 def _book(asset: str) -> str:
     return orjson.dumps(
-        {"event_type": "book", "asset_id": asset, "market": "0xm", "bids": [], "asks": [],
-         "timestamp": "1", "hash": ""}
+        {
+            "event_type": "book",
+            "asset_id": asset,
+            "market": "0xm",
+            "bids": [],
+            "asks": [],
+            "timestamp": "1",
+            "hash": "",
+        }
     ).decode()
 
 
@@ -303,11 +310,29 @@ async def test_coverage_counts_books_and_trades_not_price_changes(
         outbox = server.peers[0].outbox
         assert outbox is not None
         change = {"asset_id": ASSETS[0], "price": "0.5", "size": "1", "side": "BUY", "hash": "h"}
-        await outbox.send(orjson.dumps({"event_type": "price_change", "market": "0xm",
-                                        "timestamp": "1", "price_changes": [change]}).decode())
-        await outbox.send(orjson.dumps({"event_type": "last_trade_price", "asset_id": ASSETS[1],
-                                        "market": "0xm", "price": "0.5", "size": "1",
-                                        "side": "BUY", "timestamp": "2"}).decode())
+        await outbox.send(
+            orjson.dumps(
+                {
+                    "event_type": "price_change",
+                    "market": "0xm",
+                    "timestamp": "1",
+                    "price_changes": [change],
+                }
+            ).decode()
+        )
+        await outbox.send(
+            orjson.dumps(
+                {
+                    "event_type": "last_trade_price",
+                    "asset_id": ASSETS[1],
+                    "market": "0xm",
+                    "price": "0.5",
+                    "size": "1",
+                    "side": "BUY",
+                    "timestamp": "2",
+                }
+            ).decode()
+        )
         await outbox.send(_book(ASSETS[2]))
         for _ in range(3):
             await events.receive()

@@ -1,11 +1,11 @@
-"""feed.filter_events: only the shard's own assets get through (protocol.md, section 6)."""
+"""feed.filter_events: only the shard's own assets get through (docs/protocol.md, "Server messages")."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
-from polystream.feed import filter_events
-from polystream.protocol import (
+from polystream.feed.pool import filter_events
+from polystream.feed.protocol import (
     BestBidAsk,
     BookSnapshot,
     FeedEvent,
@@ -94,7 +94,7 @@ def test_on_a_parsed_real_shape_frame() -> None:
     (event,) = kept
     assert isinstance(event, PriceChange)
     assert event.timestamp_ms == 1757908892351
-    # best_ask "1" spells an empty ask side (protocol.md section 11): no ask, never a quote of 1.
+    # best_ask "1" spells an empty ask side (docs/protocol.md, "What the venue really does"): no ask, never a quote of 1.
     assert [(c.asset_id, c.side, c.best_ask, c.has_top) for c in event.changes] == [
         ("111", "BUY", None, True)
     ]

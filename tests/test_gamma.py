@@ -18,21 +18,18 @@ import pytest
 import structlog
 import trio
 
-from polystream.db import connect
 from polystream.errors import ImportDataError
-from polystream.gamma import (
-    GammaClient,
-    GammaError,
+from polystream.ops.health import answer_lifespan, serve_asgi
+from polystream.pipeline.metadata import (
     MetadataFiller,
     RetrySchedule,
-    classify_ref,
     import_from_gamma,
     missing_markets,
-    open_gamma_client,
     run_metadata_filler,
 )
-from polystream.health import answer_lifespan, serve_asgi
-from polystream.reconciler import DbLink
+from polystream.store.db import connect
+from polystream.store.link import DbLink
+from polystream.venue.gamma import GammaClient, GammaError, classify_ref, open_gamma_client
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "tests" / "data" / "real" / "nautilus_trader" / "rust_test_data"

@@ -15,8 +15,8 @@ import structlog
 from typer import Typer
 from typer.testing import CliRunner
 
-from polystream.logcat import LogFilter, logs_command, matches, parse_line, render, run_logs
 from polystream.logs import configure_logging
+from polystream.ops.logcat import LogFilter, logs_command, matches, parse_line, render, run_logs
 
 NOISE = "Fatal Python error: Aborted (not JSON, interleaved by journald)"
 

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from polystream.db import connect
 from polystream.errors import ImportDataError
-from polystream.markets import (
+from polystream.store.db import connect
+from polystream.store.markets import (
     GammaMarket,
     import_markets_file,
     parse_gamma_payload,
@@ -51,7 +51,9 @@ def test_real_gamma_objects_decode() -> None:
         ("gamma_market_closed_binary_accepting_false.json", None, Decimal("0.001")),
     ],
 )
-def test_gamma_empty_sides_are_no_quotes(name: str, bid: Decimal | None, ask: Decimal | None) -> None:
+def test_gamma_empty_sides_are_no_quotes(
+    name: str, bid: Decimal | None, ask: Decimal | None
+) -> None:
     """A Gamma bestBid of 0 or bestAsk of 1 is an empty side, never a price (protocol.md)."""
     market = GammaMarket.from_gamma(orjson.loads((REAL / name).read_bytes()))
     assert (market.best_bid, market.best_ask) == (bid, ask)

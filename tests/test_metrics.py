@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
-from polystream.markets import import_markets_file
+from polystream.ops.status import render_health
 from polystream.replay import ReplayServer, serve_replay
-from polystream.status import render_health
+from polystream.store.markets import import_markets_file
 
 
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

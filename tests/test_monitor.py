@@ -19,18 +19,11 @@ import trio.testing
 from prometheus_client import generate_latest
 
 from polystream.book import TopOfBook
-from polystream.monitor import (
-    DEFERRAL_REASONS,
-    NO_PRICE_RETRY,
-    Decision,
-    Monitor,
-    Prediction,
-    RuleSet,
-    TpSlRule,
-    decision_time,
-)
+from polystream.monitor.engine import DEFERRAL_REASONS, NO_PRICE_RETRY, Monitor
+from polystream.monitor.rules import Decision, Prediction, RuleSet, TpSlRule, decision_time
+from polystream.ops.metrics import registry_of
+from polystream.ops.status import render_health
 from polystream.stats import Stats
-from polystream.status import render_health
 
 D = Decimal
 
@@ -352,7 +345,7 @@ async def test_deferrals_in_health_metrics_and_status(
     mon = monitor(decisions)
     stats = mon.stats
     assert set(stats.prediction_deferrals) == set(DEFERRAL_REASONS)
-    text = generate_latest(stats.registry).decode()
+    text = generate_latest(registry_of(stats)).decode()
     assert "polystream_predictions_deferred 0.0" in text
     assert 'polystream_prediction_deferrals_total{reason="no_price"} 0.0' in text
     async with trio.open_nursery() as nursery:
@@ -363,7 +356,7 @@ async def test_deferrals_in_health_metrics_and_status(
         nursery.cancel_scope.cancel()
     health = stats.health()["monitor"]
     assert (health["predictions_deferred"], health["prediction_deferrals"]) == (2, {"no_price": 2})
-    text = generate_latest(stats.registry).decode()
+    text = generate_latest(registry_of(stats)).decode()
     assert "polystream_predictions_deferred 2.0" in text
     assert 'polystream_prediction_deferrals_total{reason="no_price"} 2.0' in text
     rendered = render_health({"status": "ok", "monitor": health})

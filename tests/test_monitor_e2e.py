@@ -23,8 +23,8 @@ from expected import UPDOWN, apply_frame, best_bid_path, first_crossing, insert_
 from polystream.app import App, run
 from polystream.book import Books
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
-from polystream.markets import import_markets_file
 from polystream.replay import ReplayServer, serve_replay
+from polystream.store.markets import import_markets_file
 
 D = Decimal
 
@@ -121,7 +121,8 @@ def test_concurrent_writers_decide_once(db_dsn: str) -> None:
     """The compare-and-set itself: two connections write one decision at the same time."""
     import threading
 
-    from polystream.monitor import Decision, write_decisions
+    from polystream.monitor.executor import write_decisions
+    from polystream.monitor.rules import Decision
 
     with psycopg.connect(db_dsn) as conn:
         (pid,) = conn.execute(

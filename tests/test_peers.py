@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from polystream.book import Books
-from polystream.feed import FeedPool, Shard
-from polystream.protocol import (
+from polystream.feed.pool import FeedPool, Shard
+from polystream.feed.protocol import (
     BookSnapshot,
     FrameParser,
     LastTradePrice,
@@ -108,10 +108,20 @@ def test_mixed_known_and_unknown_event_types() -> None:
     change, trade = parsed.events
     assert isinstance(change, PriceChange) and change.timestamp_ms == 1700000000001
     (entry,) = change.changes
-    assert (entry.asset_id, entry.price, entry.side, entry.size) == ("101", D("0.37"), "BUY", D("12.5"))
+    assert (entry.asset_id, entry.price, entry.side, entry.size) == (
+        "101",
+        D("0.37"),
+        "BUY",
+        D("12.5"),
+    )
     assert (entry.best_bid, entry.best_ask) == (D("0.36"), D("0.38"))
     assert isinstance(trade, LastTradePrice)
-    assert (trade.asset_id, trade.price, trade.side, trade.size) == ("202", D("0.63"), "SELL", D("4.25"))
+    assert (trade.asset_id, trade.price, trade.side, trade.size) == (
+        "202",
+        D("0.63"),
+        "SELL",
+        D("4.25"),
+    )
     assert trade.timestamp_ms == 1700000000003
     # The frame confirms the subscription of 202 (a trade), not of 101 (a price change).
     shard = Shard(0, ShardStats(0), assets={"101", "202"})
@@ -126,7 +136,12 @@ def test_batch_price_change_entry_without_size() -> None:
     (event,) = parsed.events
     assert isinstance(event, PriceChange)
     (entry,) = event.changes
-    assert (entry.asset_id[:3], entry.price, entry.size, entry.side) == ("713", D("0.5"), D("200"), "BUY")
+    assert (entry.asset_id[:3], entry.price, entry.size, entry.side) == (
+        "713",
+        D("0.5"),
+        D("200"),
+        "BUY",
+    )
     assert (entry.best_bid, entry.best_ask) == (D("0.5"), None)  # best_ask "1": no ask
     assert [(p.kind, "price_changes[1]" in p.detail) for p in parsed.problems] == [
         ("missing_field", True)
@@ -153,12 +168,22 @@ def test_objects_without_event_type() -> None:
         # nautilus parse.rs tests on ws_quotes.json entry 0 (BUY 0.51 size 150)
         ({"best_bid": "0.51", "best_ask": "1"}, D("0.51"), None),
         # SELL 0.52 size 75 with best_bid "0": no bid
-        ({"side": "SELL", "price": "0.52", "size": "75", "best_bid": "0", "best_ask": "0.52"}, None, D("0.52")),
+        (
+            {"side": "SELL", "price": "0.52", "size": "75", "best_bid": "0", "best_ask": "0.52"},
+            None,
+            D("0.52"),
+        ),
         # test_parse_to_quote_ticks_skips_invalid_tops: SELL 0.50 with best_bid "0"
-        ({"side": "SELL", "price": "0.50", "size": "10", "best_bid": "0", "best_ask": "0.60"}, None, D("0.60")),
+        (
+            {"side": "SELL", "price": "0.50", "size": "10", "best_bid": "0", "best_ask": "0.60"},
+            None,
+            D("0.60"),
+        ),
     ],
 )
-def test_invalid_tops_are_empty_sides(entry: dict[str, str], bid: Decimal | None, ask: Decimal | None) -> None:
+def test_invalid_tops_are_empty_sides(
+    entry: dict[str, str], bid: Decimal | None, ask: Decimal | None
+) -> None:
     quotes = _load(NAUTILUS_REAL / "ws_quotes.json")
     quotes["price_changes"] = [{**quotes["price_changes"][0], **entry}]
     quotes["event_type"] = "price_change"

@@ -21,19 +21,11 @@ import structlog
 import trio
 import trio.testing
 
-from polystream.feed import Shard
-from polystream.health import answer_lifespan, serve_asgi
-from polystream.poller import (
-    ClobClient,
-    ClobError,
-    Poller,
-    Quote,
-    ShardWatch,
-    open_clob_client,
-    prices_moved,
-    run_poller,
-)
+from polystream.feed.pool import Shard
+from polystream.ops.health import answer_lifespan, serve_asgi
+from polystream.pipeline.fallback import Poller, ShardWatch, run_poller
 from polystream.stats import ShardStats
+from polystream.venue.clob import ClobClient, ClobError, Quote, open_clob_client, prices_moved
 
 ROOT = Path(__file__).resolve().parent.parent
 NAUTILUS = ROOT / "tests" / "data" / "real" / "nautilus_trader"
@@ -333,10 +325,8 @@ class FakeFetch:
 class Delivered:
     quotes: list[tuple[float, str]] = attrs.field(factory=list)
 
-    def __call__(
-        self, asset_id: str, bid: Decimal | None, ask: Decimal | None, mid: Decimal | None
-    ) -> None:
-        assert (bid, ask, mid) == (Decimal("0.5"), Decimal("0.6"), Decimal("0.55"))
+    def __call__(self, asset_id: str, bid: Decimal | None, ask: Decimal | None) -> None:
+        assert (bid, ask) == (Decimal("0.5"), Decimal("0.6"))
         self.quotes.append((trio.current_time(), asset_id))
 
 
@@ -469,12 +459,10 @@ async def test_run_poller_against_the_fake_clob(
     clob: FakeClob, client: ClobClient, nursery: trio.Nursery
 ) -> None:
     needed = Needed()
-    got: dict[str, tuple[Decimal | None, Decimal | None, Decimal | None]] = {}
+    got: dict[str, tuple[Decimal | None, Decimal | None]] = {}
 
-    def on_quotes(
-        asset_id: str, bid: Decimal | None, ask: Decimal | None, mid: Decimal | None
-    ) -> None:
-        got[asset_id] = (bid, ask, mid)
+    def on_quotes(asset_id: str, bid: Decimal | None, ask: Decimal | None) -> None:
+        got[asset_id] = (bid, ask)
 
     with trio.fail_after(20):
         poller: Poller = await nursery.start(
@@ -495,10 +483,9 @@ async def test_run_poller_against_the_fake_clob(
     assert not poller.active
     expected = real_quotes()
     assert got == {
-        a: (expected[a].best_bid, expected[a].best_ask, expected[a].midpoint)
-        for a in (BOOK_ASSET, CLOB_ASSET)
+        a: (expected[a].best_bid, expected[a].best_ask) for a in (BOOK_ASSET, CLOB_ASSET)
     }
-    assert {path for path, _ in clob.requests} == {"/prices", "/midpoints"}
+    assert {path for path, _ in clob.requests} == {"/prices"}
     assert poller.assets_polled >= 6
 
 

@@ -24,15 +24,15 @@ from expected import UPDOWN, books_after
 
 from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
-from polystream.markets import import_markets_file
 from polystream.replay import Capture, ReplayServer, ScheduledFault, Tape
+from polystream.store.markets import import_markets_file
 
 PAUSE_AT = 3000  # frames played before the tape holds: the market is quiet from then on
 SOL = "900003"
 SOL_UP = "26975287284659697395137026699226669940909216664286471914722914103715066514506"
 SOL_DOWN = "43480974677375827891722101312344369582184206145113152473282188970519344902742"
 BTC_1H = "900005"
-TIMEOUT = 20
+TIMEOUT = 60  # a guard against a hang, not a timing assertion
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,13 @@ def _insert(dsn: str, market: str, *, token: str | None = None, outcome: str | N
 async def priced(app: App, dsn: str, position_id: int) -> tuple[str, Decimal]:
     """Wait (on the position writer's writes, not a clock) until the position has a price."""
     while True:
+        seen = app.positions.batches.count
         [(token, price)] = await trio.to_thread.run_sync(
             _sql, dsn, "SELECT token_id, current_price FROM positions WHERE id = %s", position_id
         )
         if price is not None:
             return token, price
-        await app.positions.next_write()
+        await app.positions.batches.after(seen)
 
 
 @pytest.fixture
@@ -133,7 +134,11 @@ async def test_position_reopened_within_the_grace(
         # Closed, given a stale price by another service, opened again: still
         # subscribed (grace 60 s), the market quiet: priced from the book at once.
         _sql(db_dsn, "UPDATE positions SET status = 'closed' WHERE id = %s", pid)
-        _sql(db_dsn, "UPDATE positions SET current_price = NULL, pnl_amount = NULL WHERE id = %s", pid)
+        _sql(
+            db_dsn,
+            "UPDATE positions SET current_price = NULL, pnl_amount = NULL WHERE id = %s",
+            pid,
+        )
         _sql(db_dsn, "UPDATE positions SET status = 'active' WHERE id = %s", pid)
         assert SOL_UP in app.pool.asset_shard
         assert await priced(app, db_dsn, pid) == (SOL_UP, marks[SOL_UP])

@@ -2,7 +2,7 @@
 The market-channel parser on every real sample, on edge cases and on random
 input; the client messages and subscribe chunking.
 
-Sources: ../shared/protocol.md sections 2-6; samples and their recorded
+Sources: docs/protocol.md, "Subscribing"-6; samples and their recorded
 counts in ../shared/data/real/PROVENANCE.md.
 
 Every sample these tests need ships in tests/data/ (provenance in
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polystream.errors import MalformedFrame
-from polystream.protocol import (
+from polystream.feed.protocol import (
     CONTROL_FRAMES,
     BestBidAsk,
     BookSnapshot,
@@ -195,7 +195,7 @@ AMBIGUOUS = "ambiguous"
 def _expected_kind(obj: Any) -> str | None:
     """
     The event type a raw object has on the wire, inferred for legacy shapes
-    that are unambiguous (protocol.md section 11); ``AMBIGUOUS`` for a
+    that are unambiguous (docs/protocol.md, "What the venue really does"); ``AMBIGUOUS`` for a
     trade-like object without ``event_type`` (last trade or one-level price change).
     """
     if not isinstance(obj, dict):
@@ -238,7 +238,7 @@ def _check_event(obj: dict[str, Any], event: FeedEvent) -> None:
     assert EVENT_TYPE_OF[type(event)] == kind
     if isinstance(event, BookSnapshot):
         assert event.asset_id == obj["asset_id"]
-        assert event.market == obj.get("market", "")
+        assert event.condition_id == obj.get("market", "")
         assert event.timestamp_ms == _ts(obj)
         bids = obj["bids"] if "bids" in obj else obj.get("buys")
         asks = obj["asks"] if "asks" in obj else obj.get("sells")
@@ -248,7 +248,7 @@ def _check_event(obj: dict[str, Any], event: FeedEvent) -> None:
         assert event.tick_size == _dec(obj.get("tick_size"))
         assert event.last_trade_price == _dec(obj.get("last_trade_price"))
     elif isinstance(event, PriceChange):
-        assert event.market == obj.get("market", "")
+        assert event.condition_id == obj.get("market", "")
         assert event.timestamp_ms == _ts(obj)
         if "price_changes" in obj:
             entries = [(e["asset_id"], e) for e in obj["price_changes"]]
@@ -268,7 +268,7 @@ def _check_event(obj: dict[str, Any], event: FeedEvent) -> None:
                 assert change.best_ask == _top(raw, "best_ask")
             _assert_decimals(change.price, change.size, change.best_bid, change.best_ask)
     elif isinstance(event, LastTradePrice):
-        assert (event.asset_id, event.market) == (obj["asset_id"], obj.get("market", ""))
+        assert (event.asset_id, event.condition_id) == (obj["asset_id"], obj.get("market", ""))
         assert event.price == Decimal(obj["price"])
         assert event.size == Decimal(obj["size"])
         assert event.side == obj["side"].upper()
@@ -280,18 +280,22 @@ def _check_event(obj: dict[str, Any], event: FeedEvent) -> None:
         assert event.new_tick_size == Decimal(obj["new_tick_size"])
         assert event.timestamp_ms == _ts(obj)
     elif isinstance(event, BestBidAsk):
-        assert (event.asset_id, event.market) == (obj["asset_id"], obj["market"])
+        assert (event.asset_id, event.condition_id) == (obj["asset_id"], obj["market"])
         assert event.best_bid == _top(obj, "best_bid")
         assert event.best_ask == _top(obj, "best_ask")
         assert event.timestamp_ms == _ts(obj)
         _assert_decimals(event.best_bid, event.best_ask)
     elif isinstance(event, NewMarket):
-        assert (event.id, event.market, event.slug) == (obj["id"], obj["market"], obj["slug"])
+        assert (event.market_id, event.condition_id, event.slug) == (
+            obj["id"],
+            obj["market"],
+            obj["slug"],
+        )
         assert event.assets_ids == tuple(obj.get("assets_ids") or obj["clob_token_ids"])
         assert event.outcomes == tuple(obj["outcomes"])
         assert event.timestamp_ms == _ts(obj)
     elif isinstance(event, MarketResolved):
-        assert (event.id, event.market) == (obj["id"], obj["market"])
+        assert (event.market_id, event.condition_id) == (obj["id"], obj["market"])
         assert event.assets_ids == tuple(obj["assets_ids"])
         assert event.winning_asset_id == obj["winning_asset_id"]
         assert event.winning_outcome == obj["winning_outcome"]
@@ -470,7 +474,7 @@ def _one(relative: str) -> FeedEvent:
 def test_legacy_single_level_price_change() -> None:
     event = _one("nautilus_trader/ws_messages/price_change.json")
     assert isinstance(event, PriceChange)
-    assert event.market == NT_MARKET
+    assert event.condition_id == NT_MARKET
     assert event.timestamp_ms == 1723967931411
     assert len(event.changes) == 1
     change = event.changes[0]
@@ -484,7 +488,9 @@ def test_legacy_single_level_price_change() -> None:
 def test_current_price_change_v2() -> None:
     event = _one("nautilus_trader/ws_messages/price_change_v2.json")
     assert isinstance(event, PriceChange)
-    assert event.market == "0x5f65177b394277fd294cd75650044e32ba009a95022d88a0c1d565897d72f8f1"
+    assert (
+        event.condition_id == "0x5f65177b394277fd294cd75650044e32ba009a95022d88a0c1d565897d72f8f1"
+    )
     assert event.timestamp_ms == 1729084877448
     asset = "52114319501245915516055106046884209969926127482827954674443846427813813222426"
     assert [(c.asset_id, c.price, c.size, c.side) for c in event.changes] == [
@@ -498,7 +504,7 @@ def test_current_price_change_v2() -> None:
 def test_legacy_changes_price_change() -> None:
     event = _one("aaimek-polymarket-data-collection/price_change_message_example.json")
     assert isinstance(event, PriceChange)
-    assert event.market == AAIMEK_MARKET
+    assert event.condition_id == AAIMEK_MARKET
     assert event.timestamp_ms == 1737487191055
     assert [(c.asset_id, c.price, c.size, c.side) for c in event.changes] == [
         (AAIMEK_ASSET, Decimal("0.644"), Decimal("0"), "BUY")
@@ -509,7 +515,7 @@ def test_book_without_event_type() -> None:
     event = _one("aaimek-polymarket-data-collection/book_message_example.json")
     assert isinstance(event, BookSnapshot)
     assert event.asset_id == AAIMEK_ASSET
-    assert event.market == AAIMEK_MARKET
+    assert event.condition_id == AAIMEK_MARKET
     assert event.timestamp_ms == 1737487185966
     assert event.hash == "a983441a2c69866fff45bf16b8c5c66858f68379"
     assert event.bids[0].price == Decimal("0.001") and event.bids[0].size == Decimal("100")
@@ -521,7 +527,7 @@ def test_book_without_event_type() -> None:
 def test_ws_book() -> None:
     event = _one("nautilus_trader/ws_messages/book.json")
     assert isinstance(event, BookSnapshot)
-    assert (event.asset_id, event.market) == (NT_ASSET, NT_MARKET)
+    assert (event.asset_id, event.condition_id) == (NT_ASSET, NT_MARKET)
     assert event.timestamp_ms == 1728799418260
     assert event.hash == "655a38d4977427b086c25b985993691b753ed166"
     assert (len(event.bids), len(event.asks)) == (76, 86)
@@ -535,7 +541,7 @@ def test_ws_last_trade_price() -> None:
     event = _one("nautilus_trader/ws_messages/last_trade_price.json")
     assert event == LastTradePrice(
         asset_id="21742633143463906290569050155826241533067272736897614950488156847949938836455",
-        market=NT_MARKET,
+        condition_id=NT_MARKET,
         price=Decimal("0.491"),
         size=Decimal("85.36"),
         side="SELL",
@@ -557,7 +563,7 @@ def test_custom_feature_events() -> None:
     bba = _one("nautilus_trader/rust_test_data/ws_market_best_bid_ask_msg.json")
     assert bba == BestBidAsk(
         asset_id="85354956062430465315924116860125388538595433819574542752031640332592237464430",
-        market="0x0005c0d312de0be897668695bae9f32b624b4a1ae8b140c49f08447fcc74f442",
+        condition_id="0x0005c0d312de0be897668695bae9f32b624b4a1ae8b140c49f08447fcc74f442",
         best_bid=Decimal("0.73"),
         best_ask=Decimal("0.77"),
         timestamp_ms=1766789469958,
@@ -566,14 +572,14 @@ def test_custom_feature_events() -> None:
     no = "31690934263385727664202099278545688007799199447969475608906331829650099442770"
     new = _one("nautilus_trader/rust_test_data/ws_market_new_market_msg.json")
     assert isinstance(new, NewMarket)
-    assert new.id == "1031769"
+    assert new.market_id == "1031769"
     assert new.slug == "nvda-above-240-on-january-30-2026"
     assert new.assets_ids == (yes, no)
     assert new.outcomes == ("Yes", "No")
     resolved = _one("nautilus_trader/rust_test_data/ws_market_resolved_msg.json")
     assert resolved == MarketResolved(
-        id="1031769",
-        market="0x311d0c4b6671ab54af4970c06fcf58662516f5168997bdda209ec3db5aa6b0c1",
+        market_id="1031769",
+        condition_id="0x311d0c4b6671ab54af4970c06fcf58662516f5168997bdda209ec3db5aa6b0c1",
         assets_ids=(yes, no),
         winning_asset_id=yes,
         winning_outcome="Yes",
@@ -837,7 +843,9 @@ def test_one_bad_entry_costs_only_itself() -> None:
         ]
     )
     parsed = parse_frame(frame)
-    assert [(e.market, len(e.changes)) for e in parsed.events if isinstance(e, PriceChange)] == [
+    assert [
+        (e.condition_id, len(e.changes)) for e in parsed.events if isinstance(e, PriceChange)
+    ] == [
         ("0xa", 1),
         ("0xb", 2),  # the good siblings of the bad entry
     ]
@@ -1158,8 +1166,9 @@ def test_price_change_round_trip(
     assert parsed.problems == []
     (event,) = parsed.events
     assert isinstance(event, PriceChange)
-    assert event.market == market
+    assert event.condition_id == market
     assert event.timestamp_ms == timestamp
+
     def top(value: Decimal | None, empty: bool) -> Decimal | None:
         return None if value is None or empty else value
 

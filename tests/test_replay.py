@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import orjson
 import pytest
@@ -25,10 +26,10 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from polystream.errors import ReplayError
-from polystream.markets import GammaMarket
-from polystream.poller import Quote, open_clob_client
 from polystream.replay import (
     Capture,
+    ReplayChanges,
+    ReplayOptions,
     ReplayServer,
     ScheduledFault,
     Synthetic,
@@ -36,6 +37,8 @@ from polystream.replay import (
     book_hash,
     synthetic_asset_id,
 )
+from polystream.store.markets import GammaMarket
+from polystream.venue.clob import Quote, open_clob_client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -493,6 +496,22 @@ def test_synthetic_ids_markets_and_gamma_objects(updown: Capture) -> None:
     assert not set(synthetic.assets) & set(updown.markets)
     with pytest.raises(ReplayError, match="synthesize"):
         Synthetic.build(updown.markets, -1)
+
+
+def test_options_as_keywords_go_on_top_of_the_value(updown: Capture) -> None:
+    """``ReplayChanges`` names exactly the option fields; keywords override ``options``."""
+    assert ReplayChanges.__optional_keys__ == {f.name for f in attrs.fields(ReplayOptions)}
+    base = ReplayOptions(loop=True, synthesize=24, faults=[ScheduledFault("pause", after=3)])
+    server = ReplayServer(Tape(updown), base, max_speed=True)
+    assert server.options == attrs.evolve(base, max_speed=True)
+    assert server.options.faults == (ScheduledFault("pause", after=3),)
+    assert server.synthetic == Synthetic.build(updown.markets, 24)
+    with pytest.raises(TypeError):
+        ReplayServer(Tape(updown), max_sped=True)  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        ReplayServer(Tape(updown), speed=0.0)
+    with pytest.raises(ReplayError, match="synthesize"):
+        ReplayServer(Tape(updown), synthesize=-1)
 
 
 async def test_synthetic_assets_get_relabelled_books_and_events(updown: Capture) -> None:

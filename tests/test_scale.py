@@ -27,8 +27,8 @@ import trio
 
 from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
-from polystream.markets import GammaMarket, upsert_markets
 from polystream.replay import Capture, ReplayServer, Synthetic, Tape
+from polystream.store.markets import GammaMarket, upsert_markets
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ async def test_ten_thousand_assets_subscribe_and_survive_reconnect(db_dsn: str) 
     wanted = set(synthetic.assets)
     await trio.to_thread.run_sync(_insert_markets_and_positions, db_dsn, synthetic)
     server = ReplayServer(tape=Tape(capture), speed=SPEED, synthetic=synthetic, record=True)
-    with trio.fail_after(55):
+    with trio.fail_after(180):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             config = Config(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from polystream.service import install, render_unit, service_app
+from polystream.ops.service import install, render_unit, service_app
 
 REPO = Path(__file__).resolve().parent.parent
 EXE = Path("/opt/polystream/venv/bin/polystream")

@@ -21,8 +21,8 @@ import psycopg
 import trio
 from expected import UPDOWN, books_after
 
-from polystream.markets import import_markets_file
 from polystream.replay import ReplayServer, serve_replay
+from polystream.store.markets import import_markets_file
 
 
 def _free_port() -> int:

@@ -18,8 +18,8 @@ import trio
 
 from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
-from polystream.markets import import_markets_file
 from polystream.replay import ReplayServer, serve_replay
+from polystream.store.markets import import_markets_file
 
 ROOT = Path(__file__).parent.parent
 UPDOWN = ROOT / "examples" / "updown-2025-12-11"
@@ -67,7 +67,7 @@ async def test_position_from_another_service_is_subscribed_and_priced(
 ) -> None:
     app, server = daemon
     assert app.pool.asset_shard == {}  # zero positions: running, nothing subscribed
-    with trio.fail_after(20):
+    with trio.fail_after(60):
         _sql(
             db_dsn,
             "INSERT INTO positions (user_id, market_id, outcome, size, entry_price)"
@@ -91,7 +91,7 @@ async def test_closed_position_unsubscribes_after_grace(
     db_dsn: str, daemon: tuple[App, ReplayServer]
 ) -> None:
     app, _ = daemon
-    with trio.fail_after(20):
+    with trio.fail_after(60):
         (pid,) = _sql(
             db_dsn,
             "INSERT INTO positions (user_id, market_id, token_id, size,"
@@ -121,7 +121,7 @@ async def test_killed_listen_connection_loses_nothing(
         "SELECT pid FROM pg_stat_activity"
         " WHERE application_name = 'polystream-listen' AND datname = current_database()"
     )
-    with trio.fail_after(30):
+    with trio.fail_after(60):
         [(old_pid,)] = _sql(db_dsn, listening)
         assert _sql(db_dsn, "SELECT pg_terminate_backend(%s)", old_pid) == [(True,)]
         await wait_until(lambda: (old_pid,) not in _sql(db_dsn, listening))

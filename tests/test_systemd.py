@@ -20,8 +20,8 @@ import trio.testing
 
 from polystream.app import App, run
 from polystream.config import Config, FeedConfig, HealthConfig
+from polystream.ops.systemd import Notifier, notify_running, run_watchdog, stats_status, status_line
 from polystream.stats import Stats
-from polystream.systemd import Notifier, notify_running, run_watchdog, stats_status, status_line
 
 
 class Receiver:

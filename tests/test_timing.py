@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from trio.testing import wait_all_tasks_blocked
 
 from polystream.book import AssetBook, Books
+from polystream.catalog import Catalog
 from polystream.errors import DatabaseError
-from polystream.pipeline import Catalog, MarketRow, MarketWriter, PositionWriter
-from polystream.protocol import BookSnapshot, Level
+from polystream.feed.protocol import BookSnapshot, Level
+from polystream.pipeline.writers import MarketRow, MarketWriter, PositionWriter
 from polystream.stats import Stats
 from polystream.timing import Backoff, Debouncer, TokenBucket
 
@@ -181,7 +182,7 @@ def _snapshot(asset: str, bid: str, ask: str) -> AssetBook:
     book.apply_snapshot(
         BookSnapshot(
             asset_id=asset,
-            market="",
+            condition_id="",
             bids=(Level(Decimal(bid), Decimal(10)),),
             asks=(Level(Decimal(ask), Decimal(10)),),
             timestamp_ms=1,
@@ -199,8 +200,8 @@ def _world() -> tuple[Books, Catalog]:
         yes, no = f"{market}-yes", f"{market}-no"
         books[yes] = _snapshot(yes, "0.40", "0.42")
         books[no] = _snapshot(no, "0.58", "0.60")
-        catalog.market_tokens[market] = (yes, no)
-        catalog.asset_market[yes] = catalog.asset_market[no] = market
+        catalog.tokens[market] = (yes, no)
+        catalog.keys[yes] = catalog.keys[no] = market
     return books, catalog
 
 
@@ -243,7 +244,7 @@ def _position_writer(
         catalog=catalog,
         stats=Stats(),
         sink=sink,
-        mark="display",
+        price_choice="display",
         debounce=debounce,
         rate=rate,
     )
@@ -320,7 +321,7 @@ async def test_position_writer_rate_counts_positions_per_market(
     sink = Sink()
     writer, catalog = _position_writer(sink, rate=2.0)
     for market in MARKETS:
-        catalog.positions_per_market[market] = 2  # each market costs 2 rows
+        catalog.positions[market] = 2  # each market costs 2 rows
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         await _touch_at(writer, 0.0, "m1", "m2", "m3", "m4", "m5")
@@ -407,7 +408,7 @@ async def test_position_writer_skips_markets_without_prices(
 ) -> None:
     sink = Sink()
     writer, catalog = _position_writer(sink)
-    catalog.market_tokens["empty"] = ("nobook-1", "nobook-2")
+    catalog.tokens["empty"] = ("nobook-1", "nobook-2")
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         await _touch_at(writer, 0.0, "empty")

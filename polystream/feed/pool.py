@@ -1,0 +1,503 @@
+"""
+The WebSocket feed: shards of at most ``feed.max_assets_per_connection``
+assets, each one trio-websocket connection with its own reconnect loop.
+
+Per connection (docs/protocol.md, "Subscribing" to "Heartbeat"):
+
+* the first message is ``{"assets_ids": [...], "type": "market"}``, sent at
+  once, in frames of at most ``feed.max_subscribe_bytes``: the first frame
+  carries ``type``, the rest use ``operation: subscribe`` (a second ``type``
+  message is answered ``INVALID OPERATION``);
+* later changes are ``{"operation": "subscribe" | "unsubscribe", ...}``;
+* text ``PING`` every ``feed.ping_interval`` seconds, answered ``PONG``;
+* ``max_message_size`` is raised: an initial book dump can exceed 1 MiB.
+
+The reader task only parses and hands events to the router over a bounded
+channel; it never waits on the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from polystream.config import FeedConfig
+from polystream.errors import FeedClosed, FeedError, MalformedFrame
+from polystream.feed.heartbeat import Heartbeat
+from polystream.feed.protocol import (
+    BookSnapshot,
+    FeedEvent,
+    FrameParser,
+    LastTradePrice,
+    MarketResolved,
+    NewMarket,
+    PriceChange,
+    chunk_asset_ids,
+    encode_operation,
+    encode_subscribe,
+)
+from polystream.logs import RateLimitedLog
+from polystream.stats import ShardStats, Stats
+from polystream.timing import Backoff
+
+__all__ = ["FEED_ERRORS", "FeedPool", "Shard", "StaleCheck", "filter_events"]
+
+logger = structlog.get_logger(__name__)
+
+FEED_ERRORS = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError, FeedError)
+
+StaleCheck = Callable[[list[str]], Awaitable[bool]]
+"""``await check(asset_ids)``: True when those assets' prices moved (over REST)."""
+_MESSAGE_QUEUE = 256  # frames trio-websocket buffers before it stops reading
+_CLOSE_KINDS = {1007: "not_utf8", 1009: "frame_too_large"}  # RFC 6455, section 7.4.1
+_REFUSED_WITHIN = 1.0  # seconds: a close frame this soon, before any data, refuses the subscribe
+_MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
+
+
+@attrs.define(eq=False)
+class Shard:
+    """
+    One connection's share of the assets.
+
+    ``assets`` is what the shard should be subscribed to; ``pending_subscribe``
+    and ``pending_unsubscribe`` are the changes not yet sent on the open
+    connection (a reconnect sends ``assets`` whole and clears them).
+
+    Control state is in trio seconds (``trio.current_time()``), so the
+    refused-subscribe and staleness logic runs under ``MockClock``;
+    :attr:`stats` is telemetry only.
+
+    Attributes:
+        subscribed_at: when the current connection's subscribe went out, or None.
+        answered: a data frame (not ``PONG``) arrived since that subscribe.
+        last_data_at: when the last data frame arrived, or None.
+        subscribe_bytes: this shard's subscribe-frame cap; 0 = ``feed.max_subscribe_bytes``.
+    """
+
+    index: int
+    stats: ShardStats
+    assets: set[str] = attrs.field(factory=set)
+    pending_subscribe: set[str] = attrs.field(factory=set)
+    pending_unsubscribe: set[str] = attrs.field(factory=set)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+    cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    subscribe_bytes: int = 0
+    subscribed_at: float | None = None
+    answered: bool = False
+    last_data_at: float | None = None
+
+    def add(self, asset_ids: Iterable[str]) -> None:
+        """Subscribe ``asset_ids`` (sent on the open connection, or at connect)."""
+        now = time.monotonic()
+        for asset_id in asset_ids:
+            self.assets.add(asset_id)
+            self.stats.subscribed_at[asset_id] = now
+            self.pending_unsubscribe.discard(asset_id)
+            self.pending_subscribe.add(asset_id)
+        self.stats.assets = len(self.assets)
+        self.changed.set()
+
+    def remove(self, asset_ids: Iterable[str]) -> None:
+        """Unsubscribe ``asset_ids``; their events are dropped from now on."""
+        for asset_id in asset_ids:
+            self.assets.discard(asset_id)
+            self.stats.seen_assets.discard(asset_id)
+            self.stats.subscribed_at.pop(asset_id, None)
+            self.pending_subscribe.discard(asset_id)
+            self.pending_unsubscribe.add(asset_id)
+        self.stats.assets = len(self.assets)
+        self.changed.set()
+
+    def take_initial(self) -> list[str]:
+        """The full asset list for a new connection; clears pending changes."""
+        self.pending_subscribe.clear()
+        self.pending_unsubscribe.clear()
+        self.changed = trio.Event()
+        now = time.monotonic()
+        self.stats.seen_assets.clear()  # coverage counts from this subscription
+        self.stats.subscribed_at = dict.fromkeys(self.assets, now)
+        return sorted(self.assets)
+
+
+def filter_events(events: list[FeedEvent], assets: set[str]) -> tuple[list[FeedEvent], int]:
+    """
+    Keep the events of ``assets``; inside a ``price_change`` keep only their entries.
+
+    The server can push ids that were not subscribed (docs/protocol.md, "Server messages").
+    ``new_market``/``market_resolved`` are venue-wide and kept.
+
+    Returns:
+        The kept events and the number of events or entries dropped.
+    """
+    kept: list[FeedEvent] = []
+    dropped = 0
+    for event in events:
+        if isinstance(event, PriceChange):
+            changes = tuple(c for c in event.changes if c.asset_id in assets)
+            if len(changes) == len(event.changes):
+                kept.append(event)
+            else:
+                dropped += len(event.changes) - len(changes)
+                if changes:
+                    kept.append(attrs.evolve(event, changes=changes))
+        elif isinstance(event, NewMarket | MarketResolved) or event.asset_id in assets:
+            kept.append(event)
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+@attrs.define(eq=False)
+class FeedPool:
+    """
+    All shards. :meth:`set_assets` (sync, from the reconciler) moves the
+    desired asset set; :meth:`run` starts new shards with a stagger and closes
+    emptied ones.
+
+    Assets stay in their shard while subscribed; new ones fill the
+    lowest-numbered shard with room, else a new shard.
+    """
+
+    config: FeedConfig
+    events: trio.MemorySendChannel[list[FeedEvent]]
+    stats: Stats
+    shards: dict[int, Shard] = attrs.field(factory=dict)
+    asset_shard: dict[str, int] = attrs.field(factory=dict)
+    _to_start: list[Shard] = attrs.field(factory=list)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _next_index: int = 0
+    _bad_frames: RateLimitedLog = attrs.field(factory=RateLimitedLog)
+    _parser: FrameParser = attrs.field(factory=FrameParser)
+    stale_check: StaleCheck | None = None
+
+    def set_assets(self, desired: set[str]) -> None:
+        """Make the subscribed set equal ``desired`` (asset ids)."""
+        removed = [a for a in self.asset_shard if a not in desired]
+        by_shard: dict[int, list[str]] = {}
+        for asset_id in removed:
+            by_shard.setdefault(self.asset_shard.pop(asset_id), []).append(asset_id)
+        for index, ids in by_shard.items():
+            self.shards[index].remove(ids)
+        added = sorted(a for a in desired if a not in self.asset_shard)
+        cap = self.config.max_assets_per_connection
+        for shard in sorted(self.shards.values(), key=lambda s: s.index):
+            room = cap - len(shard.assets)
+            if room > 0 and added:
+                self._assign(shard, added[:room])
+                added = added[room:]
+        while added:
+            shard = Shard(self._next_index, self.stats.shard(self._next_index))
+            self._next_index += 1
+            self.shards[shard.index] = shard
+            self._assign(shard, added[:cap])
+            added = added[cap:]
+            self._to_start.append(shard)
+        for shard in [s for s in self.shards.values() if not s.assets]:
+            shard.cancel_scope.cancel()
+            del self.shards[shard.index]
+            self.stats.shards.pop(shard.index, None)
+        self._wake.set()
+
+    def _assign(self, shard: Shard, asset_ids: list[str]) -> None:
+        for asset_id in asset_ids:
+            self.asset_shard[asset_id] = shard.index
+        shard.add(asset_ids)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start shards as they appear, ``feed.connect_stagger`` s apart; runs until cancelled."""
+        with self.events:  # closed on exit: the router drains what is queued and ends
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await self._start_shards(nursery)
+
+    async def _start_shards(self, nursery: trio.Nursery) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._to_start:
+                shard = self._to_start.pop(0)
+                if shard.index in self.shards:
+                    nursery.start_soon(self._supervise, shard)
+                    await trio.sleep(self.config.connect_stagger)
+
+    async def _supervise(self, shard: Shard) -> None:
+        """Connect, serve, and reconnect with backoff until the shard is closed."""
+        log = logger.bind(shard=shard.index)
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        with shard.cancel_scope:
+            while True:
+                shard.stats.state = "connecting"
+                if not shard.assets:  # never hold an empty connection open
+                    shard.stats.state = "idle"
+                    await shard.changed.wait()
+                    continue
+                try:
+                    await self._serve(shard, backoff)
+                except* FEED_ERRORS as group:
+                    self._count_close(group.exceptions)
+                    self._shrink_if_refused(shard, group.exceptions, log)
+                    reason = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+                    shard.stats.last_error = reason[:300]
+                    log.warning("feed_disconnected", reason=shard.stats.last_error)
+                shard.stats.state = "backoff"
+                shard.stats.connected_at = None
+                delay = backoff.next_delay()
+                shard.stats.reconnects += 1
+                log.info("feed_reconnect_scheduled", backoff_s=round(delay, 3))
+                await trio.sleep(delay)
+
+    def _count_close(self, errors: Sequence[BaseException]) -> None:
+        """Count closes that carry a bad-input reason (RFC 6455 close codes)."""
+        for exc in errors:
+            code = getattr(getattr(exc, "reason", None), "code", None)
+            if isinstance(exc, ConnectionClosed) and code in _CLOSE_KINDS:
+                self.stats.parse_errors[_CLOSE_KINDS[code]] += 1
+
+    def _shrink_if_refused(self, shard: Shard, errors: Sequence[BaseException], log: Any) -> None:
+        """
+        A venue that closes the connection after our subscribe, before any
+        data frame answered it and within :data:`_REFUSED_WITHIN` seconds,
+        refuses its size (observed: a few thousand ids in one frame earn a
+        close 100 to 200 ms later, unserved; docs/protocol.md, "Limits"): quarter
+        this shard's subscribe frames. A drop after data arrived (the venue
+        answers a subscribe with snapshots at once) is no refusal, and
+        neither is a failure of ours (an unanswered PING).
+        """
+        subscribed = shard.subscribed_at
+        if shard.answered or subscribed is None:
+            return
+        if trio.current_time() - subscribed > _REFUSED_WITHIN:
+            return
+        if not any(isinstance(exc, ConnectionClosed | trio.BrokenResourceError) for exc in errors):
+            return
+        current = shard.subscribe_bytes or self.config.max_subscribe_bytes
+        smaller = max(_MIN_SUBSCRIBE_BYTES, current // 4)
+        if smaller < current:
+            shard.subscribe_bytes = smaller
+            log.warning("feed_subscribe_frames_shrunk", max_subscribe_bytes=smaller)
+
+    def _grow_when_healthy(self, shard: Shard) -> None:
+        """After a healthy while, double a shrunk subscribe-frame cap back toward the maximum."""
+        if shard.subscribe_bytes and shard.subscribe_bytes < self.config.max_subscribe_bytes:
+            shard.subscribe_bytes = min(self.config.max_subscribe_bytes, shard.subscribe_bytes * 2)
+            logger.info(
+                "feed_subscribe_frames_grown",
+                shard=shard.index,
+                max_subscribe_bytes=shard.subscribe_bytes,
+            )
+            if shard.subscribe_bytes == self.config.max_subscribe_bytes:
+                shard.subscribe_bytes = 0
+
+    async def _serve(self, shard: Shard, backoff: Backoff) -> None:
+        async with open_websocket_url(
+            self.config.url,
+            max_message_size=self.config.max_message_size,
+            message_queue_size=_MESSAGE_QUEUE,
+            connect_timeout=10,
+            disconnect_timeout=2,
+        ) as ws:
+            try:
+                await self._subscribe_and_read(ws, shard, backoff)
+            finally:
+                # After an abnormal close trio-websocket (0.12) may leave the TCP
+                # stream open and unread; close it for sure.
+                await trio.aclose_forcefully(ws._stream)
+
+    async def _subscribe_and_read(
+        self, ws: WebSocketConnection, shard: Shard, backoff: Backoff
+    ) -> None:
+        initial = shard.take_initial()
+        chunks = chunk_asset_ids(initial, shard.subscribe_bytes or self.config.max_subscribe_bytes)
+        custom = self.config.custom_feature_enabled
+        await ws.send_message(
+            encode_subscribe(chunks[0] if chunks else [], custom_feature_enabled=custom)
+        )
+        for chunk in chunks[1:]:
+            await ws.send_message(
+                encode_operation("subscribe", chunk, custom_feature_enabled=custom)
+            )
+        shard.stats.state = "connected"
+        shard.stats.connected_at = time.monotonic()
+        shard.subscribed_at = trio.current_time()
+        shard.answered = False
+        logger.info("feed_subscribed", shard=shard.index, assets=len(initial), frames=len(chunks))
+        beat = Heartbeat()
+        async with trio.open_nursery() as nursery:
+            # Text PING only once the subscribe went out: a PING before a valid
+            # subscription is answered with close 1008 (docs/protocol.md, "What the venue really does").
+            nursery.start_soon(self._ping, ws, beat, shard.index)
+            nursery.start_soon(self._send_changes, ws, shard)
+            nursery.start_soon(self._when_healthy, shard, backoff)
+            nursery.start_soon(self._watch_staleness, shard)
+            await self._read(ws, shard, beat)
+
+    async def _when_healthy(self, shard: Shard, backoff: Backoff) -> None:
+        """
+        After ``backoff_max`` seconds connected, reset the backoff; and every
+        ``backoff_max`` seconds connected, double a shrunk frame cap back.
+        """
+        await trio.sleep(self.config.backoff_max)
+        backoff.reset()
+        while True:
+            self._grow_when_healthy(shard)
+            await trio.sleep(self.config.backoff_max)
+
+    async def _ping(self, ws: WebSocketConnection, beat: Heartbeat, index: int) -> None:
+        """
+        Text ``PING`` every ``ping_interval`` s on a fixed schedule; raise
+        :class:`FeedClosed` when a PING waits ``pong_timeout`` s for its PONG
+        (a half-open connection: docs/protocol.md, "Heartbeat").
+        """
+        interval, timeout = self.config.ping_interval, self.config.pong_timeout
+        next_ping = trio.current_time() + interval
+        while True:
+            deadline = next_ping
+            silent = beat.silent_since()
+            if silent is not None:
+                deadline = min(deadline, silent + timeout)
+            await trio.sleep_until(deadline)
+            now = trio.current_time()
+            silent = beat.silent_since()
+            if silent is not None and now - silent >= timeout:
+                raise FeedClosed(index, f"no PONG and no data within {timeout:g} s")
+            if now >= next_ping:
+                beat.sent(now)
+                await ws.send_message("PING")
+                next_ping = max(next_ping + interval, now)
+
+    async def _watch_staleness(self, shard: Shard) -> None:
+        """
+        Recycle a shard whose link answers PONG but delivers no data while its
+        assets' prices moved (checked with ``stale_check`` over REST); a quiet
+        market on a live link is left alone.
+        """
+        after = self.config.stale_after
+        while True:
+            now = trio.current_time()
+            last = shard.last_data_at or shard.subscribed_at or now
+            quiet_for = now - last
+            if quiet_for < after:
+                await trio.sleep(after - quiet_for)
+                continue
+            if self.stale_check is not None and shard.assets:
+                shard.stats.stale_checks += 1
+                if await self.stale_check(sorted(shard.assets)[:50]):
+                    raise FeedClosed(
+                        shard.index, f"no data for {quiet_for:.0f} s while prices moved"
+                    )
+            await trio.sleep(after)
+
+    async def _send_changes(self, ws: WebSocketConnection, shard: Shard) -> None:
+        custom = self.config.custom_feature_enabled
+        limit = shard.subscribe_bytes or self.config.max_subscribe_bytes
+        while True:
+            await shard.changed.wait()
+            shard.changed = trio.Event()
+            removed = sorted(shard.pending_unsubscribe)
+            added = sorted(shard.pending_subscribe)
+            shard.pending_unsubscribe.clear()
+            shard.pending_subscribe.clear()
+            for chunk in chunk_asset_ids(removed, limit):
+                await ws.send_message(encode_operation("unsubscribe", chunk))
+            for chunk in chunk_asset_ids(added, limit):
+                await ws.send_message(
+                    encode_operation("subscribe", chunk, custom_feature_enabled=custom)
+                )
+            if removed or added:
+                logger.info(
+                    "feed_subscription_changed",
+                    shard=shard.index,
+                    subscribed=len(added),
+                    unsubscribed=len(removed),
+                )
+
+    async def _read(self, ws: WebSocketConnection, shard: Shard, beat: Heartbeat) -> None:
+        while True:
+            message = await ws.get_message()
+            events = self._received(message, shard, beat)
+            if events:
+                try:  # no scheduling round trip while the router keeps up
+                    self.events.send_nowait(events)
+                except trio.WouldBlock:
+                    await self.events.send(events)
+
+    def _received(
+        self, message: str | bytes, shard: Shard, beat: Heartbeat
+    ) -> list[FeedEvent] | None:
+        """Count and parse one frame; the events for the router, or None."""
+        stats = self.stats
+        now = time.monotonic()
+        beat.last_received = trio.current_time()
+        shard.stats.frames += 1
+        shard.stats.last_frame_at = now
+        stats.frames += 1
+        if not isinstance(message, str):  # the market channel sends text frames only
+            self._bad_frame(
+                shard, MalformedFrame("binary_frame", f"{len(message)} bytes"), message, now
+            )
+            return None
+        try:
+            parsed = self._parser.parse(message)
+        except MalformedFrame as exc:
+            self._bad_frame(shard, exc, message, now)
+            return None
+        if parsed.control is not None:
+            self._control(parsed.control, shard, beat, now)
+            return None
+        shard.stats.last_data_at = now
+        shard.last_data_at = beat.last_received
+        shard.answered = True
+        for kind in parsed.event_types:
+            stats.events[kind] += 1
+        for kind in parsed.ignored:
+            stats.ignored_events[kind] += 1
+        for problem in parsed.problems:
+            self._bad_frame(shard, problem, message, now)
+        events, dropped = filter_events(parsed.events, shard.assets)
+        stats.foreign_events += dropped
+        self._covered(events, shard)
+        return events
+
+    def _control(self, text: str, shard: Shard, beat: Heartbeat, now: float) -> None:
+        self.stats.control[text] += 1
+        if text == "PONG":
+            shard.stats.last_pong_at = now
+            rtt = beat.answered(trio.current_time())
+            if rtt is not None:
+                shard.stats.ping_rtt = rtt
+
+    @staticmethod
+    def _covered(events: list[FeedEvent], shard: Shard) -> None:
+        """
+        Coverage and book integrity: an asset counts as covered from its first
+        ``book`` or ``last_trade_price`` (a ``price_change`` does not confirm a
+        subscription: docs/protocol.md, "What the venue really does"); each ``book``'s hash check is counted.
+        """
+        seen = shard.stats.seen_assets
+        for event in events:
+            if isinstance(event, BookSnapshot):
+                seen.add(event.asset_id)
+                shard.stats.book_hashes[event.integrity] += 1
+            elif isinstance(event, LastTradePrice):
+                seen.add(event.asset_id)
+
+    def _bad_frame(
+        self, shard: Shard, exc: MalformedFrame, message: str | bytes, now: float
+    ) -> None:
+        self.stats.parse_errors[exc.kind] += 1
+        suppressed = self._bad_frames.allow(exc.kind, now)
+        if suppressed is not None:
+            logger.warning(
+                "feed_bad_frame",
+                shard=shard.index,
+                kind=exc.kind,
+                detail=exc.detail[:200],
+                frame=repr(message[:200]),
+                suppressed_since_last=suppressed,
+            )

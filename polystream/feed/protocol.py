@@ -1,0 +1,770 @@
+"""
+The Polymarket market channel: typed events, the frame parser, and the
+messages a client sends.
+
+Facts used here (docs/protocol.md, "Subscribing", "Heartbeat", "Server messages"; AsyncAPI spec
+at https://docs.polymarket.com/api-reference/wss/market):
+
+* A text frame is one JSON object or a JSON array of objects, each with
+  ``event_type``: ``book``, ``price_change``, ``last_trade_price``,
+  ``tick_size_change``, and with ``custom_feature_enabled`` also
+  ``best_bid_ask``, ``new_market`` and ``market_resolved``.
+* Numbers arrive as strings (``".48"``); timestamps are Unix milliseconds as
+  strings. Prices are probabilities in [0, 1] and are kept as ``Decimal``.
+* ``PONG``, ``INVALID OPERATION`` and ``NO NEW ASSETS`` are plain text.
+* Legacy shapes (before 2025-09-15) are accepted: ``price_change`` with a
+  top-level ``asset_id`` and ``changes[]``; ``book`` with ``buys``/``sells``;
+  objects without ``event_type`` whose shape is unambiguous (recorded in
+  tests/data/real/aaimek-polymarket-data-collection/book_message_example.json
+  and nautilus_trader/rust_test_data/ws_quotes.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from decimal import Decimal
+from typing import Any, Literal
+
+import attrs
+import orjson
+
+from polystream.errors import MalformedFrame
+from polystream.numbers import (
+    NotANumber,
+    OutOfRange,
+    ask_or_none,
+    bid_or_none,
+    finite_decimal,
+    probability,
+)
+
+__all__ = [
+    "CONTROL_FRAMES",
+    "KNOWN_EVENT_TYPES",
+    "BestBidAsk",
+    "BookSnapshot",
+    "Control",
+    "FeedEvent",
+    "FrameParser",
+    "Integrity",
+    "LastTradePrice",
+    "Level",
+    "LevelChange",
+    "MarketResolved",
+    "NewMarket",
+    "ParsedFrame",
+    "PriceChange",
+    "Problems",
+    "Side",
+    "TickSizeChange",
+    "book_hash",
+    "chunk_asset_ids",
+    "encode_operation",
+    "encode_subscribe",
+    "parse_frame",
+]
+
+Side = Literal["BUY", "SELL"]
+Integrity = Literal["verified", "mismatched", "unverifiable"]
+"""Outcome of a ``book`` hash check (docs/protocol.md, "Book hash")."""
+
+CONTROL_FRAMES = frozenset({"PONG", "INVALID OPERATION", "NO NEW ASSETS"})
+"""Non-JSON text frames the server sends (docs/protocol.md, "Heartbeat")."""
+
+_ZERO = Decimal(0)
+_ONE = Decimal(1)
+
+
+@attrs.frozen(slots=True)
+class Level:
+    """One aggregated price level: ``price`` in [0, 1], ``size`` in shares."""
+
+    price: Decimal
+    size: Decimal
+
+
+@attrs.frozen(slots=True)
+class BookSnapshot:
+    """
+    ``book``: the full order book of one asset, replacing what was known.
+
+    ``bids``/``asks`` are in the order received (not trusted to be sorted).
+    ``tick_size`` and ``last_trade_price`` appear in initial dumps only.
+    ``condition_id`` is the wire's ``market`` field (every event names the
+    market by its condition id). ``integrity`` is the outcome of checking
+    ``hash`` against the levels (:func:`book_hash`): ``verified``,
+    ``mismatched`` or ``unverifiable`` (no hash, or a preimage field absent).
+    """
+
+    asset_id: str
+    condition_id: str
+    bids: tuple[Level, ...]
+    asks: tuple[Level, ...]
+    timestamp_ms: int
+    hash: str
+    tick_size: Decimal | None = None
+    last_trade_price: Decimal | None = None
+    integrity: Integrity = "unverifiable"
+
+
+@attrs.frozen(slots=True)
+class LevelChange:
+    """
+    One ``price_changes[]`` entry: the new aggregate ``size`` (shares) at
+    ``price`` on ``side`` (``BUY`` = bid level, ``SELL`` = ask level); size 0
+    removes the level.
+
+    ``has_top`` says the entry carried the venue's own top of book after the
+    change (``best_bid`` and ``best_ask`` both present): then ``best_bid`` /
+    ``best_ask`` are that top, None for an empty side (``""``, a bid <= 0 or an
+    ask >= 1: docs/protocol.md, "Empty sides").
+    Without it both are None and the local book is the only source.
+    """
+
+    asset_id: str
+    price: Decimal
+    size: Decimal
+    side: Side
+    best_bid: Decimal | None = None
+    best_ask: Decimal | None = None
+    has_top: bool = False
+
+
+@attrs.frozen(slots=True)
+class PriceChange:
+    """``price_change``: level changes of one market, in order."""
+
+    condition_id: str
+    timestamp_ms: int
+    changes: tuple[LevelChange, ...]
+
+
+@attrs.frozen(slots=True)
+class LastTradePrice:
+    """``last_trade_price``: a trade; ``side`` is the taker's, ``size`` in shares."""
+
+    asset_id: str
+    condition_id: str
+    price: Decimal
+    size: Decimal
+    side: Side | None
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class TickSizeChange:
+    """``tick_size_change``: the asset's minimum price increment changed."""
+
+    asset_id: str
+    condition_id: str
+    old_tick_size: Decimal | None
+    new_tick_size: Decimal
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class BestBidAsk:
+    """``best_bid_ask`` (custom feature): the top of book moved; None = empty side."""
+
+    asset_id: str
+    condition_id: str
+    best_bid: Decimal | None
+    best_ask: Decimal | None
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class NewMarket:
+    """
+    ``new_market`` (custom feature, venue-wide): a market was listed.
+    ``market_id`` is the Gamma id (wire ``id``), ``condition_id`` the wire ``market``.
+    """
+
+    market_id: str
+    condition_id: str
+    question: str
+    slug: str
+    assets_ids: tuple[str, ...]
+    outcomes: tuple[str, ...]
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class MarketResolved:
+    """
+    ``market_resolved`` (custom feature): the market's outcome is known.
+    ``market_id`` is the Gamma id (wire ``id``), ``condition_id`` the wire ``market``.
+    """
+
+    market_id: str
+    condition_id: str
+    assets_ids: tuple[str, ...]
+    winning_asset_id: str
+    winning_outcome: str
+    timestamp_ms: int
+
+
+@attrs.frozen(slots=True)
+class Control:
+    """A non-JSON text frame: ``PONG``, ``INVALID OPERATION`` or ``NO NEW ASSETS``."""
+
+    text: str
+
+
+FeedEvent = (
+    BookSnapshot
+    | PriceChange
+    | LastTradePrice
+    | TickSizeChange
+    | BestBidAsk
+    | NewMarket
+    | MarketResolved
+)
+
+
+@attrs.frozen(slots=True)
+class ParsedFrame:
+    """
+    What one frame held.
+
+    Attributes:
+        events: the usable events, in frame order.
+        control: the control text when the frame was one (``PONG``...), else None.
+        problems: one :class:`MalformedFrame` per event or ``price_changes``
+            entry that was skipped (missing or mistyped field, price outside
+            [0, 1], an object whose type cannot be told).
+        event_types: the ``event_type`` of every object seen, skipped ones included.
+        ignored: event types the market channel does not define (e.g.
+            ``settlement_preview``): normal input beside known events, not used.
+    """
+
+    events: list[FeedEvent]
+    control: str | None = None
+    problems: list[MalformedFrame] = attrs.field(factory=list)
+    event_types: list[str] = attrs.field(factory=list)
+    ignored: list[str] = attrs.field(factory=list)
+
+
+# ------------------------------------------------------------------ fields
+
+
+def _field(obj: dict[str, Any], name: str) -> Any:
+    try:
+        return obj[name]
+    except KeyError:
+        raise MalformedFrame("missing_field", f"no {name!r}") from None
+
+
+def _text(obj: dict[str, Any], name: str) -> str:
+    value = _field(obj, name)
+    if not isinstance(value, str):
+        raise MalformedFrame("bad_field", f"{name!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _decimal(value: Any, name: str) -> Decimal:
+    try:
+        return finite_decimal(value)
+    except NotANumber:
+        raise MalformedFrame("bad_number", f"{name!r} = {value!r}") from None
+
+
+def _price(value: Any, name: str) -> Decimal:
+    try:
+        return probability(value)
+    except NotANumber:
+        raise MalformedFrame("bad_number", f"{name!r} = {value!r}") from None
+    except OutOfRange:
+        raise MalformedFrame("price_out_of_range", f"{name!r} = {value!r}") from None
+
+
+def _optional_price(obj: dict[str, Any], name: str, p: FrameParser) -> Decimal | None:
+    value = obj.get(name)
+    if value is None or value == "":
+        return None
+    return p.price(value, name)
+
+
+def _bid_top(obj: dict[str, Any], p: FrameParser) -> Decimal | None:
+    """The venue's ``best_bid``: None for ``""`` or a price <= 0 (no bid)."""
+    return bid_or_none(_optional_price(obj, "best_bid", p))
+
+
+def _ask_top(obj: dict[str, Any], p: FrameParser) -> Decimal | None:
+    """The venue's ``best_ask``: None for ``""`` or a price >= 1 (no ask)."""
+    return ask_or_none(_optional_price(obj, "best_ask", p))
+
+
+def _size(value: Any, name: str) -> Decimal:
+    size = _decimal(value, name)
+    if size < 0:
+        raise MalformedFrame("negative_size", f"{name!r} = {value!r}")
+    return size
+
+
+def _timestamp(obj: dict[str, Any]) -> int:
+    value = obj.get("timestamp")
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise MalformedFrame("bad_field", f"'timestamp' = {value!r}")
+
+
+def _side(value: Any) -> Side:
+    if isinstance(value, str):
+        upper = value.upper()
+        if upper == "BUY":
+            return "BUY"
+        if upper == "SELL":
+            return "SELL"
+    raise MalformedFrame("bad_field", f"'side' = {value!r}")
+
+
+def _ids(obj: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = obj.get(name) or ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise MalformedFrame("bad_field", f"{name!r} is not a list of strings")
+    return tuple(value)
+
+
+def _levels(value: Any, name: str, p: FrameParser) -> tuple[Level, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise MalformedFrame("bad_field", f"{name!r} is not a list")
+    levels = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise MalformedFrame("bad_field", f"{name!r} level is not an object")
+        levels.append(
+            Level(p.price(_field(item, "price"), "price"), p.size(_field(item, "size"), "size"))
+        )
+    return tuple(levels)
+
+
+# ------------------------------------------------------------------ events
+
+Problems = list[MalformedFrame]
+"""Where an event parser reports the parts of an event it skipped."""
+
+
+class _NothingUsable(Exception):
+    """An event whose every part was skipped and reported already."""
+
+
+_BOOK_HASH_DEFAULTS = {"min_order_size": "5", "neg_risk": False}
+"""What the venue hashes for the two fields a WebSocket ``book`` lacks (section 11)."""
+
+
+def book_hash(obj: dict[str, Any]) -> str | None:
+    """
+    The venue's hash of a ``book`` object (WebSocket or REST), or None when a
+    field of the preimage is absent (``tick_size`` or ``last_trade_price``).
+
+    SHA-1 hex of the compact JSON ``{"market", "asset_id", "timestamp",
+    "hash": "", "bids", "asks", "min_order_size", "tick_size", "neg_risk",
+    "last_trade_price"}`` in that key order, levels as ``{"price", "size"}``
+    strings in the order received; ``min_order_size`` ``"5"`` and
+    ``neg_risk`` ``false`` where the object lacks them (the WebSocket never
+    sends them). A CLOB V2 book's ``version`` (``"v2"``) follows
+    ``last_trade_price`` in the preimage: that is what reproduces the
+    recorded V2 hash (tests/data/replay/adriancova-session-2026-10-05.jsonl).
+    Sources: py-clob-client-v2 ``utilities.py``
+    (``generate_orderbook_summary_hash``), NautilusTrader
+    ``verify_book_snapshot_hash``; docs/protocol.md, "Book hash".
+    """
+    if "tick_size" not in obj or "last_trade_price" not in obj:
+        return None
+    try:
+        preimage = {
+            "market": obj["market"],
+            "asset_id": obj["asset_id"],
+            "timestamp": obj["timestamp"],
+            "hash": "",
+            "bids": [{"price": lv["price"], "size": lv["size"]} for lv in obj["bids"]],
+            "asks": [{"price": lv["price"], "size": lv["size"]} for lv in obj["asks"]],
+            "min_order_size": obj.get("min_order_size", _BOOK_HASH_DEFAULTS["min_order_size"]),
+            "tick_size": obj["tick_size"],
+            "neg_risk": obj.get("neg_risk", _BOOK_HASH_DEFAULTS["neg_risk"]),
+            "last_trade_price": obj["last_trade_price"],
+        }
+        if "version" in obj:  # CLOB V2 books hash their version too (recorded 2026-10-05)
+            preimage["version"] = obj["version"]
+        return hashlib.sha1(orjson.dumps(preimage), usedforsecurity=False).hexdigest()
+    except (KeyError, TypeError, orjson.JSONEncodeError):
+        return None
+
+
+def _integrity(obj: dict[str, Any]) -> Integrity:
+    expected = obj.get("hash")
+    if not isinstance(expected, str) or not expected:
+        return "unverifiable"
+    computed = book_hash(obj)
+    if computed is None:
+        return "unverifiable"
+    return "verified" if computed == expected.lower() else "mismatched"
+
+
+def _book(obj: dict[str, Any], p: FrameParser, problems: Problems) -> BookSnapshot:
+    bids = obj["bids"] if "bids" in obj else obj.get("buys")
+    asks = obj["asks"] if "asks" in obj else obj.get("sells")
+    tick = obj.get("tick_size")
+    snapshot = BookSnapshot(
+        asset_id=_text(obj, "asset_id"),
+        condition_id=str(obj.get("market") or ""),
+        bids=_levels(bids, "bids", p),
+        asks=_levels(asks, "asks", p),
+        timestamp_ms=_timestamp(obj),
+        hash=str(obj.get("hash") or ""),
+        tick_size=None if tick in (None, "") else p.price(tick, "tick_size"),
+        last_trade_price=_optional_price(obj, "last_trade_price", p),
+    )
+    if "bids" in obj and "asks" in obj:
+        return attrs.evolve(snapshot, integrity=_integrity(obj))
+    return snapshot
+
+
+def _change(entry: Any, asset_id: str | None, p: FrameParser) -> LevelChange:
+    if not isinstance(entry, dict):
+        raise MalformedFrame("bad_field", "price change entry is not an object")
+    has_top = "best_bid" in entry and "best_ask" in entry
+    return LevelChange(
+        asset_id=asset_id if asset_id is not None else _text(entry, "asset_id"),
+        price=p.price(_field(entry, "price"), "price"),
+        size=p.size(_field(entry, "size"), "size"),
+        side=_side(_field(entry, "side")),
+        best_bid=_bid_top(entry, p) if has_top else None,
+        best_ask=_ask_top(entry, p) if has_top else None,
+        has_top=has_top,
+    )
+
+
+def _price_change(obj: dict[str, Any], p: FrameParser, problems: Problems) -> PriceChange:
+    """
+    A ``price_change``; an entry that cannot be used (missing or malformed
+    field: rs-clob-client's ``parses_batch_price_changes`` has entries
+    without ``size``) is reported in ``problems`` and skipped, its good
+    siblings are kept (section 11, "price_change entries can lack fields").
+    """
+    if "price_changes" in obj:
+        entries, asset_id = obj["price_changes"], None
+    elif "changes" in obj:  # legacy: one asset, changes[]
+        entries, asset_id = obj["changes"], _text(obj, "asset_id")
+    elif "price" in obj and "side" in obj:  # legacy single-level message
+        entries, asset_id = [obj], _text(obj, "asset_id")
+    else:
+        raise MalformedFrame("missing_field", "no 'price_changes'")
+    if not isinstance(entries, list):
+        raise MalformedFrame("bad_field", "'price_changes' is not a list")
+    changes = []
+    for index, entry in enumerate(entries):
+        try:
+            changes.append(_change(entry, asset_id, p))
+        except MalformedFrame as exc:
+            problems.append(MalformedFrame(exc.kind, f"price_changes[{index}]: {exc.detail}"))
+    if not changes:
+        if problems:  # every entry was reported: nothing more to say
+            raise _NothingUsable
+        raise MalformedFrame("missing_field", "'price_changes' is empty")
+    return PriceChange(
+        condition_id=str(obj.get("market") or ""),
+        timestamp_ms=_timestamp(obj),
+        changes=tuple(changes),
+    )
+
+
+def _last_trade(obj: dict[str, Any], p: FrameParser, problems: Problems) -> LastTradePrice:
+    side = obj.get("side")
+    return LastTradePrice(
+        asset_id=_text(obj, "asset_id"),
+        condition_id=str(obj.get("market") or ""),
+        price=p.price(_field(obj, "price"), "price"),
+        size=p.size(obj.get("size", "0"), "size"),
+        side=None if side in (None, "") else _side(side),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _tick_size_change(obj: dict[str, Any], p: FrameParser, problems: Problems) -> TickSizeChange:
+    old = obj.get("old_tick_size")
+    return TickSizeChange(
+        asset_id=_text(obj, "asset_id"),
+        condition_id=str(obj.get("market") or ""),
+        old_tick_size=None if old in (None, "") else p.price(old, "old_tick_size"),
+        new_tick_size=p.price(_field(obj, "new_tick_size"), "new_tick_size"),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _best_bid_ask(obj: dict[str, Any], p: FrameParser, problems: Problems) -> BestBidAsk:
+    return BestBidAsk(
+        asset_id=_text(obj, "asset_id"),
+        condition_id=str(obj.get("market") or ""),
+        best_bid=_bid_top(obj, p),
+        best_ask=_ask_top(obj, p),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _new_market(obj: dict[str, Any], p: FrameParser, problems: Problems) -> NewMarket:
+    assets = _ids(obj, "assets_ids") or _ids(obj, "clob_token_ids")
+    return NewMarket(
+        market_id=str(_field(obj, "id")),
+        condition_id=_text(obj, "market"),
+        question=str(obj.get("question") or ""),
+        slug=str(obj.get("slug") or ""),
+        assets_ids=assets,
+        outcomes=_ids(obj, "outcomes"),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+def _market_resolved(obj: dict[str, Any], p: FrameParser, problems: Problems) -> MarketResolved:
+    return MarketResolved(
+        market_id=str(_field(obj, "id")),
+        condition_id=_text(obj, "market"),
+        assets_ids=_ids(obj, "assets_ids"),
+        winning_asset_id=_text(obj, "winning_asset_id"),
+        winning_outcome=str(obj.get("winning_outcome") or ""),
+        timestamp_ms=_timestamp(obj),
+    )
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any], FrameParser, Problems], FeedEvent]] = {
+    "book": _book,
+    "price_change": _price_change,
+    "last_trade_price": _last_trade,
+    "tick_size_change": _tick_size_change,
+    "best_bid_ask": _best_bid_ask,
+    "new_market": _new_market,
+    "market_resolved": _market_resolved,
+}
+
+KNOWN_EVENT_TYPES = frozenset(_PARSERS)
+"""The market channel's event types (AsyncAPI spec, docs/protocol.md, "Server messages")."""
+
+
+def _event_type(obj: dict[str, Any]) -> str:
+    """
+    The object's ``event_type``, inferred where a legacy object without it
+    has an unambiguous shape (``price_changes[]``, ``bids``/``buys`` with
+    ``asset_id``, ``new_tick_size``). A trade-like object (``asset_id``,
+    ``price``, ``side``) could be a last trade or a legacy one-level price
+    change: counted as ``ambiguous_event``, never guessed (section 11).
+    """
+    kind = obj.get("event_type")
+    if isinstance(kind, str):
+        return kind
+    if kind is not None:
+        raise MalformedFrame("bad_field", f"'event_type' = {kind!r}")
+    if "price_changes" in obj:
+        return "price_change"
+    if "asset_id" in obj and ("bids" in obj or "buys" in obj):
+        return "book"
+    if "new_tick_size" in obj and "asset_id" in obj:
+        return "tick_size_change"
+    if "asset_id" in obj and "price" in obj and "side" in obj:
+        raise MalformedFrame("ambiguous_event", "no 'event_type': last trade or price change")
+    raise MalformedFrame("missing_field", "no 'event_type'")
+
+
+class FrameParser:
+    """
+    Parses market-channel frames (see :meth:`parse`), remembering the
+    decimal strings it has converted: prices repeat constantly (a market has
+    at most 100 to 10,000 price levels), so a bounded memo of validated
+    ``Decimal`` values saves most of the conversion cost. One parser per
+    owner (the feed pool); not shared between threads.
+    """
+
+    __slots__ = ("_limit", "_prices", "_sizes")
+
+    def __init__(self, memo_limit: int = 65_536) -> None:
+        self._limit = memo_limit
+        self._prices: dict[str, Decimal] = {}
+        self._sizes: dict[str, Decimal] = {}
+
+    def price(self, value: Any, name: str) -> Decimal:
+        """A probability in [0, 1]; raises MalformedFrame otherwise."""
+        if value.__class__ is str:
+            known = self._prices.get(value)
+            if known is not None:
+                return known
+            price = _price(value, name)
+            if len(self._prices) >= self._limit:
+                self._prices.clear()
+            self._prices[value] = price
+            return price
+        return _price(value, name)
+
+    def size(self, value: Any, name: str) -> Decimal:
+        """A size in shares >= 0; raises MalformedFrame otherwise."""
+        if value.__class__ is str:
+            known = self._sizes.get(value)
+            if known is not None:
+                return known
+            size = _size(value, name)
+            if len(self._sizes) >= self._limit:
+                self._sizes.clear()
+            self._sizes[value] = size
+            return size
+        return _size(value, name)
+
+    def _object(self, obj: Any, parsed: ParsedFrame) -> None:
+        if not isinstance(obj, dict):
+            parsed.problems.append(
+                MalformedFrame("not_an_object", f"{type(obj).__name__} in frame")
+            )
+            return
+        try:
+            kind = _event_type(obj)
+        except MalformedFrame as exc:
+            parsed.problems.append(exc)
+            return
+        parsed.event_types.append(kind)
+        parser = _PARSERS.get(kind)
+        if parser is None:  # e.g. settlement_preview: normal input, not ours
+            parsed.ignored.append(kind[:80])
+            return
+        problems: Problems = []
+        try:
+            parsed.events.append(parser(obj, self, problems))
+        except MalformedFrame as exc:
+            problems.append(exc)
+        except _NothingUsable:
+            pass
+        parsed.problems.extend(MalformedFrame(e.kind, f"{kind}: {e.detail}") for e in problems)
+
+    def book(self, obj: Any) -> BookSnapshot:
+        """
+        One book object outside a frame (a CLOB REST ``GET /book`` /
+        ``POST /books`` answer item), parsed like a ``book`` event.
+
+        Raises:
+            MalformedFrame: not an object, or a field is missing or malformed.
+        """
+        if not isinstance(obj, dict):
+            raise MalformedFrame("not_an_object", f"{type(obj).__name__} as book")
+        return _book(obj, self, [])
+
+    def parse(self, raw: str | bytes) -> ParsedFrame:
+        """
+        Parse one market-channel text frame into events.
+
+        A frame is a JSON object or array of objects with ``event_type``;
+        prices are decimal strings in [0, 1]; timestamps are milliseconds.
+        Source: docs/protocol.md, "Server messages". An event (or a
+        ``price_changes`` entry) that cannot be used is skipped and reported
+        in ``problems``; the other events and entries of the frame are kept.
+        Event types the channel does not define are listed in ``ignored``.
+
+        Args:
+            raw: the frame as received (``str`` for text frames; ``bytes``
+                must be UTF-8).
+
+        Returns:
+            A :class:`ParsedFrame`; ``control`` is set for ``PONG`` and the
+            other non-JSON text frames.
+
+        Raises:
+            MalformedFrame: the whole frame is unusable: not UTF-8, not JSON,
+                or JSON that is neither an object nor an array.
+        """
+        if isinstance(raw, bytes | bytearray | memoryview):
+            try:
+                text = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MalformedFrame("not_utf8", str(exc)) from None
+        else:
+            text = raw
+        if len(text) < 24:
+            stripped = text.strip()
+            if stripped in CONTROL_FRAMES:
+                return ParsedFrame(events=[], control=stripped)
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedFrame("invalid_json", f"{exc} in {text[:60]!r}") from None
+        parsed = ParsedFrame(events=[])
+        if isinstance(data, list):
+            for obj in data:
+                self._object(obj, parsed)
+        elif isinstance(data, dict):
+            self._object(data, parsed)
+        else:
+            raise MalformedFrame("not_an_object", f"JSON {type(data).__name__}")
+        return parsed
+
+
+def parse_frame(raw: str | bytes) -> ParsedFrame:
+    """
+    Parse one frame with a fresh :class:`FrameParser` (see :meth:`FrameParser.parse`).
+
+    Long-running readers keep one ``FrameParser`` instead, for its memo.
+
+    Raises:
+        MalformedFrame: the whole frame is unusable: not UTF-8, not JSON, or
+            JSON that is neither an object nor an array.
+    """
+    return FrameParser().parse(raw)
+
+
+# ------------------------------------------------------------------ client messages
+
+
+def encode_subscribe(asset_ids: Sequence[str], *, custom_feature_enabled: bool = False) -> str:
+    """
+    The first message on a new connection: ``{"assets_ids": [...], "type": "market"}``.
+
+    Sent once per connection; a second ``type`` message is answered
+    ``INVALID OPERATION`` (docs/protocol.md, "Subscribing"). An empty list is accepted.
+    """
+    message: dict[str, Any] = {"assets_ids": list(asset_ids), "type": "market"}
+    if custom_feature_enabled:
+        message["custom_feature_enabled"] = True
+    return orjson.dumps(message).decode()
+
+
+def encode_operation(
+    operation: Literal["subscribe", "unsubscribe"],
+    asset_ids: Iterable[str],
+    *,
+    custom_feature_enabled: bool = False,
+) -> str:
+    """
+    Add or remove assets on an open connection (no acknowledgement comes back).
+
+    ``{"operation": "subscribe" | "unsubscribe", "assets_ids": [...]}``;
+    docs/protocol.md, "Subscribing".
+    """
+    message: dict[str, Any] = {"operation": operation, "assets_ids": list(asset_ids)}
+    if custom_feature_enabled and operation == "subscribe":
+        message["custom_feature_enabled"] = True
+    return orjson.dumps(message).decode()
+
+
+def chunk_asset_ids(asset_ids: Sequence[str], max_bytes: int) -> list[list[str]]:
+    """
+    Split ``asset_ids`` into lists whose subscribe message stays under ``max_bytes``.
+
+    The budget counts each id's JSON form plus a comma, and 96 bytes of
+    envelope (observed frame-size cliff near 56 KiB; polystream caps at
+    ``feed.max_subscribe_bytes``, 40 KiB by default: docs/protocol.md, "Limits").
+    """
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    used = 96
+    for asset_id in asset_ids:
+        cost = len(asset_id) + 3
+        if current and used + cost > max_bytes:
+            chunks.append(current)
+            current, used = [], 96
+        current.append(asset_id)
+        used += cost
+    if current:
+        chunks.append(current)
+    return chunks

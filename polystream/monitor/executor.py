@@ -1,0 +1,201 @@
+"""
+What happens to a decision: written exactly once, or only logged.
+
+``execute.mode = "outbox"``: a decision moves its row (``positions.status``
+``active -> closing``, ``predictions.status`` ``pending -> decided|skipped``)
+with a compare-and-set and inserts a ``triggers`` row with a unique
+``dedupe_key``, in one statement per kind of row, rows locked in id order so
+that concurrent writers never deadlock; then ``NOTIFY polystream_triggers``
+with the trigger id (delivered on commit). Duplicate ticks, reconnect replays,
+two daemons and restarts never decide twice. ``"log"``: dry run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import attrs
+import psycopg
+import structlog
+import trio
+
+from polystream.errors import DatabaseError
+from polystream.monitor.rules import Decision
+from polystream.stats import Stats
+
+__all__ = ["TRIGGERS_CHANNEL", "Executor", "write_decisions"]
+
+logger = structlog.get_logger(__name__)
+
+TRIGGERS_CHANNEL = "polystream_triggers"
+
+
+# ------------------------------------------------------------------ executor
+
+_WRITE_POSITION_TRIGGERS = """
+WITH d AS (
+    SELECT * FROM unnest(%(position_id)s::bigint[], %(kind)s::text[], %(dedupe_key)s::text[],
+                         %(price)s::numeric[], %(reason)s::text[])
+        AS d(position_id, kind, dedupe_key, price, reason)
+), locked AS (
+    SELECT id FROM positions
+    WHERE id IN (SELECT position_id FROM d) AND status = 'active'
+    ORDER BY id
+    FOR NO KEY UPDATE
+), moved AS (
+    UPDATE positions AS p SET status = 'closing', updated_at = now()
+    FROM locked WHERE p.id = locked.id
+    RETURNING p.id
+), inserted AS (
+    INSERT INTO triggers (kind, position_id, dedupe_key, price, reason)
+    SELECT d.kind, d.position_id, d.dedupe_key, d.price, d.reason
+    FROM d JOIN moved ON moved.id = d.position_id
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id, dedupe_key
+)
+SELECT dedupe_key, id, pg_notify('polystream_triggers', id::text) FROM inserted
+"""
+
+_WRITE_PREDICTION_TRIGGERS = """
+WITH d AS (
+    SELECT * FROM unnest(%(prediction_id)s::bigint[], %(kind)s::text[], %(dedupe_key)s::text[],
+                         %(price)s::numeric[], %(reason)s::text[], %(status)s::text[],
+                         %(decided_at)s::float8[])
+        AS d(prediction_id, kind, dedupe_key, price, reason, status, decided_at)
+), locked AS (
+    SELECT id FROM predictions
+    WHERE id IN (SELECT prediction_id FROM d) AND status = 'pending'
+    ORDER BY id
+    FOR NO KEY UPDATE
+), moved AS (
+    UPDATE predictions AS p SET status = d.status, decided_at = to_timestamp(d.decided_at),
+        decision_price = d.price, decision_reason = d.reason, updated_at = now()
+    FROM locked JOIN d ON d.prediction_id = locked.id
+    WHERE p.id = locked.id
+    RETURNING p.id
+), inserted AS (
+    INSERT INTO triggers (kind, prediction_id, dedupe_key, price, reason)
+    SELECT d.kind, d.prediction_id, d.dedupe_key, d.price, d.reason
+    FROM d JOIN moved ON moved.id = d.prediction_id
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id, dedupe_key
+)
+SELECT dedupe_key, id, pg_notify('polystream_triggers', id::text) FROM inserted
+"""
+
+
+def _columns(decisions: list[Decision], names: list[str]) -> dict[str, list[Any]]:
+    return {name: [getattr(d, name) for d in decisions] for name in names}
+
+
+def write_decisions(conn: psycopg.Connection[Any], decisions: list[Decision]) -> list[int | None]:
+    """
+    Write decisions exactly once, as sets: compare-and-set of the rows'
+    status (``active -> closing`` or ``pending -> decided|skipped``, rows
+    locked in id order so that concurrent writers never deadlock) and a
+    ``triggers`` row with a unique ``dedupe_key`` each, in one statement per
+    kind of row, then ``NOTIFY polystream_triggers`` with each trigger id
+    (delivered on commit).
+
+    Returns:
+        Per decision, the trigger id, or None when another writer (a second
+        daemon, a restart) already decided that rule.
+    """
+    found: dict[str, int] = {}
+    on_positions = [d for d in decisions if d.position_id is not None]
+    on_predictions = [d for d in decisions if d.position_id is None]
+    if on_positions:
+        params = _columns(on_positions, ["position_id", "kind", "dedupe_key", "price", "reason"])
+        for key, trigger_id, _ in conn.execute(_WRITE_POSITION_TRIGGERS, params).fetchall():
+            found[key] = int(trigger_id)
+    if on_predictions:
+        params = _columns(
+            on_predictions,
+            ["prediction_id", "kind", "dedupe_key", "price", "reason", "decided_at"],
+        )
+        params["status"] = [
+            "decided" if d.kind == "prediction" else "skipped" for d in on_predictions
+        ]
+        for key, trigger_id, _ in conn.execute(_WRITE_PREDICTION_TRIGGERS, params).fetchall():
+            found[key] = int(trigger_id)
+    return [found.get(d.dedupe_key) for d in decisions]
+
+
+@attrs.define(eq=False)
+class Executor:
+    """
+    Hands decisions on. ``mode = "outbox"``: the trigger row and its
+    NOTIFY are the hand-off to the service that trades. ``mode = "log"``: dry
+    run, decisions are only logged. (Live CLOB order placement would be a
+    third mode behind the same ``submit``.)
+
+    ``sink`` writes a batch (``write_decisions`` through a
+    :class:`~polystream.store.link.DbLink`); a database error keeps the batch
+    and retries, so no decision is lost; the compare-and-set makes retries safe.
+    """
+
+    mode: str
+    sink: Callable[[list[Decision]], Any]
+    stats: Stats
+    retry: float = 1.0
+    _pending: list[Decision] = attrs.field(factory=list)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def pending(self) -> int:
+        """Decisions not yet written."""
+        return len(self._pending)
+
+    def submit(self, decision: Decision) -> None:
+        """Queue a decision (never blocks)."""
+        self._pending.append(decision)
+        self._wake.set()
+
+    async def flush(self) -> bool:
+        """Write what is queued; False when the database failed (kept for later)."""
+        if not self._pending:
+            return True
+        batch, self._pending = self._pending, []
+        if self.mode == "log":
+            for decision in batch:
+                logger.info("trigger_dry_run", **attrs.asdict(decision, value_serializer=_plain))
+            return True
+        ids = None
+        try:
+            ids = await self.sink(batch)
+        except DatabaseError:
+            return False
+        finally:
+            if ids is None:
+                self._pending = batch + self._pending
+        for decision, trigger_id in zip(batch, ids, strict=True):
+            if trigger_id is None:
+                self.stats.triggers_duplicate += 1
+            else:
+                self.stats.triggers_written += 1
+                logger.info(
+                    "trigger_written",
+                    trigger_id=trigger_id,
+                    **attrs.asdict(decision, value_serializer=_plain),
+                )
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write decisions as they come; on cancel, write what is left."""
+        try:
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                if not await self.flush():
+                    self._wake.set()
+                    await trio.sleep(self.retry)
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await self.flush()
+
+
+def _plain(_inst: Any, _field: Any, value: Any) -> Any:
+    return str(value) if isinstance(value, Decimal) else value

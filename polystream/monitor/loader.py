@@ -1,0 +1,98 @@
+"""
+Keeps the monitor's rules equal to the database: a full reload at start,
+every ``monitor.reload_interval`` seconds and after LISTEN comes back; in
+between, NOTIFY payloads reload only the rows that changed.
+"""
+
+from __future__ import annotations
+
+import attrs
+import orjson
+import trio
+
+from polystream.errors import DatabaseError
+from polystream.monitor.engine import Monitor
+from polystream.monitor.rules import RuleSet, load_rules
+from polystream.store.link import DbLink
+
+__all__ = ["RuleLoader"]
+
+
+@attrs.define(eq=False)
+class RuleLoader:
+    """
+    Keeps the monitor's rules equal to the database: a full reload at start,
+    every ``interval`` seconds and after the LISTEN connection comes back; in
+    between, NOTIFY payloads (``{"op", "id", ...}``) reload only the rows
+    that changed, so a burst of triggers does not reload 100,000 rules.
+    """
+
+    link: DbLink
+    monitor: Monitor
+    interval: float = 30.0
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _full: bool = False
+    _positions: set[int] = attrs.field(factory=set)
+    _predictions: set[int] = attrs.field(factory=set)
+
+    def wake(self) -> None:
+        """Reload everything as soon as possible."""
+        self._full = True
+        self._wake.set()
+
+    def notify(self, notes: list[tuple[str, str]] | None) -> None:
+        """
+        Notifications from ``polystream_positions``/``polystream_predictions``
+        (``None``: reconnected, reload everything).
+        """
+        if notes is None:
+            self.wake()
+            return
+        for channel, payload in notes:
+            try:
+                row_id = int(orjson.loads(payload)["id"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                self._full = True
+                continue
+            if channel.endswith("predictions"):
+                self._predictions.add(row_id)
+            else:
+                self._positions.add(row_id)
+        self._wake.set()
+
+    async def _reload(self) -> None:
+        if self._full:
+            self._full = False
+            self._positions.clear()
+            self._predictions.clear()
+            rules: RuleSet = await self.link.call(load_rules)
+            await self.monitor.replace_all_in_slices(rules)
+            return
+        positions, self._positions = self._positions, set()
+        predictions, self._predictions = self._predictions, set()
+        try:
+            rules = await self.link.call(load_rules, sorted(positions), sorted(predictions))
+        except DatabaseError:
+            self._positions |= positions
+            self._predictions |= predictions
+            raise
+        self.monitor.apply_changes(positions, predictions, rules)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load now (before ``started``), then reload on notifications or interval."""
+        self._full = True
+        started = False
+        while True:
+            self._wake = trio.Event()
+            try:
+                await self._reload()
+            except DatabaseError:
+                self._full = True  # logged by the link; retried next round
+            if not started:
+                started = True
+                task_status.started()
+            with trio.move_on_after(self.interval) as scope:
+                await self._wake.wait()
+                await trio.sleep(0.02)  # one reload for a burst of notifications
+            if scope.cancelled_caught:
+                self._full = True

@@ -1,0 +1,120 @@
+"""
+The router: applies each frame's events to the books (:class:`~polystream.book.Books`)
+and tells the writers and the listeners (the monitor) which markets moved.
+
+Pure CPU, no waiting: the writers' ``touch`` only marks keys, the monitor
+checks the crossed rules inline. Bad input the books refused or repaired is
+counted and logged once per kind per 10 s; books that need a REST copy are
+handed to the resync (:mod:`polystream.pipeline.resync`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+
+import attrs
+import structlog
+import trio
+
+from polystream.book import AssetBook, Books
+from polystream.catalog import Catalog
+from polystream.feed.protocol import BookSnapshot, FeedEvent
+from polystream.logs import RateLimitedLog
+from polystream.pipeline.writers import MarketWriter, PositionWriter
+
+__all__ = ["Router"]
+
+logger = structlog.get_logger(__name__)
+
+
+# ------------------------------------------------------------------ router
+
+
+@attrs.define(eq=False)
+class Router:
+    """
+    Applies events to the books and tells the writers which markets moved.
+
+    Pure CPU, no waiting: the writers' ``touch`` only marks keys.
+    ``resync(asset_id, reason)`` is told of books that need a REST copy
+    (:class:`~polystream.pipeline.resync.BookResync`.request); REST copies come back
+    through :meth:`apply_rest_book`.
+    """
+
+    books: Books
+    catalog: Catalog
+    markets: MarketWriter
+    positions: PositionWriter
+    listeners: list[Callable[[str, AssetBook], None]] = attrs.field(factory=list)
+    resync: Callable[[str, str], None] | None = None
+    _log_limit: RateLimitedLog = attrs.field(factory=RateLimitedLog)
+    frames_applied: int = 0
+
+    def book(self, asset_id: str) -> AssetBook:
+        """The book of ``asset_id``, created empty on first use."""
+        return self.books.book(asset_id)
+
+    def apply(self, events: list[FeedEvent]) -> None:
+        """Apply one frame's events and touch the markets they moved."""
+        self.frames_applied += 1
+        applied = self.books.apply(events)
+        for asset_id, problem, timestamp_ms in applied.problems:
+            self._bad_input(problem, asset_id, timestamp_ms)
+        if applied.resync and self.resync is not None:
+            for asset_id, reason in applied.resync:
+                self.resync(asset_id, reason)
+        if applied.moved:
+            self._moved(applied.moved)
+
+    def apply_rest_book(self, book: BookSnapshot) -> None:
+        """A REST copy of a book that was being resynced (see :meth:`AssetBook.apply_rest_book`)."""
+        if self.books.book(book.asset_id).apply_rest_book(book) is None:
+            self._moved((book.asset_id,))
+
+    def _moved(self, asset_ids: Iterable[str]) -> None:
+        """Tell the writers and the listeners (the monitor) that these books moved."""
+        now = trio.current_time()
+        for asset_id in asset_ids:
+            market = self.catalog.key_of(asset_id)
+            self.markets.touch(market)
+            self.positions.touch(market, now)
+            for listener in self.listeners:
+                listener(asset_id, self.books[asset_id])
+
+    def apply_quote(
+        self, asset_id: str, best_bid: Decimal | None, best_ask: Decimal | None
+    ) -> None:
+        """
+        A quote polled over REST (HTTP fallback; probabilities, None = empty
+        side): replaces the asset's top of book, written with
+        ``source = 'poll'`` and seen by the monitor.
+        """
+        self.book(asset_id).apply_quote(best_bid, best_ask)
+        self._moved((asset_id,))
+
+    def _bad_input(self, kind: str, asset_id: str, timestamp_ms: int) -> None:
+        """Count a refused or repaired event; log it once per kind per 10 s."""
+        stats = self.markets.stats
+        stats.parse_errors[kind] += 1
+        suppressed = self._log_limit.allow(kind, trio.current_time())
+        if suppressed is not None:
+            logger.warning(
+                "feed_bad_event",
+                kind=kind,
+                asset_id=asset_id,
+                timestamp_ms=timestamp_ms,
+                suppressed_since_last=suppressed,
+            )
+
+    async def run(self, receive: trio.MemoryReceiveChannel[list[FeedEvent]]) -> None:
+        """Consume frames until the channel closes or the task is cancelled."""
+        async with receive:
+            async for events in receive:
+                self.apply(events)
+                for _ in range(16):  # drain what queued meanwhile, no checkpoint each
+                    try:
+                        more = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self.apply(more)

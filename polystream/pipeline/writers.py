@@ -1,0 +1,373 @@
+"""
+From books to rows: the market writer and the position writer.
+
+::
+
+    Router --touch(market key)--> MarketWriter   (coalesced set, flush every
+                                                   pipeline.market_flush_interval)
+           --touch(market key)--> PositionWriter (debounce with max wait, token
+                                                   bucket, P&L computed in SQL)
+
+Writers keep *which* markets changed, never a queue of values: at flush time
+they read the current top of book, so the latest state always wins, memory is
+bounded by the number of markets, and a database outage only delays. Each
+batch is one ``UPDATE ... FROM unnest(...)`` (docs/architecture.md, "Write in
+sets").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from decimal import Decimal
+from typing import Any
+
+import attrs
+import orjson
+import psycopg
+import trio
+
+from polystream.book import Books, choose_price
+from polystream.catalog import Catalog, MarketKey
+from polystream.config import PriceChoice
+from polystream.errors import DatabaseError
+from polystream.stats import Stats
+from polystream.timing import Backoff, Debouncer, TokenBucket
+
+__all__ = [
+    "FINAL_FLUSH_SECONDS",
+    "Batches",
+    "MarketRow",
+    "MarketWriter",
+    "PositionWriter",
+    "Sink",
+    "write_markets",
+    "write_positions",
+]
+
+FINAL_FLUSH_SECONDS = 5.0
+
+
+# ------------------------------------------------------------------ SQL
+
+_WRITE_MARKETS = """
+UPDATE markets AS m SET
+    outcome_prices = CASE WHEN v.prices IS NULL THEN m.outcome_prices ELSE (
+        SELECT jsonb_agg(
+            COALESCE(NULLIF(n.p, 'null'::jsonb), m.outcome_prices -> (n.i::int - 1), 'null'::jsonb)
+            ORDER BY n.i)
+        FROM jsonb_array_elements(v.prices::jsonb) WITH ORDINALITY AS n(p, i)) END,
+    best_bid = CASE WHEN v.has_book THEN v.best_bid ELSE m.best_bid END,
+    best_ask = CASE WHEN v.has_book THEN v.best_ask ELSE m.best_ask END,
+    last_mid_price = CASE WHEN v.has_book THEN v.mid ELSE m.last_mid_price END,
+    last_trade_price = COALESCE(v.last_trade, m.last_trade_price),
+    tick_size = COALESCE(v.tick, m.tick_size),
+    source = v.source,
+    updated_at = now()
+FROM unnest(%s::text[], %s::text[], %s::bool[], %s::numeric[], %s::numeric[],
+            %s::numeric[], %s::numeric[], %s::numeric[], %s::text[])
+     AS v(id, prices, has_book, best_bid, best_ask, mid, last_trade, tick, source)
+WHERE m.id = v.id
+"""
+
+_WRITE_POSITIONS = """
+UPDATE positions AS p SET
+    current_price = t.price,
+    pnl_amount = p.size * (t.price - p.entry_price),
+    pnl_percentage = CASE WHEN p.entry_price > 0
+        THEN round((t.price - p.entry_price) / p.entry_price * 100, 4) END,
+    updated_at = now()
+FROM (
+    SELECT q.id, v.price
+    FROM positions AS q JOIN unnest(%s::text[], %s::numeric[]) AS v(token_id, price)
+        ON q.token_id = v.token_id
+    WHERE q.status = 'active'
+      AND (q.current_price IS DISTINCT FROM v.price OR q.pnl_amount IS NULL)
+    ORDER BY q.id
+    FOR NO KEY UPDATE OF q
+) AS t
+WHERE p.id = t.id
+"""
+
+
+@attrs.frozen
+class MarketRow:
+    """
+    One ``markets`` update: ``prices`` is the JSON array of display prices in
+    ``clob_token_ids`` order (``null`` where unknown, kept from the row);
+    quotes are those of the first outcome's token, as Gamma reports them.
+    """
+
+    market_id: str
+    prices: str | None
+    has_book: bool
+    best_bid: Decimal | None
+    best_ask: Decimal | None
+    mid: Decimal | None
+    last_trade: Decimal | None
+    tick: Decimal | None
+    source: str = "ws"
+
+
+def write_markets(conn: psycopg.Connection[Any], rows: Sequence[MarketRow]) -> int:
+    """Update ``markets`` from ``rows`` in one statement; returns rows updated."""
+    columns = list(zip(*(attrs.astuple(row) for row in rows), strict=True))
+    with conn.cursor() as cur:
+        cur.execute(_WRITE_MARKETS, [list(column) for column in columns])
+        return cur.rowcount
+
+
+def write_positions(conn: psycopg.Connection[Any], prices: Sequence[tuple[str, Decimal]]) -> int:
+    """
+    Set ``current_price``, ``pnl_amount`` (USDC: ``size * (price - entry)``)
+    and ``pnl_percentage`` (percent of ``entry_price``, 4 decimals) of the
+    ``active`` positions of each ``(token_id, price)``; returns rows updated.
+    """
+    with conn.cursor() as cur:
+        cur.execute(_WRITE_POSITIONS, [[t for t, _ in prices], [p for _, p in prices]])
+        return cur.rowcount
+
+
+# ------------------------------------------------------------------ writers
+
+
+@attrs.define
+class Batches:
+    """
+    How many batches a writer has written, and a way to wait for the next
+    ones (tests and tools: ``seen = w.batches.count``, look, then
+    ``await w.batches.after(seen)``, so no write between the two is missed).
+    """
+
+    count: int = 0
+    _written: trio.Event = attrs.field(factory=trio.Event)
+
+    def wrote(self) -> None:
+        """One more batch is written."""
+        self.count += 1
+        self._written.set()
+        self._written = trio.Event()
+
+    async def after(self, seen: int) -> None:
+        """Return once more than ``seen`` batches have been written."""
+        while self.count <= seen:
+            await self._written.wait()
+
+
+Sink = Callable[[list[Any]], Awaitable[int]]
+
+
+@attrs.define(eq=False)
+class MarketWriter:
+    """
+    Coalesces touched markets and writes them every ``interval`` seconds.
+
+    ``sink`` receives a list of :class:`MarketRow` and returns rows written;
+    a :class:`DatabaseError` keeps the markets dirty for the next try (after
+    backoff), so nothing but time is lost.
+    """
+
+    books: Books
+    catalog: Catalog
+    stats: Stats
+    sink: Sink
+    interval: float
+    retry_max: float = 30.0
+    dirty: set[str] = attrs.field(factory=set)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    batches: Batches = attrs.field(factory=Batches)
+
+    async def next_write(self) -> None:
+        """Return once the next batch has been written (for tests and tools)."""
+        await self.batches.after(self.batches.count)
+
+    def touch(self, key: MarketKey) -> None:
+        """Mark market key ``key`` for the next flush."""
+        self.dirty.add(key)
+        self._wake.set()
+
+    def _row(self, key: str) -> MarketRow | None:
+        tokens = self.catalog.tokens.get(key)
+        if not tokens:
+            return None
+        tops = [self.books[t].top() if t in self.books else None for t in tokens]
+        prices = [None if top is None or top.display is None else str(top.display) for top in tops]
+        first = tops[0]
+        has_book = first is not None and first.has_book
+        return MarketRow(
+            market_id=key,
+            prices=None if all(p is None for p in prices) else orjson.dumps(prices).decode(),
+            has_book=has_book,
+            best_bid=first.best_bid if first and has_book else None,
+            best_ask=first.best_ask if first and has_book else None,
+            mid=first.midpoint if first and has_book else None,
+            last_trade=first.last_trade_price if first else None,
+            tick=first.tick_size if first else None,
+            source="poll"
+            if any(self.books[t].source == "poll" for t in tokens if t in self.books)
+            else "ws",
+        )
+
+    async def flush(self) -> bool:
+        """Write every dirty market now; False when the database failed."""
+        if not self.dirty:
+            return True
+        markets, self.dirty = self.dirty, set()
+        rows = [row for row in map(self._row, sorted(markets)) if row is not None]
+        self.stats.pending_markets = len(rows)
+        if not rows:
+            return True
+        written = None
+        try:
+            written = await self.sink(rows)
+        except DatabaseError:
+            return False
+        finally:
+            if written is None:  # failed or cancelled mid-write: keep them for the next flush
+                self.dirty |= markets
+        self.stats.rows_written["markets"] += written
+        self.batches.wrote()
+        self.stats.pending_markets = len(self.dirty)
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush every ``interval`` while markets change; final flush on cancel."""
+        backoff = Backoff(self.interval, self.retry_max)
+        try:
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                await trio.sleep(self.interval)
+                self._wake = trio.Event()
+                if await self.flush():
+                    backoff.reset()
+                else:
+                    self._wake.set()
+                    await trio.sleep(backoff.next_delay())
+        finally:
+            with trio.move_on_after(FINAL_FLUSH_SECONDS, shield=True):
+                await self.flush()
+
+
+@attrs.define(eq=False)
+class PositionWriter:
+    """
+    Updates the P&L of the active positions of touched markets.
+
+    A market's positions are updated at most once per ``debounce`` window and
+    at most one window after a change (:class:`~polystream.timing.Debouncer`);
+    at most ``rate`` position rows per second (:class:`TokenBucket`): due
+    markets that do not fit wait, coalesced, until tokens return.
+
+    ``sink`` receives ``[(token_id, price), ...]`` and returns rows written.
+    """
+
+    books: Books
+    catalog: Catalog
+    stats: Stats
+    sink: Sink
+    price_choice: PriceChoice
+    debounce: float
+    rate: float
+    retry_max: float = 30.0
+    _debouncer: Debouncer[str] = attrs.field(init=False)
+    _bucket: TokenBucket = attrs.field(init=False)
+    _ready: dict[str, None] = attrs.field(factory=dict)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    batches: Batches = attrs.field(factory=Batches)
+
+    async def next_write(self) -> None:
+        """Return once the next batch has been written (for tests and tools)."""
+        await self.batches.after(self.batches.count)
+
+    def __attrs_post_init__(self) -> None:
+        self._debouncer = Debouncer(self.debounce)
+        self._bucket = TokenBucket(self.rate, now=trio.current_time())
+
+    def touch(self, key: MarketKey, now: float) -> None:
+        """Record that market key ``key``'s prices changed at ``now`` (trio seconds)."""
+        was_idle = self._debouncer.next_due() is None
+        self._debouncer.touch(key, now)
+        if was_idle:
+            self._wake.set()
+
+    def price_now(self, keys: Iterable[MarketKey]) -> None:
+        """
+        Price these markets' active positions from the current books now,
+        whether or not the markets move: new, re-opened or unpriced positions
+        (the reconciler calls it). Due at once, not one debounce window later
+        (a market already due keeps its time); the token bucket still applies.
+        """
+        due_now = trio.current_time() - self.debounce
+        for key in keys:
+            self.touch(key, due_now)
+
+    def _cost(self, key: str) -> int:
+        return max(1, self.catalog.positions.get(key, 0))
+
+    def _prices(self, markets: list[str]) -> list[tuple[str, Decimal]]:
+        prices = []
+        for key in markets:
+            for token in self.catalog.tokens_of(key):
+                book = self.books.get(token)
+                price = None if book is None else choose_price(book.top(), self.price_choice)
+                if price is not None:
+                    prices.append((token, price))
+        return prices
+
+    def _next_wake(self, now: float) -> float | None:
+        if self._ready:
+            first = next(iter(self._ready))
+            return self._bucket.ready_at(self._cost(first), now)
+        return self._debouncer.next_due()
+
+    async def _write(self, markets: list[str]) -> bool:
+        prices = self._prices(markets)
+        if not prices:
+            return True
+        written = None
+        try:
+            written = await self.sink(prices)
+        except DatabaseError:
+            return False
+        finally:
+            if written is None:  # failed or cancelled mid-write: keep them, first in line
+                self._ready = dict.fromkeys(markets) | self._ready
+        self.stats.rows_written["positions"] += written
+        self.batches.wrote()
+        return True
+
+    def _take_batch(self, now: float) -> list[str]:
+        for key in self._debouncer.pop_due(now):
+            self._ready[key] = None
+        batch = []
+        for key in list(self._ready):
+            if not self._bucket.try_take(self._cost(key), now):
+                break
+            batch.append(key)
+            del self._ready[key]
+        self.stats.pending_positions = len(self._ready) + len(self._debouncer)
+        return batch
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write due markets as tokens allow; on cancel, write everything pending."""
+        backoff = Backoff(max(self.debounce, 0.1), self.retry_max)
+        try:
+            task_status.started()
+            while True:
+                wake_at = self._next_wake(trio.current_time())
+                self._wake = trio.Event()
+                if wake_at is None:
+                    await self._wake.wait()
+                    continue
+                await trio.sleep_until(wake_at)
+                batch = self._take_batch(trio.current_time())
+                if batch and not await self._write(batch):
+                    await trio.sleep(backoff.next_delay())
+                elif batch:
+                    backoff.reset()
+        finally:
+            with trio.move_on_after(FINAL_FLUSH_SECONDS, shield=True):
+                pending = list(self._ready) + self._debouncer.pop_all()
+                self._ready.clear()
+                if pending:
+                    await self._write(pending)

@@ -1,0 +1,85 @@
+"""
+Imports flow one way (docs/architecture.md, "Where each part lives"): a module
+imports only from its own layer or the layers below it, and importing a module
+starts nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import polystream
+
+PACKAGE = Path(polystream.__file__).parent
+
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "config", "timing", "logs", "numbers", "stats"),  # base
+    ("feed.protocol", "book", "catalog"),  # model
+    ("feed", "store", "venue"),  # I/O
+    ("pipeline", "monitor"),  # from events to rows and decisions
+    ("app", "ops"),  # wiring, and what operators meet: health, metrics, status, systemd
+    ("cli", "demo", "replay", "__main__"),  # entry points
+]
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer(module: str) -> int:
+    """The layer of ``polystream.<module>``: the longest matching prefix wins."""
+    best, depth = -1, -1
+    for index, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > depth:
+                best, depth = index, len(name)
+    assert best >= 0, f"polystream.{module} is in no layer"
+    return best
+
+
+def _imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "polystream":
+                found += [alias.name for alias in node.names]
+            elif node.module.startswith("polystream."):
+                found.append(node.module.removeprefix("polystream."))
+        elif isinstance(node, ast.Import):
+            found += [
+                a.name.removeprefix("polystream.")
+                for a in node.names
+                if a.name.startswith("polystream.")
+            ]
+    return found
+
+
+def test_imports_flow_one_way() -> None:
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _module(path)
+        if not me:
+            continue
+        for other in _imports(path):
+            if layer(other) > layer(me):
+                upward.append(
+                    f"polystream.{me} (layer {layer(me)}) imports polystream.{other} (layer {layer(other)})"
+                )
+    assert upward == []
+
+
+def test_importing_starts_nothing() -> None:
+    """Every module imports cleanly, with no thread or task started and no socket opened."""
+    import threading
+
+    before = threading.active_count()
+    for info in pkgutil.walk_packages(polystream.__path__, "polystream."):
+        if info.name != "polystream.__main__":  # runs the CLI by design
+            importlib.import_module(info.name)
+    assert threading.active_count() == before
