@@ -390,9 +390,11 @@ async def run(
     app = build(config, dsn)
     try:
         async with _venue_clients(config) as (clob, gamma), trio.open_nursery() as nursery:
+            # The health port first: a second daemon on the same port fails here,
+            # before it subscribes or writes a row.
+            app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
             await _start_outputs(app, nursery)
             await nursery.start(_run_intake, app, clob, gamma)
-            app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
             _log_started(app)
             task_status.started(app)
             # Everything loaded at start-up (100,000s of rules, the books) lives as

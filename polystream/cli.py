@@ -12,6 +12,7 @@ use, ...); 2 bad configuration or usage. ``status`` has its own codes (see
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import os
 import signal
@@ -27,7 +28,7 @@ import trio
 import typer
 
 from polystream.config import Config, load_config
-from polystream.errors import ConfigError, PolystreamError
+from polystream.errors import ConfigError, PolystreamError, leaves
 from polystream.logs import configure_logging
 from polystream.ops.logcat import logs_command
 from polystream.ops.service import service_app
@@ -111,12 +112,25 @@ def run(config_path: ConfigOption = None) -> None:
             _check_schema(dsn)
             notifier.status("starting: feed")
             trio.run(_serve_until_signal, config, dsn, notifier)
-    except PolystreamError as exc:
-        notifier.status(f"failed: {exc}")
-        _fail(str(exc))
-    except OSError as exc:
-        notifier.status(f"failed: {exc}")
-        _fail(f"cannot start: {exc}")
+    except* PolystreamError as group:
+        _fail_started(notifier, "; ".join(str(exc) for exc in leaves(group)))
+    except* OSError as group:
+        _fail_started(notifier, "; ".join(_os_error(exc, config) for exc in leaves(group)))
+
+
+def _os_error(exc: BaseException, config: Config) -> str:
+    """One line for an OSError at start-up (the health port taken, most often)."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot start: health.listen {config.health.listen} is already in use "
+            "(another polystream run? set health.listen to another port)"
+        )
+    return f"cannot start: {exc}"
+
+
+def _fail_started(notifier: Notifier, message: str) -> NoReturn:
+    notifier.status(f"failed: {message}")
+    _fail(message)
 
 
 def _check_schema(dsn: str) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "PolystreamError",
     "ReplayError",
     "VenueError",
+    "leaves",
 ]
 
 
@@ -56,6 +57,17 @@ BAD_INPUT_KINDS = (
 The bad-input catalogue (README, "Bad input"): every ``parse_errors`` kind
 (``MalformedFrame.kind``, a WebSocket close code's, or a book's refusal).
 """
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """
+    The plain exceptions inside ``exc``: itself, or every leaf of a (nested)
+    exception group, in order. For one-line messages of a failure a nursery
+    wrapped (trio raises groups; STYLE.md: never pick ``exceptions[0]``).
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
 
 
 class PolystreamError(Exception):

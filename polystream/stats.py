@@ -44,6 +44,7 @@ class ShardStats:
     last_pong_at: float | None = None
     ping_rtt: float | None = None
     last_error: str | None = None
+    retry_at: float | None = None  # time.monotonic() of the next connection attempt, in backoff
     seen_assets: set[str] = attrs.field(factory=set)
     subscribed_at: dict[str, float] = attrs.field(factory=dict)
     book_hashes: Counter[str] = attrs.field(factory=lambda: Counter(dict.fromkeys(BOOK_HASHES, 0)))
@@ -73,6 +74,7 @@ class ShardStats:
             "last_frame_age_s": None if self.last_frame_at is None else now - self.last_frame_at,
             "ping_rtt_s": self.ping_rtt,
             "last_error": self.last_error,
+            "next_retry_in_s": None if self.retry_at is None else max(0.0, self.retry_at - now),
             "book_hashes": dict(self.book_hashes),
         }
 
@@ -173,7 +175,8 @@ class Stats:
             problems.append("database not connected")
         for shard in self.shards.values():
             if shard.state != "connected":
-                problems.append(f"shard {shard.index} {shard.state}")
+                cause = f": {shard.last_error}" if shard.last_error else ""
+                problems.append(f"shard {shard.index} {shard.state}{cause}")
         return problems
 
     def health(self) -> dict[str, Any]:

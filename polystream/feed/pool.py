@@ -18,17 +18,26 @@ channel; it never waits on the database.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from polystream.config import FeedConfig
-from polystream.errors import FeedClosed, FeedError, MalformedFrame
+from polystream.errors import FeedClosed, FeedError, MalformedFrame, leaves
 from polystream.feed.heartbeat import Heartbeat
 from polystream.feed.protocol import (
     BookSnapshot,
@@ -46,7 +55,14 @@ from polystream.logs import RateLimitedLog
 from polystream.stats import ShardStats, Stats
 from polystream.timing import Backoff
 
-__all__ = ["FEED_ERRORS", "FeedPool", "Shard", "StaleCheck", "filter_events"]
+__all__ = [
+    "FEED_ERRORS",
+    "FeedPool",
+    "Shard",
+    "StaleCheck",
+    "describe_failure",
+    "filter_events",
+]
 
 logger = structlog.get_logger(__name__)
 
@@ -58,6 +74,54 @@ _MESSAGE_QUEUE = 256  # frames trio-websocket buffers before it stops reading
 _CLOSE_KINDS = {1007: "not_utf8", 1009: "frame_too_large"}  # RFC 6455, section 7.4.1
 _REFUSED_WITHIN = 1.0  # seconds: a close frame this soon, before any data, refuses the subscribe
 _MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
+
+
+def _host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc or url
+
+
+def _connect_failure(error: OSError, url: str) -> str:
+    """An OSError of a connection attempt: trio joins the attempts' errors in its cause."""
+    host = _host_of(url)
+    attempts = leaves(error.__cause__) if error.__cause__ is not None else [error]
+    if any(isinstance(e, socket.gaierror) for e in [error, *attempts]):
+        gai = next(e for e in [error, *attempts] if isinstance(e, socket.gaierror))
+        return f"host not found: {urlsplit(url).hostname} ({gai.strerror})"
+    if attempts and all(isinstance(e, ConnectionRefusedError) for e in attempts):
+        return f"connection refused by {host}"
+    if any(isinstance(e, TimeoutError) for e in attempts):
+        return f"no answer from {host} (timed out)"
+    causes = sorted({e.strerror or type(e).__name__ for e in attempts if isinstance(e, OSError)})
+    return f"cannot connect to {host}: {', '.join(causes) or error}"
+
+
+def describe_failure(exc: BaseException, url: str) -> str:
+    """
+    Why a connection to ``url`` failed or ended, in words an operator can act
+    on: "connection refused by host:port", "host not found: host", "no answer
+    within 10 s", "HTTP 429 from the venue", "closed by the venue: 1008 ...",
+    "connection lost (no close frame)", or our own reason (an unanswered PING).
+    """
+    host = _host_of(url)
+    if isinstance(exc, ConnectionRejected):
+        return f"HTTP {exc.status_code} from {host} (handshake refused)"
+    if isinstance(exc, ConnectionTimeout):
+        return f"no answer from {host} within the connect timeout"
+    cause = exc.__cause__ if isinstance(exc, HandshakeError) else exc
+    if isinstance(cause, OSError):
+        return _connect_failure(cause, url)
+    if isinstance(exc, ConnectionClosed):
+        reason = exc.reason
+        if reason is None or reason.code == 1006:
+            return "connection lost (no close frame)"
+        text = f": {reason.reason}" if reason.reason else ""
+        return f"closed by the venue: {reason.code} {reason.name}{text}"
+    if isinstance(exc, FeedClosed):
+        return exc.reason
+    if isinstance(exc, trio.BrokenResourceError):
+        return "connection lost (the socket broke)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @attrs.define(eq=False)
@@ -242,15 +306,19 @@ class FeedPool:
                 except* FEED_ERRORS as group:
                     self._count_close(group.exceptions)
                     self._shrink_if_refused(shard, group.exceptions, log)
-                    reason = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+                    reason = "; ".join(
+                        describe_failure(e, self.config.url) for e in group.exceptions
+                    )
                     shard.stats.last_error = reason[:300]
                     log.warning("feed_disconnected", reason=shard.stats.last_error)
                 shard.stats.state = "backoff"
                 shard.stats.connected_at = None
                 delay = backoff.next_delay()
                 shard.stats.reconnects += 1
-                log.info("feed_reconnect_scheduled", backoff_s=round(delay, 3))
+                shard.stats.retry_at = time.monotonic() + delay
+                log.info("feed_reconnect_scheduled", backoff_s=round(delay, 3), reason=reason[:300])
                 await trio.sleep(delay)
+                shard.stats.retry_at = None
 
     def _count_close(self, errors: Sequence[BaseException]) -> None:
         """Count closes that carry a bad-input reason (RFC 6455 close codes)."""

@@ -96,6 +96,10 @@ def render_health(doc: dict[str, Any]) -> str:
             f"{hashes.get('verified', 0)}/{hashes.get('mismatched', 0)}/"
             f"{hashes.get('unverifiable', 0)}"
         )
+        if shard["state"] != "connected" and shard.get("last_error"):
+            retry = shard.get("next_retry_in_s")
+            when = "" if retry is None else f"; next retry in {_age(retry)}"
+            lines.append(f"{'':>7}{shard['last_error']}{when}")
     if not doc.get("shards"):
         lines.append("    (no shards: nothing to subscribe yet)")
     return "\n".join(lines)
