@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python -m bench.monitor
 	$(BIN)/python -m bench.recovery
 	$(BIN)/python -m bench.pricing
+	$(BIN)/python -m bench.scale
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -42,6 +42,7 @@ __all__ = [
     "Link",
     "Market",
     "Session",
+    "accept_client",
     "add_output_options",
     "admin_database",
     "bench_setup",
@@ -460,7 +461,7 @@ class ExpectingServer(Generic[S]):
             return
         try:
             link = Link(stream, WSConnection(ConnectionType.SERVER))
-            subscribe = orjson.loads(await _accept(link))
+            subscribe = orjson.loads(await accept_client(link))
             session.assets = list(subscribe.get("assets_ids", []))
             session.connected.set()
             async with trio.open_nursery() as nursery:
@@ -499,7 +500,7 @@ class ExpectingServer(Generic[S]):
                     return
 
 
-async def _accept(link: Link) -> str:
+async def accept_client(link: Link) -> str:
     """Do the opening handshake; return the client's first text message."""
     from wsproto.events import AcceptConnection, Request, TextMessage
 

@@ -1,6 +1,7 @@
 """
 Ingest benchmark: how fast ``polystream run`` turns market-channel frames into
-database state, compared, in the same run, with a bare trio-websocket client.
+database state, compared, in the same run, with a bare trio-websocket client
+(``ingest.ratio``) and a bare Sans-I/O reader (the physical reference).
 
 Run ``make bench`` or ``.venv/bin/python -m bench.ingest`` (from the
 repository root; ``--help`` for options). It writes
@@ -20,10 +21,19 @@ client sends (its ``PING``s). Each round, interleaved, measures:
 * ``sender``: a child process that reads raw bytes and discards them (the sender's
   own ceiling; it must be well above the clients');
 * ``bare_client``: a child process with trio-websocket's ``get_message`` only;
+* ``sansio_client``: a child process with the daemon's own Sans-I/O transport
+  (``polystream.feed.transport.open_transport("sansio", ...)``: websockets'
+  ``ClientProtocol`` driven inline over a trio stream) and ``receive()`` only,
+  counting messages: the least a trio WebSocket reader can do, the physical
+  reference beside the trio-websocket baseline;
 * ``daemon``: ``polystream run`` as a child process on a fresh database holding the
-  6 markets and 2 active positions per asset; the clock runs from the first byte
-  sent until a poll of the database (every 20 ms) sees the final state, the daemon
-  has read every frame and has nothing pending (``/health``).
+  6 markets and 2 active positions per asset, ``feed.transport`` from
+  ``--daemon-transport`` (default ``sansio``, the daemon's default); the clock runs
+  from the first byte sent until a poll of the database (every 20 ms) sees the
+  final state, the daemon has read every frame and has nothing pending
+  (``/health``). The sender holds the tape until the bench has read the daemon's
+  loop-lag histogram (``bench.looplag``), read again once the final state is seen:
+  the run's loop lag p99 and max.
 
 Times are ``time.monotonic()``, one system-wide clock for all processes. The
 machine is shared and noisy: compare figures within one run only.
@@ -80,6 +90,9 @@ from bench.harness import (
     throwaway_database,
     write_results,
 )
+from bench.looplag import LAG_METHOD, read_lag
+from polystream.config import TransportKind
+from polystream.feed.transport import TRANSPORTS
 from polystream.ops.daemon import DaemonProcess, open_daemon, peak_rss_kib, setting_variables
 
 CHUNK_BYTES = 1 << 20
@@ -94,6 +107,8 @@ DAEMON_SETTINGS = {
     "pipeline__debounce": "0.2",
     "pipeline__market_flush_interval": "0.05",
 }
+CLIENT_KINDS = {"discard": "sender", "bare": "bare_client", "sansio": "sansio_client"}
+"""``--client`` of a child process -> its key in the runs and the results."""
 
 
 # --- the workload ----------------------------------------------------------------
@@ -196,9 +211,13 @@ class FinalState:
 
 @attrs.define(eq=False)
 class ClientSession(Session):
-    """One expected client connection of ``kind`` (``discard``, ``bare``, ``daemon``)."""
+    """
+    One expected client connection of ``kind`` (``discard``, ``bare``, ``sansio``,
+    ``daemon``); the tape waits for ``go``.
+    """
 
     kind: str
+    go: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.define(eq=False)
@@ -208,7 +227,11 @@ class Sender(ExpectingServer[ClientSession]):
     tape: Tape = attrs.field(kw_only=True)
 
     async def play(self, link: Link, session: ClientSession) -> None:
-        """The whole tape in 1 MiB chunks (the client's frames are discarded meanwhile)."""
+        """
+        Once ``session.go`` is set, the whole tape in 1 MiB chunks (the client's
+        frames are discarded meanwhile).
+        """
+        await session.go.wait()
         view = memoryview(self.tape.blob)
         session.first_byte_at = time.monotonic()
         for offset in range(0, len(view), CHUNK_BYTES):
@@ -233,6 +256,21 @@ async def _bare_client(url: str, frames: int, assets: list[str]) -> dict[str, An
         count = 0
         while count < frames:
             await ws.get_message()
+            count += 1
+        end = time.monotonic()
+        cpu = time.process_time() - cpu_start
+    return {"end": end, "frames": count, "cpu_s": cpu}
+
+
+async def _sansio_client(url: str, frames: int, assets: list[str]) -> dict[str, Any]:
+    from polystream.feed.transport import open_transport
+
+    async with open_transport("sansio", url, max_message_size=MAX_MESSAGE_SIZE) as ws:
+        await ws.send(orjson.dumps({"assets_ids": assets, "type": "market"}).decode())
+        cpu_start = time.process_time()
+        count = 0
+        while count < frames:
+            await ws.receive()
             count += 1
         end = time.monotonic()
         cpu = time.process_time() - cpu_start
@@ -270,10 +308,11 @@ async def _discard_client(port: int, total_bytes: int, assets: list[str]) -> dic
 
 def _client_main(args: argparse.Namespace) -> int:
     assets = args.assets.split(",")
+    url = f"ws://127.0.0.1:{args.port}/ws/market"
     if args.client == "bare":
-        result = trio.run(
-            _bare_client, f"ws://127.0.0.1:{args.port}/ws/market", args.frames, assets
-        )
+        result = trio.run(_bare_client, url, args.frames, assets)
+    elif args.client == "sansio":
+        result = trio.run(_sansio_client, url, args.frames, assets)
     else:
         result = trio.run(_discard_client, args.port, args.bytes, assets)
     result["peak_rss_kib"] = peak_rss_kib(os.getpid())
@@ -285,6 +324,7 @@ async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, 
     """Run a client child process against the sender; return its figures."""
     tape = sender.tape
     session = sender.expect(ClientSession(kind))
+    session.go.set()
     command = [
         sys.executable,
         "-m",
@@ -308,12 +348,12 @@ async def run_client(sender: Sender, kind: str, assets: list[str]) -> dict[str, 
         raise BenchError(f"{kind} client: {session.error or 'nothing sent'}")
     elapsed = result["end"] - session.first_byte_at
     received, sent = (
-        (result["frames"], tape.total_frames)
-        if kind == "bare"
-        else (result["bytes"], tape.total_bytes)
+        (result["bytes"], tape.total_bytes)
+        if kind == "discard"
+        else (result["frames"], tape.total_frames)
     )
     return {
-        "received": received,  # frames (bare client) or bytes (raw reader), must equal sent
+        "received": received,  # frames (clients) or bytes (raw reader), must equal sent
         "sent": sent,
         "elapsed_s": elapsed,
         "frames_per_s": tape.total_frames / elapsed,
@@ -468,11 +508,17 @@ async def wait_final_state(
 
 @attrs.frozen
 class Options:
-    """Rounds, and where logs and profiles go."""
+    """Rounds, the daemon's ``feed.transport``, and where logs and profiles go."""
 
     rounds: int
     log_dir: Path
     profile_dir: Path | None
+    daemon_transport: TransportKind = "sansio"
+
+    @property
+    def daemon_settings(self) -> dict[str, str]:
+        """The daemon's configuration overrides (:data:`DAEMON_SETTINGS` + its transport)."""
+        return {**DAEMON_SETTINGS, "feed__transport": self.daemon_transport}
 
 
 async def run_daemon(
@@ -492,7 +538,9 @@ async def run_daemon(
             if options.profile_dir is not None:
                 profile = options.profile_dir / f"daemon-{round_no}.txt"
             log_path = options.log_dir / f"daemon-{round_no}.log"
-            return await _measure_daemon(sender, dsn, probe, want, log_path, profile)
+            return await _measure_daemon(
+                sender, dsn, probe, want, log_path, profile, options.daemon_settings
+            )
         finally:
             probe.close()
 
@@ -504,10 +552,12 @@ async def _measure_daemon(
     want: FinalState,
     log_path: Path,
     profile: Path | None,
+    settings: dict[str, str],
 ) -> dict[str, Any]:
     """
-    One daemon run: the tape, then the final state. Every way the run can go
-    wrong is a ``differences`` entry (the caller fails the benchmark on any):
+    One daemon run: the loop-lag histogram read, the tape, then the final
+    state and the histogram again. Every way the run can go wrong is a
+    ``differences`` entry (the caller fails the benchmark on any):
     final state not reached within 300 s or not exact, ``/health`` not as sent
     (:func:`health_differences`), subscription, exit code, log warnings,
     reconnects.
@@ -517,17 +567,20 @@ async def _measure_daemon(
     differences: list[str] = []
     seen_at: float | None = None
     early = 0
-    async with open_daemon(dsn, sender.url, log_path, settings=DAEMON_SETTINGS, cwd=ROOT) as daemon:
+    async with open_daemon(dsn, sender.url, log_path, settings=settings, cwd=ROOT) as daemon:
         async with profiling(daemon.pid, profile):
             with trio.fail_after(60):
                 await daemon.wait_for(session.connected)
+            lag_before = await read_lag(daemon)
             cpu_start = daemon.cpu_seconds()
+            session.go.set()
             if sorted(session.assets) != sorted(want.prices):
                 differences.append(f"subscribed {len(session.assets)} assets, not the 12 held")
             with trio.move_on_after(300):
                 seen_at, early = await wait_final_state(probe, daemon, tape.total_frames)
             peak_kib = daemon.peak_rss_kib()
             cpu = daemon.cpu_seconds() - cpu_start
+            lag = (await read_lag(daemon)).since(lag_before).figures()
             if seen_at is None:
                 differences.append("final state not reached within 300 s")
             differences += await trio.to_thread.run_sync(probe.mismatches)
@@ -555,6 +608,9 @@ async def _measure_daemon(
         "early_matches": early,
         "rows_markets": stopped.get("rows_markets"),
         "rows_positions": stopped.get("rows_positions"),
+        "loop_lag": lag,
+        "loop_lag_p99_ms": lag["p99"]["value"],
+        "loop_lag_max_ms": lag["max"]["value"],
         "differences": differences,
     }
 
@@ -567,19 +623,19 @@ Runs = dict[str, list[dict[str, Any]]]
 
 async def bench(tape: Tape, admin_dsn: str, options: Options) -> Runs:
     """
-    Run ``options.rounds`` interleaved rounds (raw reader, bare client, daemon); returns
-    every round's figures.
+    Run ``options.rounds`` interleaved rounds (raw reader, bare trio-websocket client,
+    bare Sans-I/O reader, daemon); returns every round's figures.
     """
     markets = load_markets()
     want = FinalState.expected(markets)
     assets = [t for m in markets for t in m.tokens]
-    runs: Runs = {"sender": [], "bare_client": [], "daemon": []}
+    runs: Runs = {key: [] for key in (*CLIENT_KINDS.values(), "daemon")}
     sender = Sender(tape=tape)
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.serve)
         for round_no in range(1, options.rounds + 1):
-            runs["sender"].append(await run_client(sender, "discard", assets))
-            runs["bare_client"].append(await run_client(sender, "bare", assets))
+            for kind, key in CLIENT_KINDS.items():
+                runs[key].append(await run_client(sender, kind, assets))
             runs["daemon"].append(
                 await run_daemon(sender, admin_dsn, round_no, want, markets, options)
             )
@@ -589,11 +645,13 @@ async def bench(tape: Tape, admin_dsn: str, options: Options) -> Runs:
 
 
 def _progress(round_no: int, runs: Runs) -> None:
-    s, b, d = (runs[k][-1] for k in ("sender", "bare_client", "daemon"))
+    s, b, r, d = (runs[k][-1] for k in ("sender", "bare_client", "sansio_client", "daemon"))
     progress(
         f"round {round_no}: sender {s['frames_per_s']:,.0f} frames/s, "
-        f"bare client {b['events_per_s']:,.0f} events/s, daemon {d['events_per_s']:,.0f} "
-        f"events/s ({d['elapsed_s']:.2f} s, peak RSS {d['peak_rss_mib']:.1f} MiB)"
+        f"bare client {b['events_per_s']:,.0f} events/s, Sans-I/O reader "
+        f"{r['events_per_s']:,.0f} events/s, daemon {d['events_per_s']:,.0f} "
+        f"events/s ({d['elapsed_s']:.2f} s, peak RSS {d['peak_rss_mib']:.1f} MiB, "
+        f"loop lag p99 {d['loop_lag_p99_ms']} ms, max {d['loop_lag_max_ms']} ms)"
     )
 
 
@@ -611,18 +669,24 @@ def figure(values: Sequence[float], unit: str, baseline: str | None = None) -> d
     return result
 
 
-def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
+def _client_figures(kind: str, each: Any) -> dict[str, Any]:
+    return {
+        "frames_per_s": figure(each(kind, "frames_per_s"), "frames/s"),
+        "events_per_s": figure(each(kind, "events_per_s"), "events/s"),
+        "cpu_per_event": figure(each(kind, "cpu_us_per_event"), "CPU µs/event"),
+    }
+
+
+def results(tape: Tape, runs: Runs, machine: dict[str, Any], options: Options) -> dict[str, Any]:
     """The results document (JSON-ready): figures, workload, machine, correctness."""
 
     def each(kind: str, key: str) -> list[float]:
         return [float(run[key]) for run in runs[kind]]
 
-    def per_round(kind: str, key: str) -> list[float]:
-        """``kind``'s ``key`` over the bare client's, round by round."""
-        return [a / b for a, b in zip(each(kind, key), each("bare_client", key), strict=True)]
+    def per_round(kind: str, key: str, base: str = "bare_client") -> list[float]:
+        """``kind``'s ``key`` over ``base``'s, round by round."""
+        return [a / b for a, b in zip(each(kind, key), each(base, key), strict=True)]
 
-    ratios = per_round("daemon", "events_per_s")
-    cpu_ratios = per_round("daemon", "cpu_us_per_event")
     busy = [run["cpu_s"] / run["elapsed_s"] for run in runs["daemon"]]
     headroom = per_round("sender", "frames_per_s")
     return {
@@ -635,7 +699,11 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
             "events": tape.total_events,
             "bytes": tape.total_bytes,
             "rounds": len(runs["daemon"]),
-            "daemon_settings": setting_variables(DAEMON_SETTINGS),
+            "daemon_transport": options.daemon_transport,
+            "daemon_settings": setting_variables(options.daemon_settings),
+            "loop_lag_method": LAG_METHOD,
+            "loop_lag_window": "tape's first byte (sender held until the first reading) "
+            "to the final state seen",
         },
         "ingest": {
             "sender": {
@@ -647,10 +715,14 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
                     "ingest.bare_client.frames_per_s",
                 ),
             },
-            "bare_client": {
-                "frames_per_s": figure(each("bare_client", "frames_per_s"), "frames/s"),
-                "events_per_s": figure(each("bare_client", "events_per_s"), "events/s"),
-                "cpu_per_event": figure(each("bare_client", "cpu_us_per_event"), "CPU µs/event"),
+            "bare_client": _client_figures("bare_client", each),
+            "sansio_client": {
+                **_client_figures("sansio_client", each),
+                "ratio_to_bare": figure(
+                    per_round("sansio_client", "events_per_s"),
+                    "Sans-I/O reader events/s per bare-client events/s",
+                    "ingest.bare_client.events_per_s",
+                ),
             },
             "daemon": {
                 "events_per_s": figure(
@@ -666,6 +738,15 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
                     "ingest.bare_client.cpu_per_event",
                 ),
                 "cpu_busy": figure(busy, "daemon CPU s per elapsed s (all threads)"),
+                "transport": options.daemon_transport,
+                "loop_lag_p99": figure(
+                    each("daemon", "loop_lag_p99_ms"), "ms, interpolated in its bucket"
+                ),
+                "loop_lag_max": figure(
+                    each("daemon", "loop_lag_max_ms"),
+                    "ms (exact where the daemon's maximum grew in the run)",
+                ),
+                "loop_lag": [run["loop_lag"] for run in runs["daemon"]],
                 "early_matches": [run["early_matches"] for run in runs["daemon"]],
                 "rows_written": {
                     "markets": [run["rows_markets"] for run in runs["daemon"]],
@@ -673,14 +754,24 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
                 },
             },
             "ratio": figure(
-                ratios,
+                per_round("daemon", "events_per_s"),
                 "daemon events/s per bare-client events/s",
                 "ingest.bare_client.events_per_s",
             ),
+            "ratio_sansio": figure(
+                per_round("daemon", "events_per_s", "sansio_client"),
+                "daemon events/s per Sans-I/O-reader events/s",
+                "ingest.sansio_client.events_per_s",
+            ),
             "cpu_ratio": figure(
-                cpu_ratios,
+                per_round("daemon", "cpu_us_per_event"),
                 "daemon CPU per event / bare-client CPU per event",
                 "ingest.bare_client.cpu_per_event",
+            ),
+            "cpu_ratio_sansio": figure(
+                per_round("daemon", "cpu_us_per_event", "sansio_client"),
+                "daemon CPU per event / Sans-I/O-reader CPU per event",
+                "ingest.sansio_client.cpu_per_event",
             ),
         },
         "memory": {
@@ -688,6 +779,7 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any]) -> dict[str, Any]:
                 each("daemon", "peak_rss_mib"), "MiB", "memory.bare_client_peak_rss"
             ),
             "bare_client_peak_rss": figure(each("bare_client", "peak_rss_mib"), "MiB"),
+            "sansio_client_peak_rss": figure(each("sansio_client", "peak_rss_mib"), "MiB"),
         },
     }
 
@@ -700,7 +792,7 @@ def correctness(tape: Tape, runs: Runs) -> dict[str, Any]:
     """
     clients = [
         f"{kind} round {n}: received {run['received']} of {run['sent']}"
-        for kind in ("sender", "bare_client")
+        for kind in CLIENT_KINDS.values()
         for n, run in enumerate(runs[kind], 1)
         if run["received"] != run["sent"]
     ]
@@ -714,10 +806,7 @@ def correctness(tape: Tape, runs: Runs) -> dict[str, Any]:
         "rounds": len(runs["daemon"]),
         "daemon_exact": sum(1 for run in runs["daemon"] if not run["differences"]),
         "clients_exact": sum(
-            1
-            for k in ("sender", "bare_client")
-            for run in runs[k]
-            if run["received"] == run["sent"]
+            1 for k in CLIENT_KINDS.values() for run in runs[k] if run["received"] == run["sent"]
         ),
         "frames": tape.total_frames,
         "bytes": tape.total_bytes,
@@ -737,8 +826,8 @@ def correctness_line(check: dict[str, Any]) -> str:
         f"{check['frames']:,}/{check['frames']:,} frames with events by type as sent ({types}), "
         f"ended with {check['markets']}/{check['markets']} markets and "
         f"{check['positions']}/{check['positions']} positions equal to expected.json's final "
-        "state (prices, P&L, source 'ws'), nothing pending, exit 0, no warnings; bare client "
-        f"and raw reader {check['clients_exact']}/{2 * rounds} rounds received all "
+        "state (prices, P&L, source 'ws'), nothing pending, exit 0, no warnings; bare client, "
+        f"Sans-I/O reader and raw reader {check['clients_exact']}/{3 * rounds} runs received all "
         f"{check['frames']:,} frames / {check['bytes']:,} bytes; "
         f"{len(check['differences'])} differences"
     )
@@ -750,14 +839,23 @@ TABLE_ROWS = [
     ("Bare trio-websocket client", "ingest.bare_client.frames_per_s"),
     ("Bare trio-websocket client", "ingest.bare_client.events_per_s"),
     ("Bare trio-websocket client", "ingest.bare_client.cpu_per_event"),
+    ("Bare Sans-I/O reader (physical reference)", "ingest.sansio_client.frames_per_s"),
+    ("Bare Sans-I/O reader (physical reference)", "ingest.sansio_client.events_per_s"),
+    ("Bare Sans-I/O reader (physical reference)", "ingest.sansio_client.cpu_per_event"),
+    ("Sans-I/O reader / bare trio-websocket client", "ingest.sansio_client.ratio_to_bare"),
     ("Daemon, feed to final DB state", "ingest.daemon.events_per_s"),
     ("Daemon, feed to final DB state", "ingest.daemon.elapsed"),
     ("Daemon, feed to final DB state", "ingest.daemon.cpu_per_event"),
     ("Daemon, feed to final DB state", "ingest.daemon.cpu_busy"),
-    ("**Daemon / bare client**", "ingest.ratio"),
-    ("Daemon / bare client, CPU per event", "ingest.cpu_ratio"),
+    ("Daemon loop lag p99 (over the run)", "ingest.daemon.loop_lag_p99"),
+    ("Daemon loop lag max (over the run)", "ingest.daemon.loop_lag_max"),
+    ("**Daemon / bare trio-websocket client**", "ingest.ratio"),
+    ("Daemon / bare Sans-I/O reader", "ingest.ratio_sansio"),
+    ("Daemon / bare trio-websocket client, CPU per event", "ingest.cpu_ratio"),
+    ("Daemon / bare Sans-I/O reader, CPU per event", "ingest.cpu_ratio_sansio"),
     ("Daemon peak RSS (VmHWM)", "memory.daemon_peak_rss"),
     ("Bare client peak RSS (VmHWM)", "memory.bare_client_peak_rss"),
+    ("Sans-I/O reader peak RSS (VmHWM)", "memory.sansio_client_peak_rss"),
 ]
 
 
@@ -773,7 +871,8 @@ def markdown(document: dict[str, Any]) -> str:
     lines = [
         f"Ingest: {work['frames']:,} frames / {work['events']:,} events "
         f"({work['bytes'] / 1e6:.0f} MB; `{work['capture']}` x {work['repetitions']}), "
-        f"median of {work['rounds']} interleaved rounds (min-max), {machine['cpu_count']} CPUs, "
+        f"median of {work['rounds']} interleaved rounds (min-max), daemon "
+        f"feed.transport {work['daemon_transport']}, {machine['cpu_count']} CPUs, "
         f"Python {machine['python']}, {machine['date']}.",
         "",
         "| Measurement | Value | Min-max | Unit |",
@@ -787,7 +886,12 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {label} | {_number(node['value'])} | {_number(node['min'])}-"
             f"{_number(node['max'])} | {node['unit']} |"
         )
-    lines += ["", correctness_line(document["correctness"])]
+    lines += [
+        "",
+        f"Loop lag: {work['loop_lag_method']}; over the {work['loop_lag_window']}.",
+        "",
+        correctness_line(document["correctness"]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -800,8 +904,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"repetitions of the capture (default: >= {MIN_FRAMES:,} frames)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--daemon-transport",
+        choices=TRANSPORTS,
+        default="sansio",
+        help="the daemon's feed.transport (default sansio, the daemon's default)",
+    )
     add_output_options(parser, "results", profile="each daemon run")
-    parser.add_argument("--client", choices=["bare", "discard"], help=argparse.SUPPRESS)
+    parser.add_argument("--client", choices=list(CLIENT_KINDS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
@@ -825,12 +935,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{tape.total_bytes / 1e6:.0f} MB"
         )
         log_dir = log_directory(stack, args.log_dir, "polystream-bench-logs-")
-        options = Options(args.rounds, log_dir, args.profile)
+        options = Options(args.rounds, log_dir, args.profile, args.daemon_transport)
         runs = trio.run(bench, tape, admin_dsn, options)
     if args.profile is not None:
         print_hotspots(args.profile, top=15)
         return 0  # profiled figures are not written as results
-    document = results(tape, runs, machine)
+    document = results(tape, runs, machine, options)
     table = markdown(document)
     write_results(args.out, "results", document, table)
     return exit_status(document["correctness"]["differences"])

@@ -36,9 +36,9 @@ from polystream.config import Config
 from polystream.feed.pool import FeedPool
 from polystream.feed.protocol import FeedEvent, FrameParser
 from polystream.monitor.engine import Monitor
-from polystream.monitor.executor import Executor, write_decisions
+from polystream.monitor.executor import Executor, write_decisions_direct
 from polystream.monitor.loader import RuleLoader
-from polystream.ops.health import serve_health
+from polystream.ops.health import run_lag_probe, serve_health
 from polystream.pipeline.fallback import ShardWatch, run_poller
 from polystream.pipeline.metadata import MetadataFiller, run_metadata_filler
 from polystream.pipeline.resync import BookResync
@@ -46,6 +46,7 @@ from polystream.pipeline.router import Router
 from polystream.pipeline.subscriptions import Reconciler
 from polystream.pipeline.writers import MarketWriter, PositionWriter, write_markets, write_positions
 from polystream.stats import Stats
+from polystream.store.direct import DirectLink
 from polystream.store.link import DbLink
 from polystream.store.listen import Notes, run_listener
 from polystream.venue.clob import ClobClient, open_clob_client, prices_moved
@@ -58,8 +59,12 @@ logger = structlog.get_logger(__name__)
 DRAIN_SECONDS = 5.0
 """Longest wait, at shutdown, for the router to apply what was already received."""
 
-LINKS = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules", "triggers")
-"""The database connections, one per owner (docs/architecture.md, "No threads but database calls")."""
+LINKS = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules")
+"""
+The database connections through worker threads, one per owner
+(docs/architecture.md, "No threads but database calls"); the decisions'
+``triggers`` connection runs on the loop itself (:class:`DirectLink`).
+"""
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -83,6 +88,7 @@ class App:
     books: Books
     catalog: Catalog
     links: dict[str, DbLink]
+    triggers: DirectLink
     markets: MarketWriter
     positions: PositionWriter
     executor: Executor
@@ -148,11 +154,11 @@ def _writers(
 
 
 def _monitor(
-    config: Config, stats: Stats, links: dict[str, DbLink]
+    config: Config, stats: Stats, links: dict[str, DbLink], triggers: DirectLink
 ) -> tuple[Executor, Monitor, RuleLoader]:
     executor = Executor(
         mode=config.execute.mode,
-        sink=partial(links["triggers"].call, write_decisions),
+        sink=partial(write_decisions_direct, triggers),
         stats=stats,
     )
     monitor = Monitor(
@@ -195,7 +201,8 @@ def build(config: Config, dsn: str) -> App:
         name: DbLink(dsn=dsn, name=name, stats=stats, statement_timeout=timeout) for name in LINKS
     }
     markets, positions = _writers(config, books, catalog, stats, links)
-    executor, monitor, loader = _monitor(config, stats, links)
+    triggers = DirectLink(dsn=dsn, name="triggers", stats=stats, statement_timeout=timeout)
+    executor, monitor, loader = _monitor(config, stats, links, triggers)
     events, frames = trio.open_memory_channel[list[FeedEvent]](config.pipeline.queue_size)
     pool = FeedPool(config=config.feed, events=events, stats=stats)
     stats.queue_depth = lambda: frames.statistics().current_buffer_used
@@ -207,6 +214,7 @@ def build(config: Config, dsn: str) -> App:
         books=books,
         catalog=catalog,
         links=links,
+        triggers=triggers,
         markets=markets,
         positions=positions,
         executor=executor,
@@ -393,6 +401,7 @@ async def run(
             # The health port first: a second daemon on the same port fails here,
             # before it subscribes or writes a row.
             app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
+            await nursery.start(run_lag_probe, app.stats)
             await _start_outputs(app, nursery)
             await nursery.start(_run_intake, app, clob, gamma)
             _log_started(app)
@@ -406,4 +415,5 @@ async def run(
     finally:
         for link in app.links.values():
             link.close()
+        app.triggers.close()
         _log_stopped(app)

@@ -15,6 +15,7 @@ captures' ``expected.json`` use the same rule).
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable
 from decimal import Decimal
@@ -109,49 +110,62 @@ class TopOfBook:
 
 
 class _Side:
-    """Aggregated levels of one side: price -> size (shares), best cached."""
+    """
+    Aggregated levels of one side: prices ascending and their sizes (shares),
+    in two parallel lists; the best is the last price (bids) or the first (asks).
 
-    __slots__ = ("_best", "_higher_is_better", "levels")
+    Two lists of pointers, not a dict: about 17 bytes a level instead of 37
+    (a dict's hash, key and value slots and its spare room). With 10,000
+    books of 250 levels a side: 94 MB instead of 195 MB (tracemalloc,
+    ``bench.scale``). The price and size objects are the parser's, shared
+    (:class:`polystream.feed.protocol.FrameParser` memoizes them).
+    """
+
+    __slots__ = ("_higher_is_better", "_prices", "_sizes")
 
     def __init__(self, higher_is_better: bool) -> None:
-        self.levels: dict[Decimal, Decimal] = {}
         self._higher_is_better = higher_is_better
-        self._best: Decimal | None = None
+        self._prices: list[Decimal] = []
+        self._sizes: list[Decimal] = []
+
+    @property
+    def levels(self) -> dict[Decimal, Decimal]:
+        """The levels, ``{price: size}`` (a copy, prices ascending)."""
+        return dict(zip(self._prices, self._sizes, strict=True))
 
     def replace(self, levels: dict[Decimal, Decimal]) -> None:
-        self.levels = levels
-        self._recompute()
+        prices = sorted(levels)  # exactly sized: a list from a sized iterable
+        self._prices = prices
+        self._sizes = [levels[price] for price in prices]
 
     def set(self, price: Decimal, size: Decimal) -> None:
+        prices = self._prices
+        index = bisect_left(prices, price)
+        found = index < len(prices) and prices[index] == price
         if size > 0:
-            self.levels[price] = size
-            best = self._best
-            if best is None or (price > best if self._higher_is_better else price < best):
-                self._best = price
-        elif self.levels.pop(price, None) is not None and price == self._best:
-            self._recompute()
+            if found:
+                self._sizes[index] = size
+            else:
+                prices.insert(index, price)
+                self._sizes.insert(index, size)
+        elif found:
+            del prices[index], self._sizes[index]
 
     def drop_through(self, price: Decimal) -> None:
         """Remove every level at ``price`` or better (a crossed book's stale levels)."""
         if self._higher_is_better:
-            gone = [p for p in self.levels if p >= price]
+            index = bisect_left(self._prices, price)
+            del self._prices[index:], self._sizes[index:]
         else:
-            gone = [p for p in self.levels if p <= price]
-        for level in gone:
-            del self.levels[level]
-        self._recompute()
-
-    def _recompute(self) -> None:
-        if not self.levels:
-            self._best = None
-        elif self._higher_is_better:
-            self._best = max(self.levels)
-        else:
-            self._best = min(self.levels)
+            index = bisect_right(self._prices, price)
+            del self._prices[:index], self._sizes[:index]
 
     @property
     def best(self) -> Decimal | None:
-        return self._best
+        prices = self._prices
+        if not prices:
+            return None
+        return prices[-1] if self._higher_is_better else prices[0]
 
 
 BookProblem = Literal["stale_event", "crossed_book", "superseded"]

@@ -50,6 +50,7 @@ __all__ = [
     "Setting",
     "StateConfig",
     "SystemdConfig",
+    "TransportKind",
     "load_config",
     "render_config_table",
     "render_config_toml",
@@ -64,6 +65,9 @@ ENV_PREFIX = "POLYSTREAM_"
 
 PriceChoice = Literal["display", "midpoint", "best_bid"]
 """A price choice: which price of a top of book (``polystream.book.choose_price``)."""
+
+TransportKind = Literal["sansio", "trio-websocket"]
+"""How the feed speaks WebSocket (``polystream.feed.transport``)."""
 
 Check = Callable[[Any], bool]
 
@@ -161,6 +165,13 @@ class FeedConfig:
         DEFAULT_FEED_URL,
         (_ws_url, "a ws:// or wss:// URL"),
         "Polymarket's market channel; tests and the demo point this at `polystream replay`.",
+    )
+    transport: TransportKind = setting(
+        "sansio",
+        _one_of("sansio", "trio-websocket"),
+        'WebSocket implementation: "sansio" (the websockets library\'s Sans-I/O protocol\n'
+        'driven inline over trio streams; the faster, see README "Benchmarks") or\n'
+        '"trio-websocket".',
     )
     ping_interval: float = setting(
         10.0, SECONDS, "Seconds between text PING frames (Polymarket asks for 10)."

@@ -7,7 +7,8 @@ The tree::
     ├── ConfigError            a configuration value is missing or malformed
     ├── MalformedFrame         a market-channel frame or event cannot be used
     ├── FeedError              a WebSocket shard failed
-    │   └── FeedClosed         the connection closed or could not be opened
+    │   ├── FeedClosed         we closed the connection (unanswered PING, stale feed)
+    │   └── TransportError     the connection closed, broke or could not be opened
     ├── DatabaseError          PostgreSQL is unreachable or a statement failed
     ├── VenueError             a REST API of the venue could not be asked
     │   ├── ClobError          the CLOB (prices, midpoints, books)
@@ -33,6 +34,7 @@ __all__ = [
     "MalformedFrame",
     "PolystreamError",
     "ReplayError",
+    "TransportError",
     "VenueError",
     "leaves",
 ]
@@ -108,6 +110,22 @@ class FeedClosed(FeedError):
         super().__init__(f"shard {shard}: {reason}")
         self.shard = shard
         self.reason = reason
+
+
+class TransportError(FeedError):
+    """
+    The market-channel connection could not be opened, closed, or broke.
+
+    ``reason`` says why in words an operator can act on ("connection refused
+    by host:port", "HTTP 429 from host", "closed by the venue: 1008 ...");
+    ``code`` is the WebSocket close code when there is one (1006: no close
+    frame, the connection was lost), else None.
+    """
+
+    def __init__(self, reason: str, *, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
 
 
 class DatabaseError(PolystreamError):

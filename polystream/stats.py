@@ -131,6 +131,8 @@ class Stats:
     executor_pending: Callable[[], int] | None = None
     db_seconds: Histogram = attrs.field(init=False)
     db_batch_rows: Histogram = attrs.field(init=False)
+    loop_lag: Histogram = attrs.field(init=False)
+    loop_lag_max: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         # In no registry (never prometheus_client's global one): polystream.ops.metrics
@@ -148,6 +150,12 @@ class Stats:
             ["link"],
             registry=None,
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+        )
+        self.loop_lag = Histogram(
+            "polystream_loop_lag_seconds",
+            "How late the event loop woke a 10 ms timer: time it spent stalled",
+            registry=None,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
 
     def queue_depth_now(self) -> int:
@@ -228,5 +236,6 @@ class Stats:
             "poll": None if self.poll_snapshot is None else self.poll_snapshot(now),
             "resync": None if self.resync_snapshot is None else self.resync_snapshot(),
             "silent_after_s": self.silent_after,
+            "loop_lag_max_s": self.loop_lag_max,
             "shards": [s.snapshot(now, self.silent_after) for _, s in sorted(self.shards.items())],
         }

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 import orjson
+import pytest
 import structlog
 import trio
 from test_feed import RecordingServer, _pool
@@ -21,6 +22,7 @@ from trio_websocket import WebSocketRequest, serve_websocket
 from polystream.book import Books
 from polystream.catalog import Catalog
 from polystream.feed.protocol import parse_frame
+from polystream.feed.transport import TRANSPORTS
 from polystream.pipeline.router import Router
 from polystream.pipeline.writers import MarketWriter, PositionWriter
 from polystream.stats import Stats
@@ -81,6 +83,20 @@ async def test_crossed_book_is_repaired_and_counted() -> None:
     assert [entry["kind"] for entry in logs if entry["event"] == "feed_bad_event"] == [
         "crossed_book"
     ]
+
+
+async def test_router_drains_and_ends_when_the_feed_closes_with_frames_queued() -> None:
+    """Frames queued behind the one being applied when the sender closes: all
+    applied, and the router ends cleanly (it once raised EndOfChannel at shutdown)."""
+    router = _router()
+    send, receive = trio.open_memory_channel[list[Any]](8)
+    send.send_nowait(_frame(**BOOK))
+    send.send_nowait(_change(1001, "0.46", "4", "BUY"))
+    send.send_nowait(_change(1002, "0.49", "2", "SELL"))
+    send.close()
+    await router.run(receive)
+    book = router.books["a"]
+    assert (book.best_bid, book.best_ask) == (D("0.46"), D("0.49"))
 
 
 async def test_events_older_than_the_book_are_skipped() -> None:
@@ -180,8 +196,9 @@ async def test_real_tick_size_change_keeps_quoting_and_asks_for_a_rest_book() ->
     assert (book.best_bid, book.best_ask) == (D("0.451"), D("0.5"))
 
 
-async def test_binary_and_oversized_frames(nursery: trio.Nursery) -> None:
-    recorder = RecordingServer()
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_binary_and_oversized_frames(nursery: trio.Nursery, transport: str) -> None:
+    recorder = RecordingServer(transport=transport)
 
     async def handler(request: WebSocketRequest) -> None:
         await recorder.handler(request)

@@ -20,6 +20,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from polystream.config import FeedConfig
 from polystream.feed.pool import FeedPool
 from polystream.feed.protocol import BookSnapshot, FeedEvent, LastTradePrice
+from polystream.feed.transport import TRANSPORTS
 from polystream.stats import Stats
 
 ASSETS = [f"{n:077d}" for n in range(1, 8)]
@@ -55,6 +56,7 @@ class RecordingServer:
     peers: list[Peer] = attrs.field(factory=list)
     changed: trio.Event = attrs.field(factory=trio.Event)
     answer_pings: bool = True
+    transport: str = "sansio"  # the client side's feed.transport, for _pool
     refuse: int = 0  # close this many connections right after their subscribe, unanswered
 
     async def handler(self, request: WebSocketRequest) -> None:
@@ -105,9 +107,12 @@ class RecordingServer:
             await peer.outbox.aclose()
 
 
-@pytest.fixture
-async def server(nursery: trio.Nursery) -> AsyncIterator[RecordingServer]:
-    recorder = RecordingServer()
+@pytest.fixture(params=TRANSPORTS)
+async def server(
+    nursery: trio.Nursery, request: pytest.FixtureRequest
+) -> AsyncIterator[RecordingServer]:
+    """A recording peer; every feed test runs once per client transport."""
+    recorder = RecordingServer(transport=request.param)
 
     async def handler(request: WebSocketRequest) -> None:
         await recorder.handler(request)
@@ -122,6 +127,7 @@ def _pool(
 ) -> tuple[FeedPool, trio.MemoryReceiveChannel[list[FeedEvent]], Stats]:
     settings: dict[str, Any] = {
         "url": f"ws://127.0.0.1:{server.port}/ws/market",
+        "transport": server.transport,
         "max_assets_per_connection": 3,
         "backoff_initial": 0.01,
         "backoff_max": 0.05,

@@ -20,6 +20,9 @@ import orjson
 import psycopg
 import pytest
 
+from polystream.config import TransportKind
+from polystream.errors import TransportError
+from polystream.feed.transport import TRANSPORTS, open_transport
 from polystream.store.markets import import_markets_file
 
 ROOT = Path(__file__).parent.parent
@@ -137,18 +140,22 @@ def test_feed_failure_names_its_cause_and_the_next_retry(
     assert reasons and all(r.startswith("connection refused by") for r in reasons)
 
 
-def test_unknown_host_is_named() -> None:
-    from trio_websocket import HandshakeError
-
-    from polystream.feed.pool import describe_failure
-
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_unknown_host_and_refused_port_are_named(kind: TransportKind) -> None:
     try:
         socket.getaddrinfo("no-such-host.invalid", 443)
-    except socket.gaierror as gai:
-        error = HandshakeError()
-        error.__cause__ = gai
-        assert describe_failure(error, "wss://no-such-host.invalid/ws/market").startswith(
-            "host not found: no-such-host.invalid"
-        )
+    except socket.gaierror:
+        pass
     else:
         pytest.skip("this machine resolves *.invalid")
+    with pytest.raises(TransportError) as unknown:
+        async with open_transport(
+            kind, "wss://no-such-host.invalid/ws/market", max_message_size=2**20
+        ):
+            pass
+    assert unknown.value.reason.startswith("host not found: no-such-host.invalid")
+    port = _free_port()
+    with pytest.raises(TransportError) as refused:
+        async with open_transport(kind, f"ws://127.0.0.1:{port}/ws/market", max_message_size=2**20):
+            pass
+    assert refused.value.reason == f"connection refused by 127.0.0.1:{port}"

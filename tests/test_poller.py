@@ -518,14 +518,15 @@ async def test_prices_moved(clob: FakeClob, client: ClobClient) -> None:
         BOOK_ASSET: (Decimal("0.1"), Decimal("0.14")),
     }
     with trio.fail_after(10):
-        assert await prices_moved(client, ours.get, [CLOB_ASSET, BOOK_ASSET, "999"]) is False
+        assert await prices_moved(client, ours.get, [CLOB_ASSET, BOOK_ASSET, "999"]) is None
         ours[BOOK_ASSET] = (Decimal("0.09"), Decimal("0.14"))
-        assert await prices_moved(client, ours.get, [CLOB_ASSET, BOOK_ASSET]) is True
+        moved = await prices_moved(client, ours.get, [CLOB_ASSET, BOOK_ASSET])
+        assert moved == f"asset {BOOK_ASSET}: ours 0.09/0.14, venue 0.1/0.14"
         unknown: dict[str, tuple[Decimal | None, Decimal | None]] = {}
-        assert await prices_moved(client, unknown.get, [CLOB_ASSET, BOOK_ASSET]) is False
+        assert await prices_moved(client, unknown.get, [CLOB_ASSET, BOOK_ASSET]) is None
         clob.fail_next = [500] * 3
         with structlog.testing.capture_logs() as logs:
-            assert await prices_moved(client, ours.get, [BOOK_ASSET]) is False
+            assert await prices_moved(client, ours.get, [BOOK_ASSET]) is None
     assert [e["event"] for e in logs if not e["event"].startswith("stamina")] == [
         "stale_check_failed"
     ]

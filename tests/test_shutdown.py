@@ -68,8 +68,10 @@ async def test_sigterm_mid_replay_keeps_every_asset_seen(db_dsn: str, tmp_path: 
                 daemon.send_signal(signal.SIGTERM)
                 code = await daemon.wait()
             nursery.cancel_scope.cancel()
-    lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines() if line]
-    assert code == 0, lines[-5:]
+    raw = log_path.read_bytes().splitlines()
+    assert code == 0, raw[-5:]
+    assert all(line.startswith(b"{") for line in raw if line), raw
+    lines = [orjson.loads(line) for line in raw if line]
     (stopped,) = [line for line in lines if line["event"] == "daemon_stopped"]
     applied = stopped["frames_applied"]
     # Frame 1 is the replay's answer to the subscribe (books as they stood

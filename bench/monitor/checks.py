@@ -287,6 +287,8 @@ def summarize(record: RunRecord, ctx: Context) -> dict[str, Any]:
         "tpsl": _tpsl_outcome(spec.rules, triggers, playback, notified, m.decided_at),
         "predictions": _prediction_outcome(record.plans, outcome, m, ctx.facts),
         "heartbeat": _heartbeat(m),
+        "loop_lag": m.loop_lag,
+        "loop_lag_run": m.loop_lag_run,
         "health_monitor": m.health.get("monitor"),
         "exit_code": m.exit_code,
         "log_problems": Counter(m.log_problems).most_common(10),

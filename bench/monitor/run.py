@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from bench.harness import ROOT, DaemonLog, Market, data_frames, profiling, throwaway_database
+from bench.looplag import read_lag
 from bench.monitor.database import NotifyListener, Outcome, insert_predictions, read_outcome
 from bench.monitor.predictions import (
     EARLY_DUE_S,
@@ -34,6 +35,7 @@ from polystream.ops.daemon import DaemonProcess, open_daemon
 
 PING_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
+LAG_READ_AHEAD_S = 0.2  # the loop-lag histogram is read this long before the tape starts
 
 
 @attrs.frozen
@@ -80,6 +82,8 @@ class Measured:
     cpu_s: float = 0.0
     peak_rss_kib: int = 0
     max_backlog: int = 0
+    loop_lag: dict[str, Any] = attrs.field(factory=dict)  # the tape's stretch (checks.summarize)
+    loop_lag_run: dict[str, Any] = attrs.field(factory=dict)  # subscribed -> SIGTERM
     health: dict[str, Any] = attrs.field(factory=dict)
     daemon_pongs: int = 0
     pings: int = 0
@@ -200,7 +204,10 @@ async def _measure(spec: RunSpec, ctx: Context, dsn: str, planned_at: float) -> 
     Run the daemon: the tape starts MARGIN_S after the subscription and
     MARGIN_S after the last before-tape decision time (every run, so that
     runs compare), CPU is counted from the tape's first byte to the end of
-    the tape's decisions; then the after-tape predictions, then SIGTERM.
+    the tape's decisions, and loop lag (``bench.looplag``) from
+    LAG_READ_AHEAD_S before that first byte to the same end (and over the
+    whole run, subscribed to SIGTERM); then the after-tape predictions, then
+    SIGTERM.
     """
     cuts = spec.rules.cut_frames if spec.rules is not None else frozenset()
     playback = ctx.sender.expect(Playback(ctx.recording, spec.repeat, spec.speed, cuts))
@@ -213,17 +220,22 @@ async def _measure(spec: RunSpec, ctx: Context, dsn: str, planned_at: float) -> 
         with trio.fail_after(120):
             await daemon.wait_for(playback.connected)
         m = Measured(playback, daemon.spawned_at, time.monotonic())
+        lag_run = await read_lag(daemon)
         playback.hold_until = max(time.time(), planned_at + EARLY_DUE_S[1]) + MARGIN_S
         playback.go.set()
+        await trio.sleep(max(0.0, playback.hold_until - LAG_READ_AHEAD_S - time.time()))
+        lag_tape = await read_lag(daemon)
         await playback.started.wait()
         cpu_start = daemon.cpu_seconds()
         async with profiling(daemon.pid, profile):
             await _follow(m, daemon, 0 if spec.rules is None else len(spec.rules.expected))
             m.cpu_s = daemon.cpu_seconds() - cpu_start
+            m.loop_lag = (await read_lag(daemon)).since(lag_tape).figures()
             if spec.predictions:
                 await _after_tape(m, spec, ctx, dsn, daemon)
             await _settle_heartbeat(m, daemon)
             m.peak_rss_kib = daemon.peak_rss_kib()
+            m.loop_lag_run = (await read_lag(daemon)).since(lag_run).figures()
             m.stop_wall = time.time()
         m.exit_code = await daemon.stop()
     log = DaemonLog.read(log_path)

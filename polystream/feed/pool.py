@@ -18,26 +18,16 @@ channel; it never waits on the database.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import structlog
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    ConnectionTimeout,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
 
 from polystream.config import FeedConfig
-from polystream.errors import FeedClosed, FeedError, MalformedFrame, leaves
+from polystream.errors import FeedClosed, FeedError, MalformedFrame, TransportError
 from polystream.feed.heartbeat import Heartbeat
 from polystream.feed.protocol import (
     BookSnapshot,
@@ -51,6 +41,7 @@ from polystream.feed.protocol import (
     encode_operation,
     encode_subscribe,
 )
+from polystream.feed.transport import Message, Transport, connect_failure, open_transport
 from polystream.logs import RateLimitedLog
 from polystream.stats import ShardStats, Stats
 from polystream.timing import Backoff
@@ -66,59 +57,26 @@ __all__ = [
 
 logger = structlog.get_logger(__name__)
 
-FEED_ERRORS = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError, FeedError)
+FEED_ERRORS = (OSError, trio.BrokenResourceError, FeedError)
 
-StaleCheck = Callable[[list[str]], Awaitable[bool]]
-"""``await check(asset_ids)``: True when those assets' prices moved (over REST)."""
-_MESSAGE_QUEUE = 256  # frames trio-websocket buffers before it stops reading
+StaleCheck = Callable[[list[str]], Awaitable[str | None]]
+"""``await check(asset_ids)``: how those assets' prices moved (over REST), None if not."""
 _CLOSE_KINDS = {1007: "not_utf8", 1009: "frame_too_large"}  # RFC 6455, section 7.4.1
 _REFUSED_WITHIN = 1.0  # seconds: a close frame this soon, before any data, refuses the subscribe
 _MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
 
 
-def _host_of(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.netloc or url
-
-
-def _connect_failure(error: OSError, url: str) -> str:
-    """An OSError of a connection attempt: trio joins the attempts' errors in its cause."""
-    host = _host_of(url)
-    attempts = leaves(error.__cause__) if error.__cause__ is not None else [error]
-    if any(isinstance(e, socket.gaierror) for e in [error, *attempts]):
-        gai = next(e for e in [error, *attempts] if isinstance(e, socket.gaierror))
-        return f"host not found: {urlsplit(url).hostname} ({gai.strerror})"
-    if attempts and all(isinstance(e, ConnectionRefusedError) for e in attempts):
-        return f"connection refused by {host}"
-    if any(isinstance(e, TimeoutError) for e in attempts):
-        return f"no answer from {host} (timed out)"
-    causes = sorted({e.strerror or type(e).__name__ for e in attempts if isinstance(e, OSError)})
-    return f"cannot connect to {host}: {', '.join(causes) or error}"
-
-
 def describe_failure(exc: BaseException, url: str) -> str:
     """
     Why a connection to ``url`` failed or ended, in words an operator can act
-    on: "connection refused by host:port", "host not found: host", "no answer
-    within 10 s", "HTTP 429 from the venue", "closed by the venue: 1008 ...",
-    "connection lost (no close frame)", or our own reason (an unanswered PING).
+    on (the transport's reason: "connection refused by host:port", "host not
+    found: host", "HTTP 429 from host", "closed by the venue: 1008 ...",
+    "connection lost"), or our own (an unanswered PING, a stale feed).
     """
-    host = _host_of(url)
-    if isinstance(exc, ConnectionRejected):
-        return f"HTTP {exc.status_code} from {host} (handshake refused)"
-    if isinstance(exc, ConnectionTimeout):
-        return f"no answer from {host} within the connect timeout"
-    cause = exc.__cause__ if isinstance(exc, HandshakeError) else exc
-    if isinstance(cause, OSError):
-        return _connect_failure(cause, url)
-    if isinstance(exc, ConnectionClosed):
-        reason = exc.reason
-        if reason is None or reason.code == 1006:
-            return "connection lost (no close frame)"
-        text = f": {reason.reason}" if reason.reason else ""
-        return f"closed by the venue: {reason.code} {reason.name}{text}"
-    if isinstance(exc, FeedClosed):
+    if isinstance(exc, TransportError | FeedClosed):
         return exc.reason
+    if isinstance(exc, OSError):
+        return connect_failure(exc, url)
     if isinstance(exc, trio.BrokenResourceError):
         return "connection lost (the socket broke)"
     return f"{type(exc).__name__}: {exc}"
@@ -323,8 +281,8 @@ class FeedPool:
     def _count_close(self, errors: Sequence[BaseException]) -> None:
         """Count closes that carry a bad-input reason (RFC 6455 close codes)."""
         for exc in errors:
-            code = getattr(getattr(exc, "reason", None), "code", None)
-            if isinstance(exc, ConnectionClosed) and code in _CLOSE_KINDS:
+            code = exc.code if isinstance(exc, TransportError) else None
+            if code in _CLOSE_KINDS:
                 self.stats.parse_errors[_CLOSE_KINDS[code]] += 1
 
     def _shrink_if_refused(self, shard: Shard, errors: Sequence[BaseException], log: Any) -> None:
@@ -342,7 +300,7 @@ class FeedPool:
             return
         if trio.current_time() - subscribed > _REFUSED_WITHIN:
             return
-        if not any(isinstance(exc, ConnectionClosed | trio.BrokenResourceError) for exc in errors):
+        if not any(isinstance(exc, TransportError | trio.BrokenResourceError) for exc in errors):
             return
         current = shard.subscribe_bytes or self.config.max_subscribe_bytes
         smaller = max(_MIN_SUBSCRIBE_BYTES, current // 4)
@@ -363,33 +321,21 @@ class FeedPool:
                 shard.subscribe_bytes = 0
 
     async def _serve(self, shard: Shard, backoff: Backoff) -> None:
-        async with open_websocket_url(
+        async with open_transport(
+            self.config.transport,
             self.config.url,
             max_message_size=self.config.max_message_size,
-            message_queue_size=_MESSAGE_QUEUE,
-            connect_timeout=10,
-            disconnect_timeout=2,
-        ) as ws:
-            try:
-                await self._subscribe_and_read(ws, shard, backoff)
-            finally:
-                # After an abnormal close trio-websocket (0.12) may leave the TCP
-                # stream open and unread; close it for sure.
-                await trio.aclose_forcefully(ws._stream)
+            connect_timeout=10.0,
+        ) as transport:
+            await self._subscribe_and_read(transport, shard, backoff)
 
-    async def _subscribe_and_read(
-        self, ws: WebSocketConnection, shard: Shard, backoff: Backoff
-    ) -> None:
+    async def _subscribe_and_read(self, ws: Transport, shard: Shard, backoff: Backoff) -> None:
         initial = shard.take_initial()
         chunks = chunk_asset_ids(initial, shard.subscribe_bytes or self.config.max_subscribe_bytes)
         custom = self.config.custom_feature_enabled
-        await ws.send_message(
-            encode_subscribe(chunks[0] if chunks else [], custom_feature_enabled=custom)
-        )
+        await ws.send(encode_subscribe(chunks[0] if chunks else [], custom_feature_enabled=custom))
         for chunk in chunks[1:]:
-            await ws.send_message(
-                encode_operation("subscribe", chunk, custom_feature_enabled=custom)
-            )
+            await ws.send(encode_operation("subscribe", chunk, custom_feature_enabled=custom))
         shard.stats.state = "connected"
         shard.stats.connected_at = time.monotonic()
         shard.subscribed_at = trio.current_time()
@@ -416,7 +362,7 @@ class FeedPool:
             self._grow_when_healthy(shard)
             await trio.sleep(self.config.backoff_max)
 
-    async def _ping(self, ws: WebSocketConnection, beat: Heartbeat, index: int) -> None:
+    async def _ping(self, ws: Transport, beat: Heartbeat, index: int) -> None:
         """
         Text ``PING`` every ``ping_interval`` s on a fixed schedule; raise
         :class:`FeedClosed` when a PING waits ``pong_timeout`` s for its PONG
@@ -436,7 +382,7 @@ class FeedPool:
                 raise FeedClosed(index, f"no PONG and no data within {timeout:g} s")
             if now >= next_ping:
                 beat.sent(now)
-                await ws.send_message("PING")
+                await ws.send("PING")
                 next_ping = max(next_ping + interval, now)
 
     async def _watch_staleness(self, shard: Shard) -> None:
@@ -455,13 +401,14 @@ class FeedPool:
                 continue
             if self.stale_check is not None and shard.assets:
                 shard.stats.stale_checks += 1
-                if await self.stale_check(sorted(shard.assets)[:50]):
+                moved = await self.stale_check(sorted(shard.assets)[:50])
+                if moved is not None:
                     raise FeedClosed(
-                        shard.index, f"no data for {quiet_for:.0f} s while prices moved"
+                        shard.index, f"no data for {quiet_for:.0f} s while prices moved ({moved})"
                     )
             await trio.sleep(after)
 
-    async def _send_changes(self, ws: WebSocketConnection, shard: Shard) -> None:
+    async def _send_changes(self, ws: Transport, shard: Shard) -> None:
         custom = self.config.custom_feature_enabled
         limit = shard.subscribe_bytes or self.config.max_subscribe_bytes
         while True:
@@ -472,11 +419,9 @@ class FeedPool:
             shard.pending_unsubscribe.clear()
             shard.pending_subscribe.clear()
             for chunk in chunk_asset_ids(removed, limit):
-                await ws.send_message(encode_operation("unsubscribe", chunk))
+                await ws.send(encode_operation("unsubscribe", chunk))
             for chunk in chunk_asset_ids(added, limit):
-                await ws.send_message(
-                    encode_operation("subscribe", chunk, custom_feature_enabled=custom)
-                )
+                await ws.send(encode_operation("subscribe", chunk, custom_feature_enabled=custom))
             if removed or added:
                 logger.info(
                     "feed_subscription_changed",
@@ -485,9 +430,9 @@ class FeedPool:
                     unsubscribed=len(removed),
                 )
 
-    async def _read(self, ws: WebSocketConnection, shard: Shard, beat: Heartbeat) -> None:
+    async def _read(self, ws: Transport, shard: Shard, beat: Heartbeat) -> None:
         while True:
-            message = await ws.get_message()
+            message = await ws.receive()
             events = self._received(message, shard, beat)
             if events:
                 try:  # no scheduling round trip while the router keeps up
@@ -495,9 +440,7 @@ class FeedPool:
                 except trio.WouldBlock:
                     await self.events.send(events)
 
-    def _received(
-        self, message: str | bytes, shard: Shard, beat: Heartbeat
-    ) -> list[FeedEvent] | None:
+    def _received(self, message: Message, shard: Shard, beat: Heartbeat) -> list[FeedEvent] | None:
         """Count and parse one frame; the events for the router, or None."""
         stats = self.stats
         now = time.monotonic()
@@ -505,7 +448,7 @@ class FeedPool:
         shard.stats.frames += 1
         shard.stats.last_frame_at = now
         stats.frames += 1
-        if not isinstance(message, str):  # the market channel sends text frames only
+        if isinstance(message, bytearray):  # a binary frame: the market channel sends text only
             self._bad_frame(
                 shard, MalformedFrame("binary_frame", f"{len(message)} bytes"), message, now
             )
@@ -556,7 +499,7 @@ class FeedPool:
                 seen.add(event.asset_id)
 
     def _bad_frame(
-        self, shard: Shard, exc: MalformedFrame, message: str | bytes, now: float
+        self, shard: Shard, exc: MalformedFrame, message: Message, now: float
     ) -> None:
         self.stats.parse_errors[exc.kind] += 1
         suppressed = self._bad_frames.allow(exc.kind, now)

@@ -572,6 +572,27 @@ def _event_type(obj: dict[str, Any]) -> str:
     raise MalformedFrame("missing_field", "no 'event_type'")
 
 
+_CONTROL_BYTES = {text.encode(): text for text in CONTROL_FRAMES}
+
+
+def _control(raw: str | bytes | bytearray | memoryview) -> str | None:
+    """The control text a short frame holds (``PONG``...), else None."""
+    if isinstance(raw, str):
+        stripped = raw.strip()
+        return stripped if stripped in CONTROL_FRAMES else None
+    return _CONTROL_BYTES.get(bytes(raw).strip())
+
+
+def _unreadable(raw: str | bytes | bytearray | memoryview, exc: Exception) -> MalformedFrame:
+    """Why orjson refused a frame: not UTF-8, or not JSON."""
+    if not isinstance(raw, str):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as error:
+            return MalformedFrame("not_utf8", str(error))
+    return MalformedFrame("invalid_json", f"{exc} in {raw[:60]!r}")
+
+
 class FrameParser:
     """
     Parses market-channel frames (see :meth:`parse`), remembering the
@@ -674,21 +695,14 @@ class FrameParser:
             MalformedFrame: the whole frame is unusable: not UTF-8, not JSON,
                 or JSON that is neither an object nor an array.
         """
-        if isinstance(raw, bytes | bytearray | memoryview):
-            try:
-                text = bytes(raw).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise MalformedFrame("not_utf8", str(exc)) from None
-        else:
-            text = raw
-        if len(text) < 24:
-            stripped = text.strip()
-            if stripped in CONTROL_FRAMES:
-                return ParsedFrame(events=[], control=stripped)
+        if len(raw) < 24:
+            control = _control(raw)
+            if control is not None:
+                return ParsedFrame(events=[], control=control)
         try:
-            data = orjson.loads(text)
+            data = orjson.loads(raw)  # UTF-8 bytes are parsed as they are, no decode
         except orjson.JSONDecodeError as exc:
-            raise MalformedFrame("invalid_json", f"{exc} in {text[:60]!r}") from None
+            raise _unreadable(raw, exc) from None
         parsed = ParsedFrame(events=[])
         if isinstance(data, list):
             for obj in data:

@@ -24,8 +24,9 @@ import trio
 from polystream.errors import DatabaseError
 from polystream.monitor.rules import Decision
 from polystream.stats import Stats
+from polystream.store.direct import DirectLink, numbered
 
-__all__ = ["TRIGGERS_CHANNEL", "Executor", "write_decisions"]
+__all__ = ["TRIGGERS_CHANNEL", "Executor", "write_decisions", "write_decisions_direct"]
 
 logger = structlog.get_logger(__name__)
 
@@ -90,6 +91,47 @@ def _columns(decisions: list[Decision], names: list[str]) -> dict[str, list[Any]
     return {name: [getattr(d, name) for d in decisions] for name in names}
 
 
+_POSITION_COLUMNS = ["position_id", "kind", "dedupe_key", "price", "reason"]
+_PREDICTION_COLUMNS = ["prediction_id", "kind", "dedupe_key", "price", "reason", "decided_at"]
+
+
+def _statements(decisions: list[Decision]) -> list[tuple[str, dict[str, list[Any]]]]:
+    """The one or two statements (and their array parameters) that write ``decisions``."""
+    statements = []
+    on_positions = [d for d in decisions if d.position_id is not None]
+    on_predictions = [d for d in decisions if d.position_id is None]
+    if on_positions:
+        statements.append((_WRITE_POSITION_TRIGGERS, _columns(on_positions, _POSITION_COLUMNS)))
+    if on_predictions:
+        params = _columns(on_predictions, _PREDICTION_COLUMNS)
+        params["status"] = [
+            "decided" if d.kind == "prediction" else "skipped" for d in on_predictions
+        ]
+        statements.append((_WRITE_PREDICTION_TRIGGERS, params))
+    return statements
+
+
+_NUMBERED = {sql: numbered(sql) for sql in (_WRITE_POSITION_TRIGGERS, _WRITE_PREDICTION_TRIGGERS)}
+
+
+async def write_decisions_direct(link: DirectLink, decisions: list[Decision]) -> list[int | None]:
+    """
+    :func:`write_decisions` on the event loop, without a worker thread
+    (:class:`~polystream.store.direct.DirectLink`: prepared statements, one
+    autocommit round trip each): the TP/SL path waits behind nothing.
+
+    Raises:
+        DatabaseError: PostgreSQL is unreachable or a statement failed.
+    """
+    found: dict[str, int] = {}
+    for sql, params in _statements(decisions):
+        text, names = _NUMBERED[sql]
+        for key, trigger_id, _ in await link.execute(text, [params[n] for n in names]):
+            assert key is not None and trigger_id is not None
+            found[key] = int(trigger_id)
+    return [found.get(d.dedupe_key) for d in decisions]
+
+
 def write_decisions(conn: psycopg.Connection[Any], decisions: list[Decision]) -> list[int | None]:
     """
     Write decisions exactly once, as sets: compare-and-set of the rows'
@@ -104,21 +146,8 @@ def write_decisions(conn: psycopg.Connection[Any], decisions: list[Decision]) ->
         daemon, a restart) already decided that rule.
     """
     found: dict[str, int] = {}
-    on_positions = [d for d in decisions if d.position_id is not None]
-    on_predictions = [d for d in decisions if d.position_id is None]
-    if on_positions:
-        params = _columns(on_positions, ["position_id", "kind", "dedupe_key", "price", "reason"])
-        for key, trigger_id, _ in conn.execute(_WRITE_POSITION_TRIGGERS, params).fetchall():
-            found[key] = int(trigger_id)
-    if on_predictions:
-        params = _columns(
-            on_predictions,
-            ["prediction_id", "kind", "dedupe_key", "price", "reason", "decided_at"],
-        )
-        params["status"] = [
-            "decided" if d.kind == "prediction" else "skipped" for d in on_predictions
-        ]
-        for key, trigger_id, _ in conn.execute(_WRITE_PREDICTION_TRIGGERS, params).fetchall():
+    for sql, params in _statements(decisions):
+        for key, trigger_id, _ in conn.execute(sql, params).fetchall():
             found[key] = int(trigger_id)
     return [found.get(d.dedupe_key) for d in decisions]
 

@@ -22,11 +22,13 @@ from polystream.ops.metrics import registry_of
 from polystream.stats import Stats
 
 __all__ = [
+    "LAG_PROBE_INTERVAL",
     "Receive",
     "Scope",
     "Send",
     "answer_lifespan",
     "health_app",
+    "run_lag_probe",
     "serve_asgi",
     "serve_health",
 ]
@@ -97,6 +99,29 @@ async def serve_asgi(
     config.errorlog = None
     config.graceful_timeout = 0.5
     await serve(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
+
+
+LAG_PROBE_INTERVAL = 0.01
+"""Seconds between two looks of the loop-lag probe."""
+
+
+async def run_lag_probe(
+    stats: Stats, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """
+    Measure event-loop stalls until cancelled: every :data:`LAG_PROBE_INTERVAL`
+    seconds a timer is set; how late it fires (seconds) is what the loop spent
+    on one piece of work without yielding (``polystream_loop_lag_seconds``,
+    ``/health`` ``loop_lag_max_s``). Nothing else should hold the loop for
+    more than a few milliseconds: the feed's PINGs and reads wait meanwhile.
+    """
+    task_status.started()
+    while True:
+        due = trio.current_time() + LAG_PROBE_INTERVAL
+        await trio.sleep_until(due)
+        lag = max(0.0, trio.current_time() - due)
+        stats.loop_lag.observe(lag)
+        stats.loop_lag_max = max(stats.loop_lag_max, lag)
 
 
 async def serve_health(

@@ -310,32 +310,68 @@ def _isatty(stream: TextIO) -> bool:
 def logs_command(
     source: Annotated[
         str | None,
-        typer.Argument(help="A JSON-lines log file, or - for standard input (the default)."),
+        typer.Argument(
+            metavar="SOURCE",
+            help="A JSON-lines log file, or - for standard input (the default).",
+        ),
     ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep reading the file as it grows.")
     ] = False,
     level: Annotated[
         str | None,
-        typer.Option(help="Minimum level: debug, info, warning, error or critical."),
+        typer.Option(
+            metavar="LEVEL", help="Minimum level: debug, info, warning, error or critical."
+        ),
     ] = None,
     event: Annotated[
         list[str] | None,
-        typer.Option(help="Event name or glob (feed_*); repeat or comma-separate."),
+        typer.Option(metavar="NAME", help="Event name or glob (feed_*); repeat or comma-separate."),
     ] = None,
     market: Annotated[
         list[str] | None,
-        typer.Option(help="Market, condition or asset id found in any context value."),
+        typer.Option(
+            metavar="ID", help="Market, condition or asset id found in any context value."
+        ),
+    ] = None,
+    config_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="POLYSTREAM_CONFIG",
+            metavar="PATH",
+            dir_okay=False,
+            help="TOML configuration file, checked as every command checks it "
+            "(logs uses none of its keys).",
+        ),
     ] = None,
 ) -> None:
     """
     Show polystream's JSON log lines readably, filtered.
 
-    Example: journalctl -u polystream -o cat -f | polystream logs --level warning
+    e.g. journalctl -u polystream -o cat -f | polystream logs - --level warning
+
+    Exit codes: 0 at the end of the input (or on Ctrl-C); 1 the file cannot be
+    read; 2 a bad --level or configuration.
     """
+    _check_config(config_path)
     try:
         log_filter = LogFilter.build(level, event or (), market or ())
     except ValueError as exc:
         typer.echo(f"polystream: --level: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run_logs(source, follow, log_filter, sys.stdout))
+
+
+def _check_config(config_path: Path | None) -> None:
+    """Load the configuration as every command does: one line and exit 2 if it is bad."""
+    from polystream.config import load_config
+    from polystream.errors import ConfigError
+    from polystream.logs import redact
+
+    try:
+        load_config(config_path)
+    except ConfigError as exc:
+        typer.echo(f"polystream: configuration error: {redact(str(exc))}", err=True)
+        raise typer.Exit(2) from None

@@ -7,22 +7,35 @@ prometheus_client's global one).
 The families are one table (:data:`FAMILIES`): name, help, type, labels and
 how to read the samples. Every labelled counter is exported for each label
 value it knows (the bad-input catalogue, the event types, the decision kinds,
-...) at 0 before it first fires, so dashboards and ``rate()`` alerts see it.
+the deferral reasons, the tables written, ...) at 0 before it first fires, so
+dashboards and ``rate()`` alerts see it; so are the database histograms, for
+every link (:data:`polystream.app.LINKS`). Families whose labels cannot be
+known ahead (``ignored_events``: types the channel does not define; the
+per-shard ones before the first shard) have no samples until then.
+
+Beside them, the registry holds prometheus_client's standard collectors:
+``process_*`` (resident and virtual memory, CPU seconds, open and maximum file
+descriptors, start time: Linux ``/proc``), ``python_info`` and ``python_gc_*``;
+and ``polystream_build_info{version, python}`` = 1.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import attrs
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+import polystream
 from polystream.errors import BAD_INPUT_KINDS
 from polystream.feed.protocol import KNOWN_EVENT_TYPES
+from polystream.monitor.engine import DEFERRAL_REASONS
 from polystream.monitor.rules import DECISION_KINDS
 from polystream.stats import BOOK_HASHES, ShardStats, Stats
 
@@ -33,6 +46,8 @@ Read = Callable[[Stats, float], Iterable[Sample]]
 """``read(stats, now)``: the samples, ``(label values, value)``; ``now`` is ``time.monotonic()``."""
 
 RESYNC_REASONS = ("tick_size_change", "hash_mismatch")
+TABLES_WRITTEN = ("markets", "positions")
+"""Labels of ``rows_written`` (the writers' tables)."""
 
 
 @attrs.frozen
@@ -111,7 +126,18 @@ def _age(at: float | None, now: float) -> float | None:
     return None if at is None else now - at
 
 
+def _build_info(_stats: Stats, _now: float) -> Iterable[Sample]:
+    return [((polystream.__version__, platform.python_version()), 1.0)]
+
+
 FAMILIES: tuple[Family, ...] = (
+    Family(
+        "build_info",
+        "polystream's version and the Python running it (always 1)",
+        "gauge",
+        ("version", "python"),
+        _build_info,
+    ),
     Family(
         "frames", "Text frames received", "counter", ("shard",), _per_shard(lambda s, _: s.frames)
     ),
@@ -141,7 +167,7 @@ FAMILIES: tuple[Family, ...] = (
         "Rows updated",
         "counter",
         ("table",),
-        _by_label(lambda s: s.rows_written, ("markets", "positions")),
+        _by_label(lambda s: s.rows_written, TABLES_WRITTEN),
     ),
     Family(
         "reconnects",
@@ -176,7 +202,7 @@ FAMILIES: tuple[Family, ...] = (
         "Times a due prediction was deferred (first and each later look), by reason",
         "counter",
         ("reason",),
-        _by_label(lambda s: s.prediction_deferrals),
+        _by_label(lambda s: s.prediction_deferrals, DEFERRAL_REASONS),
     ),
     Family("polls", "Fallback polls", "counter", (), _snapshot("polls", "poll")),
     Family(
@@ -246,12 +272,26 @@ FAMILIES: tuple[Family, ...] = (
 def registry_of(stats: Stats) -> CollectorRegistry:
     """
     A Prometheus registry of one daemon (never prometheus_client's global
-    one): a :class:`StatsCollector` over ``stats`` and its histograms.
+    one): a :class:`StatsCollector` over ``stats``, its database histograms
+    (every link of :data:`polystream.app.LINKS` at 0 from the start), the
+    loop-lag histogram (``polystream_loop_lag_seconds``), and
+    prometheus_client's process (``process_*``: memory in bytes, CPU in
+    seconds, file descriptors; Linux), platform (``python_info``) and
+    garbage-collector (``python_gc_*``) collectors.
     """
+    from polystream.app import LINKS  # here: polystream.app imports this module
+
     registry = CollectorRegistry(auto_describe=True)
     registry.register(StatsCollector(stats))
+    for link in LINKS:
+        stats.db_seconds.labels(link)
+        stats.db_batch_rows.labels(link)
     registry.register(stats.db_seconds)
     registry.register(stats.db_batch_rows)
+    registry.register(stats.loop_lag)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 

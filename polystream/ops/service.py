@@ -3,11 +3,15 @@ The systemd unit and ``polystream service install [--user]``.
 
 :func:`render_unit` writes a ``Type=notify`` unit (``man systemd.service``,
 ``man systemd.exec``): readiness and the watchdog come from
-:mod:`polystream.ops.systemd`. :func:`install` writes it, plus a configuration and
-an environment file when they are missing, and returns the commands that
-finish the job (creating the user, ``systemctl daemon-reload``, ...); it runs
-none of them. ``deploy/polystream.service`` is the system-mode rendering for
-an install under ``/opt/polystream/venv``.
+:mod:`polystream.ops.systemd`. :func:`install` writes it, plus a configuration
+(every key at its default, :func:`polystream.config.render_config_toml`: complete
+on its own, no source tree needed) and an environment file when they are
+missing, and returns the commands that finish the job (creating the user,
+``systemctl daemon-reload``, ...) and warnings (an executable under ``/tmp``,
+which ``PrivateTmp=yes`` hides from the service, or under ``/home``); it runs
+none of them. ``--config PATH`` makes the unit use an existing configuration
+instead (checked first). ``deploy/polystream.service`` is the system-mode
+rendering for an install under ``/opt/polystream/venv``.
 
 Choices, for review:
 
@@ -44,16 +48,23 @@ from typing import Annotated
 import attrs
 import typer
 
+from polystream.config import load_config, render_config_toml
+from polystream.errors import ConfigError
+from polystream.logs import redact
+
 __all__ = [
     "SERVICE_NAME",
     "SYSTEM_CONFIG_DIR",
     "SYSTEM_UNIT_DIR",
+    "ConfigPathOption",
     "ExecutableOption",
     "InstallResult",
     "UserOption",
+    "config_stub",
     "default_executable",
     "install",
     "install_command",
+    "path_warnings",
     "render_unit",
     "service_app",
     "show_command",
@@ -65,17 +76,21 @@ SERVICE_NAME = "polystream"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 SYSTEM_CONFIG_DIR = Path("/etc/polystream")
 
-_CONFIG_TEMPLATE = """\
-# polystream configuration: an empty file means every default.
-# All keys, with defaults and units: config.toml in the polystream source.
-# Secrets (the database DSN) belong in the environment file beside this one:
+_CONFIG_PREAMBLE = """\
+# Written by `polystream service install`: every key at its default, so this file is
+# complete on its own. Secrets (the database DSN) belong in the environment file
+# beside it (mode 0600), not here:
 #   POLYSTREAM_DATABASE__DSN=postgresql://polystream@127.0.0.1:5432/trading
-# Leave database.dsn empty to run an embedded PostgreSQL under the state
-# directory ($STATE_DIRECTORY, i.e. /var/lib/polystream for the system unit).
+# With database.dsn empty the service runs an embedded PostgreSQL under its state
+# directory ($STATE_DIRECTORY: /var/lib/polystream for the system unit).
 
-[log]
-level = "info"
 """
+
+
+def config_stub() -> str:
+    """The ``config.toml`` that :func:`install` writes: a preamble, then every key at its default."""
+    return _CONFIG_PREAMBLE + render_config_toml()
+
 
 _ENV_TEMPLATE = """\
 # Environment of polystream.service, read by systemd (not by the daemon's user).
@@ -104,6 +119,7 @@ _HARDENING_SYSTEM = (
 )
 
 _HOME_PREFIXES = (Path("/home"), Path("/root"), Path("/run/user"))
+_TMP_PREFIXES = (Path("/tmp"), Path("/var/tmp"))
 
 
 @attrs.frozen
@@ -118,7 +134,8 @@ class InstallResult:
         created: files written by this call (the unit always; the
             configuration and environment files only when they were missing).
         commands: shell commands to run next, in order.
-        notes: warnings worth printing (e.g. an executable under ``/home``).
+        notes: warnings worth printing, one line each, with what to do
+            (:func:`path_warnings`; an executable that does not exist yet).
     """
 
     unit_path: Path
@@ -154,8 +171,49 @@ def _quote(value: str) -> str:
     return value
 
 
+def _under(path: Path, prefixes: tuple[Path, ...]) -> Path | None:
+    return next((p for p in prefixes if path == p or p in path.parents), None)
+
+
 def _under_home(path: Path) -> bool:
-    return any(path == prefix or prefix in path.parents for prefix in _HOME_PREFIXES)
+    return _under(path, _HOME_PREFIXES) is not None
+
+
+def path_warnings(executable: Path, config_path: Path, *, user_mode: bool) -> list[str]:
+    """
+    One line per path the unit's sandbox gets in the way of, with what to do.
+
+    A system unit has ``PrivateTmp=yes`` (the service sees an empty ``/tmp`` and
+    ``/var/tmp`` of its own: an executable or configuration there is not found and
+    the service fails to start) and ``ProtectHome=`` (``yes``, or ``read-only``
+    when a path is under ``/home``, ``/root`` or ``/run/user``: it runs, with
+    homes readable). A user unit has neither; a path under ``/tmp`` still
+    disappears when ``/tmp`` is cleaned.
+    """
+    fixes = {
+        "executable": "install polystream outside /tmp (e.g. python3 -m venv "
+        "/opt/polystream/venv && /opt/polystream/venv/bin/pip install .) and run that "
+        "installation's `polystream service install`",
+        "configuration": "keep it outside /tmp (--config-dir, or --config PATH)",
+    }
+    lines = []
+    for what, path in (("executable", executable), ("configuration", config_path)):
+        tmp = _under(path, _TMP_PREFIXES)
+        if tmp is None:
+            continue
+        if user_mode:
+            hazard = "which is emptied at boot and by systemd-tmpfiles"
+        else:
+            hazard = "which the unit's PrivateTmp=yes hides from the service: it would not start"
+        lines.append(f"the {what} {path} is under {tmp}, {hazard}; {fixes[what]}")
+    if not user_mode and (_under_home(executable) or _under_home(config_path)):
+        lines.append(
+            f"{executable if _under_home(executable) else config_path} is under a home "
+            "directory: the unit runs with ProtectHome=read-only instead of yes; a "
+            "system-wide install (e.g. /opt/polystream/venv, config in /etc/polystream) "
+            "keeps homes hidden from the service"
+        )
+    return lines
 
 
 def render_unit(
@@ -255,14 +313,17 @@ def install(
     config_dir: Path | None = None,
     user: str = SERVICE_NAME,
     home: Path | None = None,
+    config_path: Path | None = None,
 ) -> InstallResult:
     """
     Write ``polystream.service`` (replacing an older one) and return the next steps.
 
-    Also writes ``config.toml`` (defaults) and ``env`` (mode 0600, a commented
-    template) into ``config_dir`` when they are missing; existing files are
-    left alone. Runs no command: ``systemctl``, ``useradd`` and ``chown`` are
-    returned in :attr:`InstallResult.commands`.
+    Also writes ``config.toml`` (every key at its default, :func:`config_stub`)
+    and ``env`` (mode 0600, a commented template) into ``config_dir`` when they
+    are missing; existing files are left alone. With ``config_path`` the unit
+    runs with that file instead and no ``config.toml`` is written. Runs no
+    command: ``systemctl``, ``useradd`` and ``chown`` are returned in
+    :attr:`InstallResult.commands`, warnings in :attr:`InstallResult.notes`.
 
     Args:
         user_mode: a ``systemctl --user`` unit in ``~/.config/systemd/user``
@@ -273,6 +334,8 @@ def install(
         config_dir: override the configuration directory.
         user: ``User=`` of the system unit.
         home: the home directory for user mode (default ``Path.home()``).
+        config_path: an existing configuration for ``ExecStart=`` (made
+            absolute) instead of ``config_dir/config.toml``.
 
     Raises:
         OSError: a directory or file cannot be written (not root?).
@@ -285,9 +348,10 @@ def install(
         unit_dir = unit_dir or SYSTEM_UNIT_DIR
         config_dir = config_dir or SYSTEM_CONFIG_DIR
     executable = executable or default_executable()
-    config_path = config_dir.absolute() / "config.toml"
+    given_config = config_path is not None
+    config_path = (config_path or config_dir / "config.toml").absolute()
     env_path = config_dir.absolute() / "env"
-    unit_path = unit_dir / f"{SERVICE_NAME}.service"
+    unit_path = unit_dir.absolute() / f"{SERVICE_NAME}.service"
     text = render_unit(
         executable=executable.absolute(),
         config_path=config_path,
@@ -299,8 +363,8 @@ def install(
     _write(unit_path, text, 0o644)
     created = [unit_path]
     config_dir.mkdir(parents=True, exist_ok=True)
-    if not config_path.exists():
-        _write(config_path, _CONFIG_TEMPLATE, 0o644)
+    if not given_config and not config_path.exists():
+        _write(config_path, config_stub(), 0o644)
         created.append(config_path)
     if not env_path.exists():
         _write(env_path, _ENV_TEMPLATE, 0o600)
@@ -308,11 +372,7 @@ def install(
     notes = []
     if not executable.exists():
         notes.append(f"{executable} does not exist yet: install polystream there first")
-    if not user_mode and _under_home(executable):
-        notes.append(
-            f"{executable} is under a home directory: the unit uses ProtectHome=read-only; "
-            "a system-wide install (e.g. /opt/polystream/venv) is better"
-        )
+    notes += path_warnings(executable.absolute(), config_path, user_mode=user_mode)
     return InstallResult(
         unit_path,
         config_path,
@@ -362,28 +422,66 @@ UserOption = Annotated[
 ]
 ExecutableOption = Annotated[
     Path | None,
-    typer.Option(help="The polystream console script (default: this installation's)."),
+    typer.Option(
+        metavar="PATH", help="The polystream console script (default: this installation's)."
+    ),
+]
+ConfigPathOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="POLYSTREAM_CONFIG",
+        metavar="PATH",
+        help="TOML configuration the unit runs with (checked now). Default: "
+        "<config-dir>/config.toml, written with every default if missing.",
+        dir_okay=False,
+    ),
 ]
 
 
-@service_app.command("install")
+def _checked(config_path: Path | None) -> Path | None:
+    """``config_path`` made absolute, once it loads (else one line and exit 2)."""
+    if config_path is None:
+        return None
+    try:
+        load_config(config_path, environ={})  # the service's environment is its env file
+    except ConfigError as exc:
+        typer.echo(f"polystream: configuration error: {redact(str(exc))}", err=True)
+        raise typer.Exit(2) from None
+    return config_path.absolute()
+
+
+@service_app.command(
+    "install", short_help="Write polystream.service (and a config and env file if missing)."
+)
 def install_command(
     user_mode: UserOption = False,
     executable: ExecutableOption = None,
     unit_dir: Annotated[
-        Path | None, typer.Option(help="Unit directory (default: systemd's for the mode).")
+        Path | None,
+        typer.Option(metavar="DIR", help="Unit directory (default: systemd's for the mode)."),
     ] = None,
     config_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Configuration directory (default /etc/polystream or ~/.config/polystream)."
+            metavar="DIR",
+            help="Configuration directory (default /etc/polystream or ~/.config/polystream).",
         ),
     ] = None,
     user: Annotated[
-        str, typer.Option("--user-name", help="User= of the system unit.")
+        str, typer.Option("--user-name", metavar="NAME", help="User= of the system unit.")
     ] = SERVICE_NAME,
+    config_path: ConfigPathOption = None,
 ) -> None:
-    """Write polystream.service (and a config and env file if missing); print the next steps."""
+    """
+    Write polystream.service (and a config and env file if missing); print the next steps.
+
+    Warnings (one line each, on stderr; exit 0) name a path the unit's sandbox
+    gets in the way of and what to do. Exit 1: a file cannot be written; 2: a bad
+    --config.
+    """
+    checked = _checked(config_path)
     try:
         result = install(
             user_mode,
@@ -391,30 +489,38 @@ def install_command(
             unit_dir=unit_dir,
             config_dir=config_dir,
             user=user,
+            config_path=checked,
         )
     except OSError as exc:
         typer.echo(f"polystream: cannot install the unit: {exc}", err=True)
         raise typer.Exit(1) from None
     for path in result.created:
         typer.echo(f"wrote {path}")
+    if checked is not None:
+        typer.echo(f"the unit runs with {checked}")
     for note in result.notes:
-        typer.echo(f"note: {note}")
+        typer.echo(f"warning: {note}", err=True)
     typer.echo("next:")
     for command in result.commands:
         typer.echo(f"  {command}")
 
 
-@service_app.command("show")
-def show_command(user_mode: UserOption = False, executable: ExecutableOption = None) -> None:
-    """Print the unit that `service install` would write."""
+@service_app.command("show", short_help="Print the unit that service install would write.")
+def show_command(
+    user_mode: UserOption = False,
+    executable: ExecutableOption = None,
+    config_path: ConfigPathOption = None,
+) -> None:
+    """Print the unit that service install would write (exit 2: a bad --config)."""
     home = _user_config_home(Path.home())
     config_dir = home / SERVICE_NAME if user_mode else SYSTEM_CONFIG_DIR
     typer.echo(
         render_unit(
             executable=(executable or default_executable()).absolute(),
-            config_path=config_dir.absolute() / "config.toml",
+            config_path=_checked(config_path) or config_dir.absolute() / "config.toml",
             user=None if user_mode else SERVICE_NAME,
             user_mode=user_mode,
+            env_path=config_dir.absolute() / "env",
         ),
         nl=False,
     )

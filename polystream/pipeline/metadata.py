@@ -25,8 +25,22 @@ import trio
 from polystream.errors import DatabaseError, ImportDataError
 from polystream.store import db
 from polystream.store.link import DbLink
-from polystream.store.markets import GammaMarket, upsert_markets
-from polystream.venue.gamma import MAX_PER_REQUEST, GammaClient, GammaError, Lookup, classify_ref
+from polystream.store.markets import (
+    GammaMarket,
+    Warn,
+    require_current_schema,
+    upsert_markets,
+    warn_on_stderr,
+    without_tokens_warnings,
+)
+from polystream.venue.gamma import (
+    MAX_PER_REQUEST,
+    GammaClient,
+    GammaError,
+    Lookup,
+    classify_ref,
+    retries_unlogged,
+)
 from polystream.venue.http import chunks
 
 __all__ = [
@@ -42,7 +56,6 @@ logger = structlog.get_logger(__name__)
 
 WAKE_COALESCE = 0.5
 """Seconds a wake-up waits so that a burst of position changes costs one round."""
-"""Most ids or condition ids in one ``GET /markets`` (Gamma caps pages at 100)."""
 
 
 # --------------------------------------------------------------- database side
@@ -53,10 +66,19 @@ WHERE p.status = 'active'
   AND (p.market_id ~ '^[0-9]+$' OR p.market_id ~ '^0x[0-9a-fA-F]{64}$')
   AND NOT EXISTS (
       SELECT 1 FROM markets AS m
-      WHERE (m.id = p.market_id OR m.condition_id = p.market_id)
+      WHERE m.id = p.market_id
+        AND jsonb_typeof(m.clob_token_ids) = 'array'
+        AND m.clob_token_ids <> '[]'::jsonb)
+  AND NOT EXISTS (
+      SELECT 1 FROM markets AS m
+      WHERE m.condition_id = p.market_id
         AND jsonb_typeof(m.clob_token_ids) = 'array'
         AND m.clob_token_ids <> '[]'::jsonb)
 """
+# Two anti-joins, not one on ``m.id = ... OR m.condition_id = ...``: an OR join
+# condition is a nested loop (positions x markets, 39 s at 100,000 x 5,000 in
+# bench.scale, past the statement timeout); each of these is a merge or hash
+# anti-join (80 ms there).
 
 
 def _ref_order(ref: str) -> tuple[int, int, str]:
@@ -266,29 +288,52 @@ async def run_metadata_filler(
 # ---------------------------------------------------------------- CLI import
 
 
-def _import_sync(dsn: str, markets: list[GammaMarket]) -> int:
+def _check_schema_sync(dsn: str) -> None:
     with db.connect(dsn, application_name="polystream-import") as conn:
+        require_current_schema(conn)
+
+
+def _import_sync(dsn: str, markets: list[GammaMarket], warn: Warn) -> int:
+    with db.connect(dsn, application_name="polystream-import") as conn:
+        require_current_schema(conn)
+        for line in without_tokens_warnings(conn, markets):
+            warn(line)
         count = upsert_markets(conn, markets)
         conn.commit()
         return count
 
 
-async def import_from_gamma(dsn: str, refs: Sequence[str], client: GammaClient) -> int:
+async def import_from_gamma(
+    dsn: str, refs: Sequence[str], client: GammaClient, *, warn: Warn | None = None
+) -> int:
     """
     Fetch markets by id, condition id or slug (see :func:`classify_ref`) and
     upsert them into ``markets`` (``source = 'gamma'`` unless live prices
     exist).  All or nothing: returns the number of rows written.
 
+    The schema is checked before Gamma is asked.  A market Gamma returns
+    without ``clobTokenIds`` (its hydration window) is imported and reported
+    to ``warn``, one line each (default
+    :func:`polystream.store.markets.warn_on_stderr`).  stamina's own log line
+    per retry is off meanwhile (:func:`polystream.venue.gamma.retries_unlogged`):
+    a failure is the one line of its :class:`GammaError`.
+
     Raises:
         ImportDataError: Gamma knows none of some refs (the message names
-            them); nothing is written.
-        GammaError: Gamma could not be asked.
-        DatabaseError: connecting or the upsert failed.
+            them and Gamma's host); nothing is written.
+        GammaError: Gamma could not be asked (the message names the host and
+            the HTTP status or the transport's cause).
+        DatabaseError: connecting failed, the schema is not migrated
+            ("... run `polystream db migrate` first"), or the upsert failed.
     """
-    lookup = await client.lookup(refs)
+    await trio.to_thread.run_sync(_check_schema_sync, dsn)
+    with retries_unlogged():
+        lookup = await client.lookup(refs)
     if lookup.unknown:
-        raise ImportDataError(f"Gamma has no market for: {', '.join(lookup.unknown)}")
+        raise ImportDataError(
+            f"Gamma ({client.host}) has no market for: {', '.join(lookup.unknown)}"
+        )
     markets = list({m.id: m for m in lookup.found.values()}.values())
     if not markets:
         return 0
-    return await trio.to_thread.run_sync(_import_sync, dsn, markets)
+    return await trio.to_thread.run_sync(_import_sync, dsn, markets, warn or warn_on_stderr)

@@ -115,6 +115,6 @@ class Router:
                 for _ in range(16):  # drain what queued meanwhile, no checkpoint each
                     try:
                         more = receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break  # the loop's next receive ends on a closed channel
                     self.apply(more)

@@ -126,7 +126,11 @@ class FaultInjector:
         return len(targets)
 
     def inject_garbage(
-        self, kinds: Iterable[str] | None, numbers: _Numbers, asset_ids: Iterable[str] | None
+        self,
+        kinds: Iterable[str] | None,
+        numbers: _Numbers,
+        asset_ids: Iterable[str] | None,
+        poison: bool = True,
     ) -> dict[int, list[Garbage]]:
         """
         Queue garbage (:func:`garbage_frames`) to each target served normally,
@@ -141,13 +145,13 @@ class FaultInjector:
         sent: dict[int, list[Garbage]] = {}
         for client in self.record("garbage", self._served(numbers)):
             assets = client.subscribed if allowed is None else client.subscribed & allowed
-            garbage = self._send_garbage(client, assets, chosen)
+            garbage = self._send_garbage(client, assets, chosen, poison)
             if garbage is not None:
                 sent[client.number] = garbage
         return sent
 
     def _send_garbage(
-        self, client: Client, assets: Iterable[str], kinds: list[str] | None
+        self, client: Client, assets: Iterable[str], kinds: list[str] | None, poison: bool
     ) -> list[Garbage] | None:
         """Queue garbage about ``assets`` to ``client``; None when it has no asset to spoil."""
         try:
@@ -159,7 +163,7 @@ class FaultInjector:
             for frame in item.frames:
                 client.push(frame)
             self.stats.garbage_sent[item.kind] += 1
-        if any(item.kind == "not_utf8_text" for item in garbage):
+        if poison and any(item.kind == "not_utf8_text" for item in garbage):
             self.clients.mute(client, "poisoned", clear=False)
         return garbage
 

@@ -351,6 +351,7 @@ class ReplayServer:
         *,
         clients: Collection[int] | None = None,
         asset_ids: Iterable[str] | None = None,
+        poison: bool = True,
     ) -> dict[int, list[Garbage]]:
         """
         Queue one bad input of each of ``kinds`` (:func:`garbage_frames`;
@@ -362,12 +363,14 @@ class ReplayServer:
         A connection sent ``not_utf8_text`` is taken off the tape afterwards
         (mode ``poisoned``; it still answers ``PING``): the client must fail
         it (RFC 6455, section 8.1), and one that does so without closing the
-        socket must not hold the tape up for everyone else.
+        socket must not hold the tape up for everyone else. ``poison=False``
+        keeps it on the tape: for a client that counts and skips such a
+        frame instead (polystream's ``sansio`` transport).
 
         Raises:
             ReplayError: an unknown kind.
         """
-        return self.injector.inject_garbage(kinds, clients, asset_ids)
+        return self.injector.inject_garbage(kinds, clients, asset_ids, poison)
 
     def pause(self, duration: float = 0.0) -> None:
         """

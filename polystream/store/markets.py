@@ -7,11 +7,19 @@ are JSON *strings* holding arrays, e.g. ``"[\"Up\", \"Down\"]"``, and whose
 prices are JSON numbers or decimal strings.  Real samples:
 ``tests/data/real/nautilus_trader/rust_test_data/gamma_market*.json``.
 Prices become :class:`decimal.Decimal` (through ``str()``), never floats.
+
+A market without ``clobTokenIds`` (Gamma's "hydration window": a new market
+lacks them for a few minutes) is imported all the same, so services can
+reference it, and reported (:func:`import_markets_file`'s ``warn``): it cannot
+be priced until its token ids are known, which ``polystream run`` asks Gamma for
+while an active position holds it (:mod:`polystream.pipeline.metadata`).  Such
+an import never erases token ids a row already has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -24,8 +32,21 @@ from psycopg.types.json import Jsonb
 
 from polystream.errors import DatabaseError, ImportDataError
 from polystream.numbers import NotANumber, ask_or_none, bid_or_none, finite_decimal
+from polystream.store import db
 
-__all__ = ["GammaMarket", "import_markets_file", "parse_gamma_payload", "upsert_markets"]
+__all__ = [
+    "GammaMarket",
+    "Warn",
+    "import_markets_file",
+    "parse_gamma_payload",
+    "require_current_schema",
+    "upsert_markets",
+    "warn_on_stderr",
+    "without_tokens_warnings",
+]
+
+Warn = Callable[[str], None]
+"""Receives one warning line (no prefix, no line end)."""
 
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
@@ -235,7 +256,8 @@ def parse_gamma_payload(data: bytes) -> list[GammaMarket]:
     return [GammaMarket.from_gamma(item) for item in parsed]
 
 
-# Prices are Gamma's only while no live source has written the row.
+# Prices are Gamma's only while no live source has written the row; a record without
+# token ids (Gamma's hydration window) keeps the token ids (and outcomes) a row has.
 _UPSERT = """
 INSERT INTO markets AS m (
     id, condition_id, question, slug, outcomes, clob_token_ids, outcome_prices,
@@ -252,8 +274,12 @@ ON CONFLICT (id) DO UPDATE SET
     condition_id = EXCLUDED.condition_id,
     question = EXCLUDED.question,
     slug = EXCLUDED.slug,
-    outcomes = EXCLUDED.outcomes,
-    clob_token_ids = EXCLUDED.clob_token_ids,
+    outcomes = CASE WHEN EXCLUDED.clob_token_ids = '[]'::jsonb
+            AND jsonb_typeof(m.clob_token_ids) = 'array' AND m.clob_token_ids <> '[]'::jsonb
+        THEN m.outcomes ELSE EXCLUDED.outcomes END,
+    clob_token_ids = CASE WHEN EXCLUDED.clob_token_ids = '[]'::jsonb
+            AND jsonb_typeof(m.clob_token_ids) = 'array' AND m.clob_token_ids <> '[]'::jsonb
+        THEN m.clob_token_ids ELSE EXCLUDED.clob_token_ids END,
     end_date = EXCLUDED.end_date,
     active = EXCLUDED.active,
     closed = EXCLUDED.closed,
@@ -301,12 +327,38 @@ def _columns(markets: Iterable[GammaMarket]) -> list[list[Any]]:
     return columns
 
 
+def _one_line(exc: psycopg.Error) -> str:
+    """The server's message and detail on one line (no ``LINE 2: ...`` excerpt)."""
+    diag = exc.diag
+    primary = diag.message_primary or str(exc).splitlines()[0]
+    return primary + (f" ({diag.message_detail})" if diag.message_detail else "")
+
+
+def require_current_schema(conn: psycopg.Connection[Any]) -> None:
+    """
+    Check that every packaged migration is applied, before writing.
+
+    Raises:
+        DatabaseError: migrations are pending (one line, "database schema is not
+            up to date (N migration(s) pending): run `polystream db migrate`
+            first", the wording of ``polystream run``), or the check failed.
+    """
+    pending = db.pending_migrations(conn)
+    if pending:
+        raise DatabaseError(
+            f"database schema is not up to date ({len(pending)} migration(s) pending): "
+            "run `polystream db migrate` first"
+        )
+
+
 def upsert_markets(conn: psycopg.Connection[Any], markets: Iterable[GammaMarket]) -> int:
     """
     Insert or update ``markets`` rows in one statement; return rows written.
 
     Metadata (condition id, question, slug, outcomes, token ids, end date,
-    flags) always comes from Gamma.  ``outcome_prices``, ``best_bid``,
+    flags) always comes from Gamma, except that a record without token ids
+    keeps the token ids (and outcomes) the row already has.
+    ``outcome_prices``, ``best_bid``,
     ``best_ask``, ``last_trade_price`` and ``updated_at`` are set, with
     ``source = 'gamma'``, only where the row has no live prices yet (its
     ``source`` is NULL or ``'gamma'``): an import never overwrites what the
@@ -319,7 +371,7 @@ def upsert_markets(conn: psycopg.Connection[Any], markets: Iterable[GammaMarket]
 
     Raises:
         DatabaseError: the statement failed (e.g. a condition id already
-            belongs to another market id).
+            belongs to another market id); the message is one line.
     """
     columns = _columns(markets)
     if not columns[0]:
@@ -329,18 +381,67 @@ def upsert_markets(conn: psycopg.Connection[Any], markets: Iterable[GammaMarket]
             cur.execute(_UPSERT, columns)
             return cur.rowcount
     except psycopg.Error as exc:
-        raise DatabaseError(f"cannot upsert {len(columns[0])} markets: {exc}") from exc
+        raise DatabaseError(f"cannot upsert {len(columns[0])} markets: {_one_line(exc)}") from exc
 
 
-def import_markets_file(conn: psycopg.Connection[Any], path: Path) -> int:
+def warn_on_stderr(line: str) -> None:
+    """The default ``warn``: ``polystream: warning: <line>`` on standard error."""
+    print(f"polystream: warning: {line}", file=sys.stderr)
+
+
+def without_tokens_warnings(
+    conn: psycopg.Connection[Any], markets: Sequence[GammaMarket]
+) -> list[str]:
+    """
+    One line per market of ``markets`` without ``clob_token_ids``, read before
+    they are upserted: it cannot be priced until Gamma fills them in, or, when
+    its row already has token ids, those are kept.  Blocking.
+
+    Raises:
+        DatabaseError: the lookup of stored token ids failed.
+    """
+    empty = {m.id: m for m in markets if not m.clob_token_ids}
+    if not empty:
+        return []
+    try:
+        rows = conn.execute(
+            "SELECT id FROM markets WHERE id = ANY(%s) AND jsonb_typeof(clob_token_ids) = 'array'"
+            " AND clob_token_ids <> '[]'::jsonb",
+            (list(empty),),
+        ).fetchall()
+    except psycopg.Error as exc:
+        raise DatabaseError(f"cannot read markets: {_one_line(exc)}") from exc
+    stored = {str(row[0]) for row in rows}
+    lines = []
+    for market in empty.values():
+        name = f"market {market.id} ({market.slug or market.question or 'no slug'})"
+        if market.id in stored:
+            lines.append(f"{name} has no clobTokenIds: the token ids already stored are kept")
+        else:
+            lines.append(
+                f"{name} has no clobTokenIds: imported, but it cannot be priced until Gamma "
+                "fills them in (`polystream run` asks Gamma for them while an active position "
+                "holds the market)"
+            )
+    return lines
+
+
+def import_markets_file(
+    conn: psycopg.Connection[Any], path: Path, *, warn: Warn | None = None
+) -> int:
     """
     Read a Gamma payload file (see :func:`parse_gamma_payload`) and upsert it.
 
-    Returns the number of rows written.
+    Returns the number of rows written (at least one).  Each market without
+    ``clobTokenIds`` is imported and reported to ``warn``, one line each
+    (default :func:`warn_on_stderr`); see :func:`without_tokens_warnings`.
 
     Raises:
-        ImportDataError: the file cannot be read or parsed (message names it).
-        DatabaseError: the upsert failed.
+        ImportDataError: the file cannot be read or parsed, or holds no
+            market object (empty, blank, or an empty array); the message
+            names the file.
+        DatabaseError: the schema is not migrated (see
+            :func:`require_current_schema`), or the upsert failed.
     """
     try:
         data = path.read_bytes()
@@ -350,4 +451,10 @@ def import_markets_file(conn: psycopg.Connection[Any], path: Path) -> int:
         markets = parse_gamma_payload(data)
     except ImportDataError as exc:
         raise ImportDataError(f"{path}: {exc}") from exc
+    if not markets:
+        what = "an empty file" if not data.strip() else "no market object in it"
+        raise ImportDataError(f"{path}: nothing to import: {what} (expected Gamma market JSON)")
+    require_current_schema(conn)
+    for line in without_tokens_warnings(conn, markets):
+        (warn or warn_on_stderr)(line)
     return upsert_markets(conn, markets)

@@ -308,24 +308,29 @@ async def prices_moved(
     client: ClobClient,
     tops: Callable[[str], tuple[Decimal | None, Decimal | None] | None],
     asset_ids: Sequence[str],
-) -> bool:
+) -> str | None:
     """
-    True when the CLOB's best bid or ask of some asset differs from ours:
-    a feed that delivered nothing meanwhile is then silently dead.  Fits
-    ``FeedPool.stale_check`` (``partial(prices_moved, client, tops)``).
+    How the CLOB's best bid or ask of some asset differs from ours (``"asset
+    <id>: ours 0.51/0.52, venue 0.5/0.52"``, the first found), or None when
+    none does: a feed that delivered nothing meanwhile is then silently dead.
+    Fits ``FeedPool.stale_check`` (``partial(prices_moved, client, tops)``).
 
     ``tops(asset_id)`` gives our ``(best_bid, best_ask)``, or None when we
     know no book for it (such assets are not compared).  A CLOB failure is
-    logged (``stale_check_failed``) and answers False: without evidence the
+    logged (``stale_check_failed``) and answers None: without evidence the
     link is left alone.
     """
     try:
         quotes = await client.prices(asset_ids)
     except ClobError as exc:
         logger.warning("stale_check_failed", assets=len(asset_ids), error=str(exc)[:300])
-        return False
+        return None
     for asset_id, remote in quotes.items():
         ours = tops(asset_id)
         if ours is not None and ours != remote:
-            return True
-    return False
+            return f"asset {asset_id}: ours {_pair(ours)}, venue {_pair(remote)}"
+    return None
+
+
+def _pair(top: tuple[Decimal | None, Decimal | None]) -> str:
+    return "/".join("-" if side is None else str(side) for side in top)

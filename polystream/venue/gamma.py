@@ -10,25 +10,30 @@ limit: 300 requests / 10 s on ``/markets``; overshoot is 429.
 
 Requests are retried with exponential backoff and jitter (stamina) on
 transport errors, 429 and 5xx, a bounded number of times; any other 4xx is
-not retried.
+not retried. A failure is one :class:`GammaError` line naming the host and
+the HTTP status or the transport's cause, in the words the feed uses for its
+connections (:func:`describe_http_failure`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 from urllib.parse import quote
 
 import attrs
 import httpx
 import orjson
+import stamina
 import structlog
 
-from polystream.errors import GammaError, ImportDataError
+from polystream.errors import GammaError, ImportDataError, leaves
 from polystream.store.markets import GammaMarket
-from polystream.venue.http import chunks, open_http, send_with_retries
+from polystream.venue.http import chunks, open_http, retry_delay, send_with_retries
 
 __all__ = [
     "DEFAULT_GAMMA_URL",
@@ -38,7 +43,9 @@ __all__ = [
     "Lookup",
     "RefKind",
     "classify_ref",
+    "describe_http_failure",
     "open_gamma_client",
+    "retries_unlogged",
 ]
 
 logger = structlog.get_logger(__name__)
@@ -47,6 +54,7 @@ DEFAULT_GAMMA_URL = "https://gamma-api.polymarket.com"
 """Gamma's public base URL (docs/protocol.md, "Gamma")."""
 
 MAX_PER_REQUEST = 100
+"""Most ids or condition ids in one ``GET /markets`` (Gamma caps pages at 100)."""
 
 RefKind = Literal["id", "condition_id", "slug"]
 
@@ -65,6 +73,68 @@ def classify_ref(ref: str) -> RefKind:
     if _CONDITION_ID.match(ref):
         return "condition_id"
     return "slug"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def describe_http_failure(exc: httpx.HTTPError, url: httpx.URL, timeout: float | None) -> str:
+    """
+    Why a request to ``url`` failed, in words naming the host: ``"HTTP 503
+    Service Unavailable from gamma-api.polymarket.com"``, ``"connection
+    refused by 127.0.0.1:9"``, ``"host not found: ... (Name or service not
+    known)"``, ``"no answer from HOST within 10 s"``, ``"TLS failed with HOST:
+    ..."``. ``timeout`` is the request timeout in seconds (for the words).
+    """
+    host = url.netloc.decode("ascii", "replace") or "?"
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        reason = exc.response.reason_phrase or httpx.codes.get_reason_phrase(code)
+        status = f"{code} {reason}".rstrip()
+        return f"HTTP {status} from {host}"
+    if isinstance(exc, httpx.TimeoutException):
+        within = f" within {timeout:g} s" if timeout is not None else ""
+        if isinstance(exc, httpx.ConnectTimeout):
+            return f"no connection to {host}{within}"
+        return f"no answer from {host}{within}"
+    causes = [leaf for e in _chain(exc) for leaf in leaves(e)]
+    gai = next((e for e in causes if isinstance(e, socket.gaierror)), None)
+    if gai is not None:
+        return f"host not found: {url.host} ({gai.strerror})"
+    if any(isinstance(e, ConnectionRefusedError) for e in causes):
+        return f"connection refused by {host}"
+    tls = next((e for e in causes if isinstance(e, ssl.SSLError)), None)
+    if tls is not None:
+        return f"TLS failed with {host}: {tls}"
+    oserror = next((e for e in causes if isinstance(e, OSError) and e.strerror), None)
+    if oserror is not None:
+        return f"cannot connect to {host}: {oserror.strerror}"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"{host} closed the connection without an answer ({exc})"
+    return f"{type(exc).__name__} with {host}: {exc}"
+
+
+@contextmanager
+def retries_unlogged() -> Iterator[None]:
+    """
+    Within the block, stamina calls no retry hook (by default it logs a
+    ``stamina.retry_scheduled`` warning per retry, with the raw exception):
+    for a one-shot command whose failure is reported in one line. The hooks
+    are process-wide; the previous ones are restored on exit.
+    """
+    saved = stamina.instrumentation.get_on_retry_hooks()
+    stamina.instrumentation.set_on_retry_hooks([])
+    try:
+        yield
+    finally:
+        stamina.instrumentation.set_on_retry_hooks(saved)
 
 
 def _parse_items(items: Iterable[object]) -> list[GammaMarket]:
@@ -114,8 +184,20 @@ class GammaClient:
     wait_initial: float = 0.5
     wait_max: float = 10.0
 
+    @property
+    def host(self) -> str:
+        """Gamma's ``host[:port]``, for messages (``gamma-api.polymarket.com``)."""
+        return self.http.base_url.netloc.decode("ascii", "replace")
+
     async def _get(self, path: str, params: httpx.QueryParams | None = None) -> httpx.Response:
-        """GET with retries; returns a 2xx or 404 response. Raises GammaError."""
+        """
+        GET with retries; returns a 2xx or 404 response.
+
+        Raises:
+            GammaError: ``"Gamma: GET /markets: HTTP 503 Service Unavailable from
+                HOST (gave up after 5 attempts)"``, or the transport's cause
+                (:func:`describe_http_failure`) instead of the status.
+        """
         try:
             return await send_with_retries(
                 lambda: self.http.get(path, params=params),
@@ -124,18 +206,19 @@ class GammaClient:
                 wait_max=self.wait_max,
                 accept=(404,),
             )
-        except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
-            raise GammaError(f"GET {path}: HTTP {status} from Gamma") from exc
         except httpx.HTTPError as exc:
-            raise GammaError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+            cause = describe_http_failure(exc, self.http.base_url, self.http.timeout.read)
+            retried = retry_delay(exc) is not False
+            tries = f"gave up after {self.attempts} attempts" if retried else "not retried"
+            raise GammaError(f"Gamma: GET {path}: {cause} ({tries})") from exc
 
     @staticmethod
     def _decode(path: str, response: httpx.Response) -> object:
+        host = response.url.netloc.decode("ascii", "replace")
         try:
             return orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
-            raise GammaError(f"GET {path}: answer is not JSON") from exc
+            raise GammaError(f"Gamma: GET {path}: the answer of {host} is not JSON") from exc
 
     async def _list(self, param: str, values: Sequence[str]) -> list[GammaMarket]:
         markets: list[GammaMarket] = []
@@ -147,7 +230,10 @@ class GammaClient:
                 continue
             body = self._decode("/markets", response)
             if not isinstance(body, list):
-                raise GammaError(f"GET /markets: expected a JSON array, got {type(body).__name__}")
+                raise GammaError(
+                    f"Gamma: GET /markets: {self.host} answered a JSON {type(body).__name__}, "
+                    "expected an array"
+                )
             markets.extend(_parse_items(body))
         return markets
 
