@@ -10,8 +10,12 @@ on two cores.
 
 The bench's loopback WebSocket server (:class:`DumpServer`, wsproto) answers
 each subscribe with ONE JSON array frame of the books it names, as the venue
-can: 200 assets per connection (the daemon's default) with ``--levels`` (250)
-levels per side make frames of 3.6 MB. The books are realistic: 0.001 ticks,
+can: 200 assets per connection (the daemon's default) with ``--levels`` (100)
+levels per side make frames of 1.5 MB (250 levels: 3.6 MB). 100 is above the
+deepest real book seen: the Caiooooo L2 collector's recorded states of the
+BTC/ETH/SOL/XRP up/down markets (among the venue's most active; an excerpt
+is in tests/data/real/caiooooo-polymarket-l2-collector) have a median of 47
+levels per side, p90 80, max 93. The books are realistic: 0.001 ticks,
 bids ascending and asks descending (best last, as the venue sends them), the
 NO token's book the mirror of the YES token's, ``tick_size``,
 ``last_trade_price`` and the venue's ``hash``, so every book is verified and
@@ -984,7 +988,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--markets", type=int, default=5_000, help="binary markets (5,000: 10,000 assets)")
     add("--positions-per-asset", type=int, default=10, help="positions per asset (10: 100,000)")
-    add("--levels", type=int, default=250, help="book levels per side (250)")
+    add(
+        "--levels",
+        type=int,
+        default=100,
+        help="book levels per side (100: above the deepest real book seen, 93)",
+    )
     add("--ping-interval", type=float, default=1.0, help="feed.ping_interval, s (1.0)")
     add("--daemon-transport", choices=TRANSPORTS, default="sansio", help="feed.transport (sansio)")
     add(

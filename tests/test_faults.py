@@ -286,7 +286,12 @@ async def test_scheduled_drops_every_2000_frames(rig: Rigged) -> None:
         while await trio.to_thread.run_sync(mismatches, r.dsn, expected):
             await trio.sleep(0.05)
         assert r.server.stats.faults["drop-tcp"] == 7
-        assert r.shard.reconnects >= 6  # the last drop may find the client reconnecting
+        # A drop that comes while the client is still reconnecting hits nobody
+        # (on a loaded machine a reconnect can outlast 2,000 frames at 400x):
+        # every drop that hit the connection made the daemon reconnect.
+        hit = [f for f in r.server.fault_log if f.action == "drop-tcp" and f.clients]
+        assert len(hit) >= 1
+        assert r.shard.reconnects >= len(hit)
         rows = await trio.to_thread.run_sync(fired, r.dsn)
     # Crossings missed while reconnecting may fire later at another price: never twice.
     assert len(rows) == len({pid for pid, _ in rows}) <= len(r.rules)

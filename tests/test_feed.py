@@ -18,7 +18,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from polystream.config import FeedConfig
-from polystream.feed.pool import FeedPool
+from polystream.feed.pool import FeedPool, FrameEvents
 from polystream.feed.protocol import BookSnapshot, FeedEvent, LastTradePrice
 from polystream.feed.transport import TRANSPORTS
 from polystream.stats import Stats
@@ -246,7 +246,10 @@ async def test_ping_and_events(server: RecordingServer, nursery: trio.Nursery) -
         await peer.outbox.send(orjson.dumps(foreign).decode())
         mine = dict(foreign, asset_id=ASSETS[0], price=".52")
         await peer.outbox.send(orjson.dumps(mine).decode())
-        (book,) = await events.receive()
+        big = await events.receive()  # a big frame: the reader waits until it is applied
+        assert isinstance(big, FrameEvents)
+        big.applied.set()
+        (book,) = big
         assert isinstance(book, BookSnapshot) and len(book.bids) == 90_000
         (trade,) = await events.receive()
         assert isinstance(trade, LastTradePrice) and trade.price == Decimal("0.52")

@@ -14,12 +14,21 @@ Per connection (docs/protocol.md, "Subscribing" to "Heartbeat"):
 
 The reader task only parses and hands events to the router over a bounded
 channel; it never waits on the database.
+
+A big frame (at least :data:`BIG_FRAME_BYTES`: an initial dump, hundreds of
+books in one JSON array) is parsed in slices of about :data:`SLICE_SECONDS`
+of CPU with a checkpoint between them, and one big frame at a time in the
+whole pool, from its parse until the router has applied it
+(:class:`FrameEvents`): the loop never runs many shards' dumps in one trio
+batch (each runnable task's step adds to the batch, so the loop lag is their
+sum), parsed dumps do not pile up in front of the router, and a shard
+waiting its turn leaves its socket unread (backpressure to TCP).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -36,6 +45,7 @@ from polystream.feed.protocol import (
     LastTradePrice,
     MarketResolved,
     NewMarket,
+    ParsedFrame,
     PriceChange,
     chunk_asset_ids,
     encode_operation,
@@ -47,8 +57,11 @@ from polystream.stats import ShardStats, Stats
 from polystream.timing import Backoff
 
 __all__ = [
+    "BIG_FRAME_BYTES",
     "FEED_ERRORS",
+    "SLICE_SECONDS",
     "FeedPool",
+    "FrameEvents",
     "Shard",
     "StaleCheck",
     "describe_failure",
@@ -64,6 +77,39 @@ StaleCheck = Callable[[list[str]], Awaitable[str | None]]
 _CLOSE_KINDS = {1007: "not_utf8", 1009: "frame_too_large"}  # RFC 6455, section 7.4.1
 _REFUSED_WITHIN = 1.0  # seconds: a close frame this soon, before any data, refuses the subscribe
 _MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
+
+
+BIG_FRAME_BYTES = 65_536
+"""A frame this long or longer is parsed in slices, one such frame at a time (see above)."""
+
+SLICE_SECONDS = 0.002
+"""CPU seconds of one slice of a big frame's parse, and of the router's work between checkpoints."""
+
+
+class FrameEvents(list[FeedEvent]):
+    """
+    One big frame's events for the router, with ``applied``: a
+    :class:`trio.Event` the router sets once it has applied them all
+    (:meth:`polystream.pipeline.router.Router.run`). The feed waits for it
+    before the next big frame is parsed.
+    """
+
+    __slots__ = ("applied",)
+
+    def __init__(self, events: Iterable[FeedEvent]) -> None:
+        super().__init__(events)
+        self.applied = trio.Event()
+
+
+async def run_in_slices(steps: Generator[None, None, ParsedFrame]) -> ParsedFrame:
+    """Drive :meth:`FrameParser.parse_in_slices`, checkpointing between slices."""
+    try:
+        while True:
+            next(steps)
+            await trio.lowlevel.checkpoint()
+    except StopIteration as done:
+        parsed: ParsedFrame = done.value
+        return parsed
 
 
 def describe_failure(exc: BaseException, url: str) -> str:
@@ -182,6 +228,11 @@ class FeedPool:
     desired asset set; :meth:`run` starts new shards with a stagger and closes
     emptied ones.
 
+    ``events`` carries each data frame's events (``list[FeedEvent]``); a big
+    frame's come as :class:`FrameEvents`, whose ``applied`` the consumer (the
+    router) must set once done with them: until then no other big frame is
+    parsed and that shard reads nothing more.
+
     Assets stay in their shard while subscribed; new ones fill the
     lowest-numbered shard with room, else a new shard.
     """
@@ -196,6 +247,7 @@ class FeedPool:
     _next_index: int = 0
     _bad_frames: RateLimitedLog = attrs.field(factory=RateLimitedLog)
     _parser: FrameParser = attrs.field(factory=FrameParser)
+    _big_frame: trio.Lock = attrs.field(factory=trio.Lock)
     stale_check: StaleCheck | None = None
 
     def set_assets(self, desired: set[str]) -> None:
@@ -433,6 +485,9 @@ class FeedPool:
     async def _read(self, ws: Transport, shard: Shard, beat: Heartbeat) -> None:
         while True:
             message = await ws.receive()
+            if len(message) >= BIG_FRAME_BYTES and not isinstance(message, bytearray):
+                await self._big(message, shard, beat)
+                continue
             events = self._received(message, shard, beat)
             if events:
                 try:  # no scheduling round trip while the router keeps up
@@ -440,14 +495,41 @@ class FeedPool:
                 except trio.WouldBlock:
                     await self.events.send(events)
 
-    def _received(self, message: Message, shard: Shard, beat: Heartbeat) -> list[FeedEvent] | None:
-        """Count and parse one frame; the events for the router, or None."""
-        stats = self.stats
+    async def _big(self, message: str | bytes, shard: Shard, beat: Heartbeat) -> None:
+        """
+        A big frame: parsed in slices under the pool's one-big-frame lock,
+        which is held until the router has applied its events. Time spent
+        waiting for our own CPU is not the link's silence: the heartbeat
+        counts the frame as received when we are done with it.
+        """
+        now = self._arrived(shard, beat)
+        async with self._big_frame:
+            try:
+                parsed = await run_in_slices(
+                    self._parser.parse_in_slices(message, SLICE_SECONDS)
+                )
+            except MalformedFrame as exc:
+                self._bad_frame(shard, exc, message, now)
+                return
+            events = self._accepted(parsed, message, shard, beat, now)
+            if events:
+                frame = FrameEvents(events)
+                await self.events.send(frame)
+                await frame.applied.wait()
+        beat.last_received = trio.current_time()
+
+    def _arrived(self, shard: Shard, beat: Heartbeat) -> float:
+        """Count a frame's arrival; its ``time.monotonic()``."""
         now = time.monotonic()
         beat.last_received = trio.current_time()
         shard.stats.frames += 1
         shard.stats.last_frame_at = now
-        stats.frames += 1
+        self.stats.frames += 1
+        return now
+
+    def _received(self, message: Message, shard: Shard, beat: Heartbeat) -> list[FeedEvent] | None:
+        """Count and parse one frame; the events for the router, or None."""
+        now = self._arrived(shard, beat)
         if isinstance(message, bytearray):  # a binary frame: the market channel sends text only
             self._bad_frame(
                 shard, MalformedFrame("binary_frame", f"{len(message)} bytes"), message, now
@@ -458,6 +540,13 @@ class FeedPool:
         except MalformedFrame as exc:
             self._bad_frame(shard, exc, message, now)
             return None
+        return self._accepted(parsed, message, shard, beat, now)
+
+    def _accepted(
+        self, parsed: ParsedFrame, message: Message, shard: Shard, beat: Heartbeat, now: float
+    ) -> list[FeedEvent] | None:
+        """Count a parsed frame; the events of subscribed assets, or None for a control frame."""
+        stats = self.stats
         if parsed.control is not None:
             self._control(parsed.control, shard, beat, now)
             return None
@@ -492,11 +581,11 @@ class FeedPool:
         """
         seen = shard.stats.seen_assets
         for event in events:
-            if isinstance(event, BookSnapshot):
+            if type(event) is LastTradePrice:  # exact types: cheaper than isinstance
+                seen.add(event.asset_id)
+            elif type(event) is BookSnapshot:
                 seen.add(event.asset_id)
                 shard.stats.book_hashes[event.integrity] += 1
-            elif isinstance(event, LastTradePrice):
-                seen.add(event.asset_id)
 
     def _bad_frame(
         self, shard: Shard, exc: MalformedFrame, message: Message, now: float

@@ -22,9 +22,10 @@ at https://docs.polymarket.com/api-reference/wss/market):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import attrs
 import orjson
@@ -51,6 +52,7 @@ __all__ = [
     "LastTradePrice",
     "Level",
     "LevelChange",
+    "Levels",
     "MarketResolved",
     "NewMarket",
     "ParsedFrame",
@@ -84,12 +86,86 @@ class Level:
     size: Decimal
 
 
+class Levels(Sequence[Level]):
+    """
+    The levels of one side of a book, in the order received, kept as two
+    parallel tuples: ``prices`` (probabilities in [0, 1]) and ``sizes``
+    (shares). A :class:`Level` is made only when one is asked for (indexing,
+    iteration): the daemon's book path reads the two tuples and makes none
+    (an initial dump holds millions of levels).
+
+    Equal to another ``Levels`` with the same levels, and to a tuple of the
+    same :class:`Level` objects; ``+`` gives a tuple of levels.
+    """
+
+    __slots__ = ("prices", "sizes")
+
+    prices: tuple[Decimal, ...]
+    sizes: tuple[Decimal, ...]
+
+    def __init__(self, prices: Sequence[Decimal] = (), sizes: Sequence[Decimal] = ()) -> None:
+        if len(prices) != len(sizes):
+            raise ValueError(f"{len(prices)} prices and {len(sizes)} sizes")
+        self.prices = tuple(prices)
+        self.sizes = tuple(sizes)
+
+    @classmethod
+    def of(cls, levels: Iterable[Level]) -> Levels:
+        """``levels`` as :class:`Levels` (itself when it is one already)."""
+        if isinstance(levels, Levels):
+            return levels
+        pairs = [(lv.price, lv.size) for lv in levels]
+        return cls([p for p, _ in pairs], [s for _, s in pairs])
+
+    def __len__(self) -> int:
+        return len(self.prices)
+
+    @overload
+    def __getitem__(self, index: int) -> Level: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Levels: ...
+
+    def __getitem__(self, index: int | slice) -> Level | Levels:
+        if isinstance(index, slice):
+            return Levels(self.prices[index], self.sizes[index])
+        return Level(self.prices[index], self.sizes[index])
+
+    def __iter__(self) -> Iterator[Level]:
+        return map(Level, self.prices, self.sizes)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Levels):
+            return self.prices == other.prices and self.sizes == other.sizes
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.prices, self.sizes))
+
+    def __add__(self, other: Iterable[Level]) -> tuple[Level, ...]:
+        return (*self, *other)
+
+    def __repr__(self) -> str:
+        return f"Levels({list(zip(self.prices, self.sizes, strict=True))!r})"
+
+
+_NO_LEVELS = Levels()
+
+
+def _as_levels(levels: Iterable[Level]) -> Levels:
+    """:meth:`Levels.of`, for attrs (converters must be named functions)."""
+    return Levels.of(levels)
+
+
 @attrs.frozen(slots=True)
 class BookSnapshot:
     """
     ``book``: the full order book of one asset, replacing what was known.
 
-    ``bids``/``asks`` are in the order received (not trusted to be sorted).
+    ``bids``/``asks`` are in the order received (not trusted to be sorted),
+    as :class:`Levels` (any iterable of :class:`Level` is converted).
     ``tick_size`` and ``last_trade_price`` appear in initial dumps only.
     ``condition_id`` is the wire's ``market`` field (every event names the
     market by its condition id). ``integrity`` is the outcome of checking
@@ -99,8 +175,8 @@ class BookSnapshot:
 
     asset_id: str
     condition_id: str
-    bids: tuple[Level, ...]
-    asks: tuple[Level, ...]
+    bids: Levels = attrs.field(converter=_as_levels)
+    asks: Levels = attrs.field(converter=_as_levels)
     timestamp_ms: int
     hash: str
     tick_size: Decimal | None = None
@@ -331,21 +407,6 @@ def _ids(obj: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _levels(value: Any, name: str, p: FrameParser) -> tuple[Level, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise MalformedFrame("bad_field", f"{name!r} is not a list")
-    levels = []
-    for item in value:
-        if not isinstance(item, dict):
-            raise MalformedFrame("bad_field", f"{name!r} level is not an object")
-        levels.append(
-            Level(p.price(_field(item, "price"), "price"), p.size(_field(item, "size"), "size"))
-        )
-    return tuple(levels)
-
-
 # ------------------------------------------------------------------ events
 
 Problems = list[MalformedFrame]
@@ -377,16 +438,30 @@ def book_hash(obj: dict[str, Any]) -> str | None:
     (``generate_orderbook_summary_hash``), NautilusTrader
     ``verify_book_snapshot_hash``; docs/protocol.md, "Book hash".
     """
+    return _hash_of(obj, rebuild_levels=True)
+
+
+def _hash_of(obj: dict[str, Any], *, rebuild_levels: bool) -> str | None:
+    """
+    :func:`book_hash`; with ``rebuild_levels`` False the level lists go into
+    the preimage as received, not rebuilt as ``{"price", "size"}`` objects:
+    the same bytes whenever every level is exactly ``{"price": ..., "size":
+    ...}`` in that order (the venue's own shape), and no copy of each level.
+    """
     if "tick_size" not in obj or "last_trade_price" not in obj:
         return None
     try:
+        bids, asks = obj["bids"], obj["asks"]
+        if rebuild_levels:
+            bids = [{"price": lv["price"], "size": lv["size"]} for lv in bids]
+            asks = [{"price": lv["price"], "size": lv["size"]} for lv in asks]
         preimage = {
             "market": obj["market"],
             "asset_id": obj["asset_id"],
             "timestamp": obj["timestamp"],
             "hash": "",
-            "bids": [{"price": lv["price"], "size": lv["size"]} for lv in obj["bids"]],
-            "asks": [{"price": lv["price"], "size": lv["size"]} for lv in obj["asks"]],
+            "bids": bids,
+            "asks": asks,
             "min_order_size": obj.get("min_order_size", _BOOK_HASH_DEFAULTS["min_order_size"]),
             "tick_size": obj["tick_size"],
             "neg_risk": obj.get("neg_risk", _BOOK_HASH_DEFAULTS["neg_risk"]),
@@ -400,32 +475,40 @@ def book_hash(obj: dict[str, Any]) -> str | None:
 
 
 def _integrity(obj: dict[str, Any]) -> Integrity:
+    """
+    ``verified`` when :func:`book_hash` equals the object's ``hash``. The
+    level lists are first hashed as received (:func:`_hash_of`): a match there
+    is the venue's preimage (anything else would be a SHA-1 collision); only
+    when it does not match is the canonical preimage rebuilt and compared.
+    """
     expected = obj.get("hash")
     if not isinstance(expected, str) or not expected:
         return "unverifiable"
+    expected = expected.lower()
+    if _hash_of(obj, rebuild_levels=False) == expected:
+        return "verified"
     computed = book_hash(obj)
     if computed is None:
         return "unverifiable"
-    return "verified" if computed == expected.lower() else "mismatched"
+    return "verified" if computed == expected else "mismatched"
 
 
 def _book(obj: dict[str, Any], p: FrameParser, problems: Problems) -> BookSnapshot:
     bids = obj["bids"] if "bids" in obj else obj.get("buys")
     asks = obj["asks"] if "asks" in obj else obj.get("sells")
     tick = obj.get("tick_size")
-    snapshot = BookSnapshot(
+    return BookSnapshot(
         asset_id=_text(obj, "asset_id"),
         condition_id=str(obj.get("market") or ""),
-        bids=_levels(bids, "bids", p),
-        asks=_levels(asks, "asks", p),
+        bids=p.levels(bids, "bids"),
+        asks=p.levels(asks, "asks"),
         timestamp_ms=_timestamp(obj),
         hash=str(obj.get("hash") or ""),
         tick_size=None if tick in (None, "") else p.price(tick, "tick_size"),
         last_trade_price=_optional_price(obj, "last_trade_price", p),
+        # the hash is checked last: a malformed level or field is reported first
+        integrity=_integrity(obj) if "bids" in obj and "asks" in obj else "unverifiable",
     )
-    if "bids" in obj and "asks" in obj:
-        return attrs.evolve(snapshot, integrity=_integrity(obj))
-    return snapshot
 
 
 def _change(entry: Any, asset_id: str | None, p: FrameParser) -> LevelChange:
@@ -635,6 +718,36 @@ class FrameParser:
             return size
         return _size(value, name)
 
+    def levels(self, value: Any, name: str) -> Levels:
+        """
+        A ``bids``/``asks`` list of ``{"price", "size"}`` objects as
+        :class:`Levels`, in the order received (``None``: no levels).
+
+        Raises:
+            MalformedFrame: not a list, a level not an object, a price or
+                size missing or malformed (price outside [0, 1], size < 0).
+        """
+        if value is None:
+            return _NO_LEVELS
+        if not isinstance(value, list):
+            raise MalformedFrame("bad_field", f"{name!r} is not a list")
+        known_prices, known_sizes = self._prices, self._sizes
+        prices: list[Decimal] = []
+        sizes: list[Decimal] = []
+        add_price, add_size = prices.append, sizes.append
+        for item in value:
+            try:  # the common case: both strings already converted (the memo)
+                price = known_prices[item["price"]]
+                size = known_sizes[item["size"]]
+            except (KeyError, TypeError, IndexError):
+                if not isinstance(item, dict):
+                    raise MalformedFrame("bad_field", f"{name!r} level is not an object") from None
+                price = self.price(_field(item, "price"), "price")
+                size = self.size(_field(item, "size"), "size")
+            add_price(price)
+            add_size(size)
+        return Levels(prices, sizes)
+
     def _object(self, obj: Any, parsed: ParsedFrame) -> None:
         if not isinstance(obj, dict):
             parsed.problems.append(
@@ -658,7 +771,8 @@ class FrameParser:
             problems.append(exc)
         except _NothingUsable:
             pass
-        parsed.problems.extend(MalformedFrame(e.kind, f"{kind}: {e.detail}") for e in problems)
+        if problems:  # (no generator per event on the common path)
+            parsed.problems.extend(MalformedFrame(e.kind, f"{kind}: {e.detail}") for e in problems)
 
     def book(self, obj: Any) -> BookSnapshot:
         """
@@ -699,19 +813,110 @@ class FrameParser:
             control = _control(raw)
             if control is not None:
                 return ParsedFrame(events=[], control=control)
-        try:
-            data = orjson.loads(raw)  # UTF-8 bytes are parsed as they are, no decode
-        except orjson.JSONDecodeError as exc:
-            raise _unreadable(raw, exc) from None
         parsed = ParsedFrame(events=[])
-        if isinstance(data, list):
-            for obj in data:
-                self._object(obj, parsed)
-        elif isinstance(data, dict):
-            self._object(data, parsed)
-        else:
-            raise MalformedFrame("not_an_object", f"JSON {type(data).__name__}")
+        for obj in _objects(_decode(raw)):
+            self._object(obj, parsed)
         return parsed
+
+    def parse_in_slices(
+        self, raw: str | bytes, budget: float = 0.002
+    ) -> Generator[None, None, ParsedFrame]:
+        """
+        :meth:`parse` in slices of about ``budget`` seconds of CPU, for big
+        frames (an initial dump: a JSON array of hundreds of books, MBs):
+        a generator that yields (None) between slices and returns the
+        :class:`ParsedFrame`; the caller checkpoints at each yield (trio:
+        ``await trio.sleep(0)``). Same result and errors as :meth:`parse`.
+
+        A top-level array of objects that share their first key (the venue's
+        dumps) is decoded element by element: ``orjson.loads`` of a whole
+        1.5 MB dump is one C call of 12 to 30 ms, and its 40,000 objects alive
+        at once make each full pass of the cyclic collector scan them all. The
+        array is cut where ``},{"<first key>"`` occurs; each piece must decode
+        to an object by itself, and is parsed and dropped at once. When a piece
+        does not decode (a cut inside a string or a nested object, mixed
+        shapes, bad JSON) what it gave is dropped and the frame is decoded
+        whole, as :meth:`parse` does, with its errors: nothing of a frame is
+        returned before all of it decoded. A wrong cut cannot decode: the
+        piece before it starts at an element's start and ends inside that
+        element.
+
+        Raises:
+            MalformedFrame: as :meth:`parse`, when the first value is
+                asked for.
+        """
+        if len(raw) < 24:
+            return self.parse(raw)
+        try:  # a str frame is ASCII in practice: its bytes are one copy
+            data = raw.encode() if isinstance(raw, str) else raw
+        except UnicodeEncodeError:  # lone surrogates: not JSON, say so as parse() does
+            return self.parse(raw)
+        started = time.perf_counter()
+        cuts = _array_cuts(data)
+        if cuts is not None:
+            parsed = ParsedFrame(events=[])
+            for start, end in cuts:
+                try:
+                    obj = orjson.loads(data[start:end])
+                except orjson.JSONDecodeError:
+                    break
+                self._object(obj, parsed)
+                del obj
+                if time.perf_counter() - started > budget:
+                    yield
+                    started = time.perf_counter()
+            else:
+                return parsed
+        objects = _objects(_decode(raw))
+        parsed = ParsedFrame(events=[])
+        for index, obj in enumerate(objects):
+            self._object(obj, parsed)
+            objects[index] = None  # freed as we go, not all at the end in one step
+            if time.perf_counter() - started > budget:
+                yield
+                started = time.perf_counter()
+        return parsed
+
+
+def _decode(raw: str | bytes) -> Any:
+    """The frame's JSON value. Raises MalformedFrame: not UTF-8, or not JSON."""
+    try:
+        return orjson.loads(raw)  # UTF-8 bytes are parsed as they are, no decode
+    except orjson.JSONDecodeError as exc:
+        raise _unreadable(raw, exc) from None
+
+
+def _objects(data: Any) -> list[Any]:
+    """A frame's values: the array's items, or the one object. Raises MalformedFrame."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        return [data]
+    raise MalformedFrame("not_an_object", f"JSON {type(data).__name__}")
+
+
+def _array_cuts(data: bytes) -> list[tuple[int, int]] | None:
+    """
+    Where the items of a compact top-level array of objects sharing their
+    first key seem to lie in ``data``, ``[(start, end), ...]``, or None when
+    the frame does not look like one (see :meth:`FrameParser.parse_in_slices`:
+    every piece is checked by decoding it).
+    """
+    if not data.startswith(b'[{"') or not data.endswith(b"}]"):
+        return None
+    key_end = data.find(b'"', 3)
+    if key_end < 0:
+        return None
+    separator = b"}," + data[1 : key_end + 1]  # '},{"<first key>"'
+    cuts = []
+    start = 1
+    while True:
+        found = data.find(separator, start)
+        if found < 0:
+            cuts.append((start, len(data) - 1))
+            return cuts
+        cuts.append((start, found + 1))
+        start = found + 2
 
 
 def parse_frame(raw: str | bytes) -> ParsedFrame:

@@ -6,10 +6,12 @@ with 20 to 30 at once they starved the WebSocket heartbeat. Here:
 
 * **TP/SL** are evaluated inline on every price event of their asset (no
   debounce), by the router's task. Per asset, TP thresholds sit in one sorted
-  list and SL thresholds in another, so a tick costs O(log n + k) for the k
-  rules it crosses: TP fires when ``price >= take_profit_price``, SL when
+  array and SL thresholds in another (:class:`~polystream.monitor.rules.TpSlTable`,
+  no object per rule), so a tick costs O(log n + k) for the k rules it
+  crosses: TP fires when ``price >= take_profit_price``, SL when
   ``price <= stop_loss_price``; ``price`` is ``monitor.trigger_price`` of the
-  top of book (``best_bid`` by default: what a sale would get).
+  top of book (``best_bid`` by default: what a sale would get). A full
+  reload builds a new table off the event loop and swaps it in whole.
 * **Predictions** sit in one heap ordered by their decision time; one task
   ``trio.sleep_until``s its head and is woken early when rules change.
   ``edge`` predictions are also checked on each price event of their asset.
@@ -38,16 +40,18 @@ from decimal import Decimal
 import attrs
 import structlog
 import trio
-from sortedcontainers import SortedList
 
 from polystream.book import AssetBook, TopOfBook, choose_price
 from polystream.config import PriceChoice
 from polystream.monitor.rules import (
+    TPSL_KINDS,
     Decision,
     DecisionKind,
     Prediction,
     RuleSet,
+    TpSlKind,
     TpSlRule,
+    TpSlTable,
     _prediction_key,
     decision_time,
 )
@@ -74,19 +78,17 @@ DEFERRAL_REASONS = ("no_price",)
 @attrs.define
 class _AssetRules:
     """
-    TP thresholds ascending and SL thresholds ascending, for one asset; its
-    edge predictions with their deadlines (epoch s), and its deferred
-    predictions (due, waiting for an ask).
+    One asset's edge predictions with their deadlines (epoch s), and its
+    deferred predictions (due, waiting for an ask). Its TP/SL rules are in
+    the monitor's :class:`TpSlTable`.
     """
 
-    take_profit: SortedList[tuple[Decimal, int]] = attrs.field(factory=SortedList)
-    stop_loss: SortedList[tuple[Decimal, int]] = attrs.field(factory=SortedList)
     edge: dict[int, tuple[Prediction, float]] = attrs.field(factory=dict)
     deferred: dict[int, Prediction] = attrs.field(factory=dict)
 
     def empty(self) -> bool:
-        """Whether no rule of any kind is left (the asset's entry can go)."""
-        return not (self.take_profit or self.stop_loss or self.edge or self.deferred)
+        """Whether no prediction is left (the asset's entry can go)."""
+        return not (self.edge or self.deferred)
 
 
 @attrs.define
@@ -119,12 +121,13 @@ class Monitor:
     price_choice: PriceChoice = "best_bid"
     clock: Callable[[], float] = time.time
     _assets: dict[str, _AssetRules] = attrs.field(factory=dict)
-    _tpsl: dict[tuple[int, str], TpSlRule] = attrs.field(factory=dict)
+    _tpsl: TpSlTable = attrs.field(factory=TpSlTable)
     _predictions: dict[int, Prediction] = attrs.field(factory=dict)
     _heap: list[tuple[float, int, int]] = attrs.field(factory=list)  # (at, seq, id)
     _scheduled: dict[int, int] = attrs.field(factory=dict)  # id -> live seq
     _seq: int = 0
     _fired: set[str] = attrs.field(factory=set)
+    _fired_positions: set[int] = attrs.field(factory=set)  # positions with a rule in _fired
     _deferred: dict[int, _Deferral] = attrs.field(factory=dict)
     _tops: dict[str, TopOfBook] = attrs.field(factory=dict)
     _books: dict[str, AssetBook] = attrs.field(factory=dict)
@@ -139,28 +142,23 @@ class Monitor:
         return rules
 
     def add_rule(self, rule: TpSlRule) -> None:
-        """Watch a TP/SL rule (replacing the position's previous one of that kind)."""
-        if rule.dedupe_key in self._fired:
+        """
+        Watch a TP/SL rule (replacing the position's previous one of that
+        kind); one that already fired here is not watched (nor is the
+        position's previous one of that kind), one the latest price already
+        crosses fires at once.
+        """
+        if rule.dedupe_key in self._fired:  # and the version it replaces is gone
+            self._tpsl.remove(rule.position_id, rule.kind)
             return
-        self.remove_rule(rule.position_id, rule.kind)
-        self._tpsl[(rule.position_id, rule.kind)] = rule
-        side = self._asset(rule.asset_id)
-        target = side.take_profit if rule.kind == "take_profit" else side.stop_loss
-        target.add((rule.threshold, rule.position_id))
+        self._tpsl.add(rule)
         top = self._latest(rule.asset_id)
         if top is not None:  # a rule already crossed when it arrives fires at once
             self._check_tpsl(rule.asset_id, top)
 
-    def remove_rule(self, position_id: int, kind: str) -> None:
+    def remove_rule(self, position_id: int, kind: TpSlKind) -> None:
         """Stop watching one rule (no-op if absent)."""
-        rule = self._tpsl.pop((position_id, kind), None)
-        if rule is None:
-            return
-        side = self._assets[rule.asset_id]
-        target = side.take_profit if kind == "take_profit" else side.stop_loss
-        target.discard((rule.threshold, position_id))
-        if side.empty():
-            del self._assets[rule.asset_id]
+        self._tpsl.remove(position_id, kind)
 
     def add_prediction(self, prediction: Prediction) -> None:
         """
@@ -213,13 +211,16 @@ class Monitor:
         return len(self._deferred)
 
     def replace_all(self, rules: RuleSet) -> None:
-        """Make the in-memory rules equal ``rules`` (a full reload from the database)."""
-        for _ in self._sync(*self._all_ids(rules), rules):
+        """
+        Make the in-memory rules equal ``rules`` (a full reload from the
+        database). ``rules.tpsl`` becomes the monitor's own table.
+        """
+        for _ in self._replace(rules):
             pass
 
-    async def replace_all_in_slices(self, rules: RuleSet, slice_size: int = 2000) -> None:
-        """:meth:`replace_all`, yielding to the scheduler every ``slice_size`` rows."""
-        for count, _ in enumerate(self._sync(*self._all_ids(rules), rules), 1):
+    async def replace_all_in_slices(self, rules: RuleSet, slice_size: int = 500) -> None:
+        """:meth:`replace_all`, yielding to the scheduler every ``slice_size`` steps."""
+        for count, _ in enumerate(self._replace(rules), 1):
             if count % slice_size == 0:
                 await trio.lowlevel.checkpoint()
 
@@ -227,31 +228,50 @@ class Monitor:
         self, position_ids: set[int], prediction_ids: set[int], rules: RuleSet
     ) -> None:
         """Update only the rules of these rows (``rules`` holds their current state)."""
-        for _ in self._sync(position_ids, prediction_ids, rules):
-            pass
-
-    def _all_ids(self, rules: RuleSet) -> tuple[set[int], set[int]]:
-        """Every row a full reload concerns: watched now or in ``rules``."""
-        positions = {pid for pid, _ in self._tpsl} | {r.position_id for r in rules.tpsl}
-        predictions = set(self._predictions) | {p.id for p in rules.predictions}
-        return positions, predictions
-
-    def _sync(
-        self, position_ids: set[int], prediction_ids: set[int], rules: RuleSet
-    ) -> Iterator[None]:
-        """
-        Make the rules of these rows equal ``rules`` (a row absent from it has
-        none any more); yields after each row, so a caller may checkpoint.
-        """
-        wanted = {(r.position_id, r.kind): r for r in rules.tpsl}
         for position_id in position_ids:
-            for kind in ("take_profit", "stop_loss"):
-                rule = wanted.get((position_id, kind))
+            for kind in TPSL_KINDS:
+                rule = rules.tpsl.get(position_id, kind)
                 if rule is None:
                     self.remove_rule(position_id, kind)
-                elif self._tpsl.get((position_id, kind)) != rule:
+                elif self._tpsl.get(position_id, kind) != rule:
                     self.add_rule(rule)
-            yield
+        self.stats.monitor_rules = len(self._tpsl)
+        for _ in self._sync_predictions(prediction_ids, rules):
+            pass
+
+    def _replace(self, rules: RuleSet) -> Iterator[None]:
+        """
+        A full reload: swap in ``rules.tpsl`` whole, less what already fired
+        here (the database may not show it closing yet), then fire what it
+        holds that is new and already crossed, then sync the predictions;
+        yields after each position, asset or prediction looked at, so a caller
+        may checkpoint. A rule that fires on the old table while this runs may
+        stay in the new one: :meth:`_fire` refuses it.
+        """
+        new = rules.tpsl
+        if new is not self._tpsl:
+            for position_id in list(self._fired_positions):
+                for kind in TPSL_KINDS:
+                    rule = new.get(position_id, kind)
+                    if rule is not None and rule.dedupe_key in self._fired:
+                        new.remove(position_id, kind)
+                yield
+            old, self._tpsl = self._tpsl, new
+            self.stats.monitor_rules = len(new)
+            for asset_id in new.asset_ids():
+                if not new.same_rules(asset_id, old):
+                    top = self._latest(asset_id)
+                    if top is not None:  # a rule already crossed when it arrives fires at once
+                        self._check_tpsl(asset_id, top)
+                yield
+        predictions = set(self._predictions) | {p.id for p in rules.predictions}
+        yield from self._sync_predictions(predictions, rules)
+
+    def _sync_predictions(self, prediction_ids: set[int], rules: RuleSet) -> Iterator[None]:
+        """
+        Make the predictions of these rows equal ``rules`` (a row absent from
+        it has none any more); yields after each row, so a caller may checkpoint.
+        """
         pending = {p.id: p for p in rules.predictions}
         for prediction_id in prediction_ids:
             prediction = pending.get(prediction_id)
@@ -281,7 +301,7 @@ class Monitor:
         Builds a top of book only for assets that have rules.
         """
         self._books[asset_id] = book
-        if asset_id in self._assets:
+        if asset_id in self._assets or self._tpsl.watches(asset_id):
             self.on_price(asset_id, book.top())
 
     def _latest(self, asset_id: str) -> TopOfBook | None:
@@ -294,11 +314,11 @@ class Monitor:
         decide the asset's deferred predictions if it brings an ask.
         """
         self._tops[asset_id] = top
+        if self._tpsl.watches(asset_id):
+            self._check_tpsl(asset_id, top)
         side = self._assets.get(asset_id)
         if side is None:
             return
-        if side.take_profit or side.stop_loss:
-            self._check_tpsl(asset_id, top)
         if side.edge:
             self._check_edge(asset_id, top)
         if side.deferred and top.best_ask is not None:
@@ -310,20 +330,8 @@ class Monitor:
         price = choose_price(top, self.price_choice)
         if price is None:
             return
-        side = self._assets[asset_id]
-        crossed: list[TpSlRule] = []
-        for threshold, position_id in side.take_profit:  # ascending
-            if threshold > price:
-                break
-            crossed.append(self._tpsl[(position_id, "take_profit")])
-        for threshold, position_id in reversed(side.stop_loss):  # descending
-            if threshold < price:
-                break
-            crossed.append(self._tpsl[(position_id, "stop_loss")])
-        for rule in crossed:
-            # The position is closing: neither of its rules may fire again.
-            self.remove_rule(rule.position_id, "take_profit")
-            self.remove_rule(rule.position_id, "stop_loss")
+        # Removed with the position's other rule: it is closing, neither may fire again.
+        for rule in self._tpsl.take_crossed(asset_id, price):
             self._fire(
                 Decision(
                     kind=rule.kind,
@@ -481,5 +489,7 @@ class Monitor:
         if decision.dedupe_key in self._fired:
             return
         self._fired.add(decision.dedupe_key)
+        if decision.position_id is not None:
+            self._fired_positions.add(decision.position_id)
         self.stats.triggers[decision.kind] += 1
         self.decide(decision)

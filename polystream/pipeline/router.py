@@ -6,10 +6,15 @@ Pure CPU, no waiting: the writers' ``touch`` only marks keys, the monitor
 checks the crossed rules inline. Bad input the books refused or repaired is
 counted and logged once per kind per 10 s; books that need a REST copy are
 handed to the resync (:mod:`polystream.pipeline.resync`).
+
+The router checkpoints every :data:`~polystream.feed.pool.SLICE_SECONDS` of
+work: inside a big frame (an initial dump: hundreds of books, applied a few
+books at a time) and between the frames it drains without waiting.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 
@@ -17,8 +22,9 @@ import attrs
 import structlog
 import trio
 
-from polystream.book import AssetBook, Books
+from polystream.book import Applied, AssetBook, Books
 from polystream.catalog import Catalog
+from polystream.feed.pool import SLICE_SECONDS, FrameEvents
 from polystream.feed.protocol import BookSnapshot, FeedEvent
 from polystream.logs import RateLimitedLog
 from polystream.pipeline.writers import MarketWriter, PositionWriter
@@ -26,6 +32,9 @@ from polystream.pipeline.writers import MarketWriter, PositionWriter
 __all__ = ["Router"]
 
 logger = structlog.get_logger(__name__)
+
+_SLICE_EVENTS = 8
+"""Events of a big frame applied between two looks at the clock."""
 
 
 # ------------------------------------------------------------------ router
@@ -58,7 +67,24 @@ class Router:
     def apply(self, events: list[FeedEvent]) -> None:
         """Apply one frame's events and touch the markets they moved."""
         self.frames_applied += 1
-        applied = self.books.apply(events)
+        self._settle(self.books.apply(events))
+
+    async def apply_in_slices(self, events: list[FeedEvent]) -> None:
+        """
+        :meth:`apply`, checkpointing after each :data:`SLICE_SECONDS` of
+        work (a few books of a dump at a time). Each slice's moved markets are
+        touched before the checkpoint: other tasks see whole events, in order.
+        """
+        self.frames_applied += 1
+        started = time.perf_counter()
+        for first in range(0, len(events), _SLICE_EVENTS):
+            self._settle(self.books.apply(events[first : first + _SLICE_EVENTS]))
+            if time.perf_counter() - started > SLICE_SECONDS:
+                await trio.lowlevel.checkpoint()
+                started = time.perf_counter()
+
+    def _settle(self, applied: Applied) -> None:
+        """Count what the books refused, hand on resyncs, touch what moved."""
         for asset_id, problem, timestamp_ms in applied.problems:
             self._bad_input(problem, asset_id, timestamp_ms)
         if applied.resync and self.resync is not None:
@@ -108,13 +134,29 @@ class Router:
             )
 
     async def run(self, receive: trio.MemoryReceiveChannel[list[FeedEvent]]) -> None:
-        """Consume frames until the channel closes or the task is cancelled."""
+        """
+        Consume frames until the channel closes or the task is cancelled.
+
+        What queued meanwhile is drained without a checkpoint for up to
+        :data:`SLICE_SECONDS`; a big frame (:class:`FrameEvents`) is applied
+        in slices and its ``applied`` event set after (even on failure or
+        cancellation: its sender waits for it).
+        """
         async with receive:
             async for events in receive:
-                self.apply(events)
-                for _ in range(16):  # drain what queued meanwhile, no checkpoint each
+                started = time.perf_counter()
+                while True:
+                    if isinstance(events, FrameEvents):
+                        try:
+                            await self.apply_in_slices(events)
+                        finally:
+                            events.applied.set()
+                        started = time.perf_counter()
+                    else:
+                        self.apply(events)
+                    if time.perf_counter() - started > SLICE_SECONDS:
+                        break  # the loop's receive checkpoints
                     try:
-                        more = receive.receive_nowait()
+                        events = receive.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break  # the loop's next receive ends on a closed channel
-                    self.apply(more)
