@@ -20,11 +20,9 @@ Subprocesses run from a scratch directory, not the checkout, so that
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,7 @@ import orjson
 import psycopg
 import pytest
 import typer
+from cli_process import clean_env, free_port, run_polystream
 
 from polystream.cli import app
 from polystream.store.db import create_database, drop_database, dsn_with_dbname
@@ -61,47 +60,23 @@ def scratch() -> Iterator[Path]:
         yield Path(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def _env(scratch: Path, **settings: str) -> dict[str, str]:
     """
-    A clean environment: no ``POLYSTREAM_*`` of the caller's, JSON logs, the
-    state directory and the health port in the scratch space (nothing that a
-    daemon of someone else's answers on), then ``settings``.
+    A clean environment (:func:`cli_process.clean_env`) with the state
+    directory and the health port in the scratch space (nothing that a daemon
+    of someone else's answers on), then ``settings``.
     """
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("POLYSTREAM_") and k not in ("STATE_DIRECTORY", "NOTIFY_SOCKET")
+    defaults = {
+        "POLYSTREAM_STATE__DIR": str(scratch / "state"),
+        "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{free_port()}",
     }
-    env.update(
-        {
-            "POLYSTREAM_LOG__FORMAT": "json",
-            "POLYSTREAM_STATE__DIR": str(scratch / "state"),
-            "POLYSTREAM_HEALTH__LISTEN": f"127.0.0.1:{_free_port()}",
-        }
-        | settings
-    )
-    return env
+    return clean_env(**(defaults | settings))
 
 
 def _polystream(
     *args: str, env: dict[str, str], cwd: Path, timeout: float = HANG_GUARD
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "polystream", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-        check=False,
-    )
+    return run_polystream(*args, env=env, cwd=cwd, timeout=timeout)
 
 
 def _one_line_failure(result: subprocess.CompletedProcess[str], code: int) -> str:

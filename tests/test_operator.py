@@ -6,7 +6,6 @@ and the cause of a feed failure in the logs, ``/health`` and ``status``.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import httpx
 import orjson
 import psycopg
 import pytest
+from cli_process import clean_env, free_port, run_polystream
 
 from polystream.config import TransportKind
 from polystream.errors import TransportError
@@ -29,32 +29,6 @@ ROOT = Path(__file__).parent.parent
 UPDOWN = ROOT / "examples" / "updown-2025-12-11"
 
 
-def _env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
-    env.update({"POLYSTREAM_LOG__FORMAT": "json"} | settings)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _polystream(
-    *args: str, env: dict[str, str], timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "polystream", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture
 def daemon_env(db_dsn: str) -> dict[str, str]:
     with psycopg.connect(db_dsn) as conn:
@@ -63,9 +37,9 @@ def daemon_env(db_dsn: str) -> dict[str, str]:
             "INSERT INTO positions (user_id, market_id, outcome, size, entry_price)"
             " VALUES ('ops', '900003', 'Up', 10, 0.5)"
         )
-    return _env(
+    return clean_env(
         POLYSTREAM_DATABASE__DSN=db_dsn,
-        POLYSTREAM_HEALTH__LISTEN=f"127.0.0.1:{_free_port()}",
+        POLYSTREAM_HEALTH__LISTEN=f"127.0.0.1:{free_port()}",
         POLYSTREAM_POLL__ENABLED="false",
     )
 
@@ -73,7 +47,7 @@ def daemon_env(db_dsn: str) -> dict[str, str]:
 @pytest.fixture
 def running(daemon_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
     """A daemon whose feed URL points at a closed port: it runs, but cannot connect."""
-    env = daemon_env | {"POLYSTREAM_FEED__URL": f"ws://127.0.0.1:{_free_port()}/ws/market"}
+    env = daemon_env | {"POLYSTREAM_FEED__URL": f"ws://127.0.0.1:{free_port()}/ws/market"}
     process = subprocess.Popen(
         [sys.executable, "-m", "polystream", "run"],
         env=env,
@@ -103,7 +77,7 @@ def test_taken_health_port_is_one_line_and_nothing_is_written(
         holder.bind((host, int(port)))
         holder.listen()
         env = daemon_env | {"POLYSTREAM_FEED__URL": "ws://127.0.0.1:9/ws/market"}
-        result = _polystream("run", env=env)
+        result = run_polystream("run", env=env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -129,7 +103,7 @@ def test_feed_failure_names_its_cause_and_the_next_retry(
     shard = shards[0]
     assert shard["last_error"].startswith("connection refused by 127.0.0.1:")
     assert "connection refused" in "; ".join(document["problems"])
-    status = _polystream("status", "--url", url, env=_env())
+    status = run_polystream("status", "--url", url, env=clean_env())
     assert status.returncode == 1
     assert "connection refused by 127.0.0.1:" in status.stdout
     assert "next retry in" in status.stdout or shard["state"] == "connecting"
@@ -154,7 +128,7 @@ async def test_unknown_host_and_refused_port_are_named(kind: TransportKind) -> N
         ):
             pass
     assert unknown.value.reason.startswith("host not found: no-such-host.invalid")
-    port = _free_port()
+    port = free_port()
     with pytest.raises(TransportError) as refused:
         async with open_transport(kind, f"ws://127.0.0.1:{port}/ws/market", max_message_size=2**20):
             pass

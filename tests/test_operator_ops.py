@@ -19,7 +19,6 @@ Subprocesses run from a scratch directory, not the checkout, so that
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 import signal
@@ -38,6 +37,7 @@ import orjson
 import psycopg
 import pytest
 import trio
+from cli_process import clean_env, free_port, run_polystream
 from prometheus_client.parser import text_string_to_metric_families
 from test_gamma import FakeGamma, _real_markets
 
@@ -65,31 +65,10 @@ SCHEMA_LINE = (
 # ------------------------------------------------------------------ helpers
 
 
-def _env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYSTREAM_")}
-    env.update({"POLYSTREAM_LOG__FORMAT": "json"} | settings)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def _polystream(
     *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "polystream", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-        check=False,
-    )
+    return run_polystream(*args, env=env, cwd=cwd, timeout=timeout)
 
 
 async def _polystream_async(
@@ -162,7 +141,9 @@ def test_demo_with_a_dsn_exported_uses_its_own_database(
 ) -> None:
     """``POLYSTREAM_DATABASE__DSN`` exported, as "Running it" says: the demo leaves it alone."""
     before = _trading_state(trading_dsn)
-    env = _env(POLYSTREAM_DATABASE__DSN=trading_dsn, POLYSTREAM_STATE__DIR=str(embedded_state_dir))
+    env = clean_env(
+        POLYSTREAM_DATABASE__DSN=trading_dsn, POLYSTREAM_STATE__DIR=str(embedded_state_dir)
+    )
     result = _polystream("demo", "--speed", DEMO_SPEED, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     first = _plain(result.stdout)[0]
@@ -186,7 +167,7 @@ def test_demo_refuses_a_database_with_other_data(
         with psycopg.connect(dsn) as conn:
             conn.execute("CREATE TABLE accounts (id int)")
     before = _rows(dsn, "SELECT relname FROM pg_class WHERE relkind = 'r' ORDER BY 1")
-    result = _polystream("demo", "--database", dsn, env=_env(), cwd=tmp_path)
+    result = _polystream("demo", "--database", dsn, env=clean_env(), cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -204,7 +185,7 @@ def test_demo_refuses_a_database_with_other_data(
 def test_demo_prints_every_market_live_frames_explained_and_cents(
     embedded_state_dir: Path, tmp_path: Path
 ) -> None:
-    env = _env(POLYSTREAM_STATE__DIR=str(embedded_state_dir))
+    env = clean_env(POLYSTREAM_STATE__DIR=str(embedded_state_dir))
     result = _polystream("demo", "--speed", DEMO_SPEED, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     lines = _plain(result.stdout)
@@ -253,7 +234,7 @@ def test_readme_imports_only_shipped_files() -> None:
 
 
 def test_import_on_an_unmigrated_database_is_one_line(empty_dsn: str, tmp_path: Path) -> None:
-    env = _env(POLYSTREAM_DATABASE__DSN=empty_dsn)
+    env = clean_env(POLYSTREAM_DATABASE__DSN=empty_dsn)
     result = _polystream("markets", "import", str(EXAMPLE_MARKETS), env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [SCHEMA_LINE]
@@ -270,7 +251,7 @@ def test_import_of_an_empty_file_names_it(
 ) -> None:
     path = tmp_path / "markets.json"
     path.write_bytes(content)
-    env = _env(POLYSTREAM_DATABASE__DSN=db_dsn)
+    env = clean_env(POLYSTREAM_DATABASE__DSN=db_dsn)
     result = _polystream("markets", "import", str(path), env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -282,7 +263,7 @@ def test_market_without_token_ids_is_imported_and_reported(db_dsn: str, tmp_path
     bare = {k: v for k, v in _market("900001").items() if k != "clobTokenIds"}
     path = tmp_path / "hydrating.json"
     path.write_bytes(orjson.dumps([bare, _market("900002")]))
-    env = _env(POLYSTREAM_DATABASE__DSN=db_dsn)
+    env = clean_env(POLYSTREAM_DATABASE__DSN=db_dsn)
     result = _polystream("markets", "import", str(path), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -322,7 +303,7 @@ async def test_from_gamma_failures_name_the_host_and_the_cause(
 ) -> None:
     host = fake_gamma.url.removeprefix("http://")
     fake_gamma.fail_next.extend([503] * 10)
-    env = _env(
+    env = clean_env(
         POLYSTREAM_DATABASE__DSN=db_dsn,
         POLYSTREAM_GAMMA__URL=fake_gamma.url,
         POLYSTREAM_GAMMA__ATTEMPTS="2",
@@ -339,7 +320,7 @@ async def test_from_gamma_failures_name_the_host_and_the_cause(
     assert "stamina" not in failed.stdout.decode() + failed.stderr.decode()
     assert len(fake_gamma.requests) == 2
 
-    refused = _free_port()
+    refused = free_port()
     env["POLYSTREAM_GAMMA__URL"] = f"http://127.0.0.1:{refused}"
     with trio.fail_after(60):
         down = await _polystream_async(
@@ -357,7 +338,7 @@ async def test_from_gamma_failures_name_the_host_and_the_cause(
 async def test_from_gamma_checks_the_schema_first_and_reports_markets_without_tokens(
     fake_gamma: FakeGamma, empty_dsn: str, db_dsn: str, tmp_path: Path
 ) -> None:
-    env = _env(POLYSTREAM_DATABASE__DSN=empty_dsn, POLYSTREAM_GAMMA__URL=fake_gamma.url)
+    env = clean_env(POLYSTREAM_DATABASE__DSN=empty_dsn, POLYSTREAM_GAMMA__URL=fake_gamma.url)
     with trio.fail_after(60):
         unmigrated = await _polystream_async(
             "markets", "import", "--from-gamma", "900001", env=env, cwd=tmp_path
@@ -409,7 +390,7 @@ def _service_install(
         "--config-dir",
         str(tmp_path / "etc"),
         *extra,
-        env=_env(),
+        env=clean_env(),
         cwd=tmp_path,
     )
 
@@ -473,7 +454,7 @@ def test_service_commands_take_config(tmp_path: Path) -> None:
         str(own),
         "--executable",
         "/usr/bin/true",
-        env=_env(),
+        env=clean_env(),
         cwd=tmp_path,
     )
     assert shown.returncode == 0, shown.stderr
@@ -483,14 +464,14 @@ def test_service_commands_take_config(tmp_path: Path) -> None:
         "show",
         "--executable",
         "/usr/bin/true",
-        env=_env(POLYSTREAM_CONFIG=str(own)),
+        env=clean_env(POLYSTREAM_CONFIG=str(own)),
         cwd=tmp_path,
     )
     assert _exec_start(by_env.stdout) == f"ExecStart=/usr/bin/true run --config {own}"
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[feed]\nping_interval = -1\n")
-    refused = _polystream("service", "show", "--config", str(bad), env=_env(), cwd=tmp_path)
+    refused = _polystream("service", "show", "--config", str(bad), env=clean_env(), cwd=tmp_path)
     assert refused.returncode == 2
     (line,) = refused.stderr.strip().splitlines()
     assert line.startswith("polystream: configuration error: feed.ping_interval = -1")
@@ -522,16 +503,16 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_have_process_build_info_and_every_known_label(db_dsn: str, tmp_path: Path) -> None:
-    listen = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory(prefix="ps-notify-") as sockets:
         path = str(Path(sockets) / "notify")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind(path)
             notify.settimeout(60)
-            env = _env(
+            env = clean_env(
                 POLYSTREAM_DATABASE__DSN=db_dsn,
                 POLYSTREAM_HEALTH__LISTEN=listen,
-                POLYSTREAM_FEED__URL=f"ws://127.0.0.1:{_free_port()}/ws/market",
+                POLYSTREAM_FEED__URL=f"ws://127.0.0.1:{free_port()}/ws/market",
                 POLYSTREAM_POLL__ENABLED="false",
                 NOTIFY_SOCKET=path,
             )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from decimal import Decimal
@@ -19,17 +18,11 @@ from typing import Any
 import orjson
 import psycopg
 import trio
+from cli_process import free_port
 from expected import UPDOWN, books_after
 
 from polystream.replay import ReplayServer, serve_replay
 from polystream.store.markets import import_markets_file
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_sigterm_mid_replay_keeps_every_asset_seen(db_dsn: str, tmp_path: Path) -> None:
@@ -52,7 +45,7 @@ async def test_sigterm_mid_replay_keeps_every_asset_seen(db_dsn: str, tmp_path: 
             env.update(
                 POLYSTREAM_DATABASE__DSN=db_dsn,
                 POLYSTREAM_FEED__URL=f"ws://127.0.0.1:{server.port}/ws/market",
-                POLYSTREAM_HEALTH__LISTEN=f"127.0.0.1:{_free_port()}",
+                POLYSTREAM_HEALTH__LISTEN=f"127.0.0.1:{free_port()}",
                 POLYSTREAM_LOG__FORMAT="json",
                 POLYSTREAM_PIPELINE__DEBOUNCE="5",  # positions pending at the signal
             )
