@@ -22,7 +22,6 @@ import faulthandler
 import importlib
 import math
 import os
-import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from typer.core import TyperCommand
 
 from polystream.config import ENV_PREFIX, Config, load_config
 from polystream.errors import ConfigError, PolystreamError, leaves
-from polystream.logs import configure_logging, redact
+from polystream.logs import configure_logging, mask_dsn_secrets, masked_dsn, redact
 from polystream.ops.logcat import logs_command
 from polystream.ops.service import service_app
 from polystream.ops.systemd import Notifier
@@ -200,7 +199,7 @@ def _check_dsn(dsn: str, config_path: Path | None) -> None:
     Raises:
         ConfigError: it does not parse (:func:`_dsn_problem`). The message names
             ``database.dsn`` and where it came from, its password masked
-            (:func:`_masked_dsn`, even when quoting defeats :func:`redact`).
+            (:func:`~polystream.logs.masked_dsn`, even when quoting defeats :func:`redact`).
     """
     problem = _dsn_problem(dsn)
     if problem is None:
@@ -208,8 +207,8 @@ def _check_dsn(dsn: str, config_path: Path | None) -> None:
     env = next((n for n in os.environ if n.upper() == f"{ENV_PREFIX}DATABASE__DSN"), None)
     origin = f"${env}" if env else str(config_path)
     raise ConfigError(
-        f"database.dsn = {_masked_dsn(dsn)!r} (from {origin}): "
-        f"{_mask_secrets(problem, dsn)}; expected {_DSN_FORM}"
+        f"database.dsn = {masked_dsn(dsn)!r} (from {origin}): "
+        f"{mask_dsn_secrets(problem, dsn)}; expected {_DSN_FORM}"
     )
 
 
@@ -221,7 +220,7 @@ def _dsn_problem(dsn: str) -> str | None:
     Why ``dsn`` is not a libpq ``key=value`` string or ``postgresql://`` URI
     (the driver's reason, or a port that is not a number from 1 to 65535), or
     None when it parses or is empty. Connects to nothing. The reason may
-    quote the DSN, password included: mask it (:func:`_mask_secrets`) before
+    quote the DSN, password included: mask it (:func:`~polystream.logs.mask_dsn_secrets`) before
     printing.
     """
     if not dsn:
@@ -235,52 +234,6 @@ def _dsn_problem(dsn: str) -> str | None:
         return str(exc).strip()
     bad = [p for p in ports.split(",") if p and not (p.isdigit() and 1 <= int(p) <= 65535)]
     return f"port {bad[0]!r} is not a number from 1 to 65535" if bad else None
-
-
-# libpq's password=VALUE: a quoted value (to the end when the quote is not closed) or a word.
-_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'?|\S+)", re.I)
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&#]*)", re.I)
-
-
-def _dsn_secrets(dsn: str) -> list[str]:
-    """
-    The passwords in ``dsn`` as written, longest first, found even when it
-    does not parse: a URI's ``user:SECRET@`` (to the last ``@``, spaces and
-    quotes included) and ``?password=SECRET``; a ``key=value`` string's
-    ``password=SECRET`` (quoted or not; its quotes stripped too).
-    """
-    found: list[str] = []
-    _scheme, uri, rest = dsn.partition("://")
-    if uri:
-        userinfo = rest.rpartition("@")[0]
-        found.append(userinfo.partition(":")[2])
-        found += [m["secret"] for m in _QUERY_PASSWORD.finditer(rest)]
-    else:
-        for m in _KV_PASSWORD.finditer(dsn):
-            found += [m["secret"], m["secret"].strip("'")]
-    return sorted({secret for secret in found if secret}, key=len, reverse=True)
-
-
-def _mask_secrets(text: str, dsn: str) -> str:
-    """``text`` with every password of ``dsn`` (:func:`_dsn_secrets`) as ``***``."""
-    for secret in _dsn_secrets(dsn):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _masked_dsn(dsn: str) -> str:
-    """
-    ``dsn`` with its passwords as ``***``: ``postgresql://u:***@h/db``,
-    ``?password=***``, ``password='***'`` (quoted, so that :func:`redact`
-    of a message quoting it stops at its end).
-    """
-    _scheme, uri, rest = dsn.partition("://")
-    if not uri:
-        return _KV_PASSWORD.sub(r"\g<head>'***'", dsn)
-    userinfo, at, hostpart = rest.rpartition("@")
-    if at and ":" in userinfo:
-        dsn = f"{_scheme}://{userinfo.partition(':')[0]}:***@{hostpart}"
-    return _QUERY_PASSWORD.sub(r"\g<head>***", dsn)
 
 
 @contextmanager
@@ -746,8 +699,8 @@ def demo(
     if database is not None and problem is not None:
         _usage_error(
             "--database",
-            repr(_masked_dsn(database)),
-            f"a libpq DSN or postgresql:// URI ({_mask_secrets(problem, database)})",
+            repr(masked_dsn(database)),
+            f"a libpq DSN or postgresql:// URI ({mask_dsn_secrets(problem, database)})",
         )
     config = _setup(config_path)
     try:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from polystream.errors import ConfigError
+from polystream.logs import mask_dsn_secrets
 
 __all__ = [
     "DEFAULT_FEED_URL",
@@ -624,8 +625,12 @@ def _check(item: Setting, value: Any, origin: str) -> Any:
     except ValueError:
         coerced = None
     if coerced is None or (item.check is not None and not item.check(coerced)):
+        shown = repr(value)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):  # a DSN's password, even one redact() cannot see
+                shown = mask_dsn_secrets(shown, text)
         raise ConfigError(
-            f"{item.section}.{item.key} = {value!r} ({origin}): expected {item.expected}"
+            f"{item.section}.{item.key} = {shown} ({origin}): expected {item.expected}"
         )
     return coerced
 

@@ -17,7 +17,14 @@ from typing import Any
 import orjson
 import structlog
 
-__all__ = ["RateLimitedLog", "configure_logging", "redact", "redact_secrets"]
+__all__ = [
+    "RateLimitedLog",
+    "configure_logging",
+    "mask_dsn_secrets",
+    "masked_dsn",
+    "redact",
+    "redact_secrets",
+]
 
 # scheme://user:SECRET@host: the secret runs to the last "@" of the authority (one
 # that is followed by a host, then the path, the query, a quote, a space or the end).
@@ -43,6 +50,56 @@ def redact(text: str) -> str:
     text = _URI_PASSWORD.sub(r"\g<head>***", text)
     text = _QUERY_PASSWORD.sub(r"\g<head>***", text)
     return _KV_PASSWORD.sub(r"\g<head>***", text)
+
+
+# In a DSN known to be one (not text that may contain one), ?password= runs to the
+# next parameter: spaces and quotes included.
+_DSN_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&#]*)", re.I)
+
+
+def _dsn_secrets(dsn: str) -> list[str]:
+    """
+    The passwords in ``dsn`` as written, longest first, found even when it
+    does not parse: a URI's ``user:SECRET@`` (to the last ``@``, spaces and
+    quotes included) and ``?password=SECRET``; a ``key=value`` string's
+    ``password=SECRET`` (quoted or not; its quotes stripped too).
+    """
+    found: list[str] = []
+    _scheme, uri, rest = dsn.partition("://")
+    if uri:
+        userinfo = rest.rpartition("@")[0]
+        found.append(userinfo.partition(":")[2])
+        found += [m["secret"] for m in _DSN_QUERY_PASSWORD.finditer(rest)]
+    else:
+        for m in _KV_PASSWORD.finditer(dsn):
+            found += [m["secret"], m["secret"].strip("'")]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
+
+
+def mask_dsn_secrets(text: str, dsn: str) -> str:
+    """
+    ``text`` (a message that may quote ``dsn``) with every password of ``dsn``
+    as ``***``, also where :func:`redact` cannot see it (a password with
+    spaces or quotes, a DSN that does not parse).
+    """
+    for secret in _dsn_secrets(dsn):
+        text = text.replace(secret, "***")
+    return text
+
+
+def masked_dsn(dsn: str) -> str:
+    """
+    ``dsn`` with its passwords as ``***``: ``postgresql://u:***@h/db``,
+    ``?password=***``, ``password='***'`` (quoted, so that :func:`redact`
+    of a message quoting it stops at its end).
+    """
+    _scheme, uri, rest = dsn.partition("://")
+    if not uri:
+        return _KV_PASSWORD.sub(r"\g<head>'***'", dsn)
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        dsn = f"{_scheme}://{userinfo.partition(':')[0]}:***@{hostpart}"
+    return _DSN_QUERY_PASSWORD.sub(r"\g<head>***", dsn)
 
 
 def redact_secrets(

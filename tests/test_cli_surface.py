@@ -189,10 +189,10 @@ def test_item5_port_out_of_range_exits_2_at_once(flag: str, value: str, scratch:
 # ------------------------------------------------------------------ 6: a DSN that does not parse
 
 
-def _toml_list_dsn(scratch: Path) -> Path:
+def _toml_list_dsn(scratch: Path, password: str = PASSWORD) -> Path:
     """A configuration whose database.dsn is a TOML list (a string was meant)."""
     path = scratch / "list-dsn.toml"
-    path.write_text(f'[database]\ndsn = ["postgresql://u:{PASSWORD}@127.0.0.1/db"]\n')
+    path.write_text(f'[database]\ndsn = ["postgresql://u:{password}@127.0.0.1/db"]\n')
     return path
 
 
@@ -207,6 +207,8 @@ def _toml_list_dsn(scratch: Path) -> Path:
         (["status"], None, "toml"),
         (["logs", "/dev/null"], None, "toml"),
         (["service", "show"], None, "toml"),
+        (["logs", "/dev/null"], None, "toml-spaces"),
+        (["service", "show"], None, "toml-spaces"),
     ],
     ids=[
         "env-list-db-migrate",
@@ -217,6 +219,8 @@ def _toml_list_dsn(scratch: Path) -> Path:
         "toml-list-status",
         "toml-list-logs",
         "toml-list-service-show",
+        "toml-list-spaces-logs",
+        "toml-list-spaces-service-show",
     ],
 )
 def test_item6_unparsable_dsn_is_masked_one_line_exit_2(
@@ -228,7 +232,8 @@ def test_item6_unparsable_dsn_is_masked_one_line_exit_2(
         env = _env(scratch, POLYSTREAM_DATABASE__DSN=dsn.replace("PW", PASSWORD))
         where = "(from $POLYSTREAM_DATABASE__DSN)"
     else:
-        config = _toml_list_dsn(scratch)
+        spaces = origin == "toml-spaces"  # a password redact() alone cannot see
+        config = _toml_list_dsn(scratch, f"{PASSWORD} and spaces" if spaces else PASSWORD)
         env = _env(scratch)
         args = [*args, "--config", str(config)]
         where = f"(from {config})"
