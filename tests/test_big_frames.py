@@ -6,6 +6,7 @@ same errors for a malformed frame, and the venue's hashes still verified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from decimal import Decimal
 from typing import Any
@@ -171,3 +172,81 @@ async def test_router_applies_a_big_frame_in_slices_and_says_so() -> None:
     await router.run(receive)
     assert frame.applied.is_set() and router.frames_applied == 2
     assert len(books) == 64 and len(applied) == 2 * 64
+
+
+async def test_big_messages_are_read_one_connection_at_a_time() -> None:
+    """
+    Two ``sansio`` connections sharing a gate, each sent one 1 MB message at
+    once (as the venue sends 50 dumps at start-up): while the first reader
+    holds the gate (its frame not yet applied), the second reads no further
+    than the gate's threshold, so its message is not whole in memory; once the
+    first leaves, the second gets its message, intact. Real loopback server.
+    """
+    from trio_websocket import ConnectionClosed, serve_websocket
+
+    from polystream.feed.transport import MessageGate, open_transport
+
+    payloads = ["[" + ",".join([f'{{"n":{i}}}'] * 90_000) + "]" for i in range(2)]
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        await ws.send_message(payloads[int(request.path.rsplit("/", 1)[-1])])
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()  # until the client closes
+
+    gate = MessageGate(64 * 1024)
+    got: dict[int, bytes | str | bytearray] = {}
+    first_held, first_done = trio.Event(), trio.Event()
+
+    async def read(transport: Any, number: int) -> None:
+        got[number] = await transport.receive()
+        if number == 0:
+            assert gate.held()  # entered inside receive, by this task
+            first_held.set()
+            await first_done.wait()
+        gate.leave()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+        url = f"ws://127.0.0.1:{server.port}/ws/"
+        size = 4 * 1024 * 1024
+        async with (
+            open_transport("sansio", url + "0", max_message_size=size, gate=gate) as first,
+            open_transport("sansio", url + "1", max_message_size=size, gate=gate) as second,
+        ):
+            async with trio.open_nursery() as readers:
+                readers.start_soon(read, first, 0)
+                with trio.fail_after(10):
+                    await first_held.wait()
+                readers.start_soon(read, second, 1)
+                await trio.sleep(0.3)  # the second message is all sent by now
+                assert 1 not in got
+                first_done.set()
+            assert got == {0: payloads[0].encode(), 1: payloads[1].encode()}
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_gate_belongs_to_the_task_that_entered_it() -> None:
+    """Entering twice is one entry, and only the task holding it can leave it."""
+    from polystream.feed.transport import MessageGate
+
+    gate = MessageGate(1)
+    await gate.enter()
+    await gate.enter()  # no second acquire: would deadlock
+    assert gate.held()
+    entered = trio.Event()
+
+    async def other() -> None:
+        gate.leave()  # not the owner: nothing happens
+        await gate.enter()
+        entered.set()
+        gate.leave()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.sleep(0.05)
+        assert gate.held() and not entered.is_set()
+        gate.leave()
+        with trio.fail_after(5):
+            await entered.wait()
+    assert not gate.held()

@@ -9,6 +9,7 @@ every text ``PING`` from the daemon on arrival and answers ``PONG`` at once.
 from __future__ import annotations
 
 import array
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from bench.harness import ExpectingServer, Link, Session
 from bench.monitor.recording import Recording
 
 CHUNK_BYTES = 64 * 1024
+SEND_BUFFER_BYTES = 64 * 1024  # SO_SNDBUF of each connection (Linux doubles it)
 
 
 @attrs.define(eq=False)
@@ -80,6 +82,10 @@ class Sender(ExpectingServer[Playback]):
         recording, speed = playback.recording, playback.speed
         n = len(recording.frames)
         playback.sent_at = array.array("d", bytes(8 * n))
+        # The sender's own kernel queue is kept short: at maximum speed it runs ahead
+        # of the daemon, and a frame's stamp (taken when its chunk entered this queue)
+        # would otherwise measure how deep Linux lets the queue grow (MBs), not the daemon.
+        link.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         await playback.go.wait()  # the tape waits (PINGs are answered meanwhile)
         await trio.sleep(max(0.0, playback.hold_until - time.time()))
         start = trio.current_time()

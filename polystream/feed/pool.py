@@ -22,7 +22,11 @@ whole pool, from its parse until the router has applied it
 (:class:`FrameEvents`): the loop never runs many shards' dumps in one trio
 batch (each runnable task's step adds to the batch, so the loop lag is their
 sum), parsed dumps do not pile up in front of the router, and a shard
-waiting its turn leaves its socket unread (backpressure to TCP).
+waiting its turn leaves its socket unread (backpressure to TCP). With the
+``sansio`` transport the turn starts when the frame's first
+:data:`BIG_FRAME_BYTES` are read, not when it is whole
+(:class:`~polystream.feed.transport.MessageGate`): a 10,000-asset dump is 50
+frames of 1.5 MB arriving at once, and only one is in memory at a time.
 """
 
 from __future__ import annotations
@@ -51,7 +55,13 @@ from polystream.feed.protocol import (
     encode_operation,
     encode_subscribe,
 )
-from polystream.feed.transport import Message, Transport, connect_failure, open_transport
+from polystream.feed.transport import (
+    Message,
+    MessageGate,
+    Transport,
+    connect_failure,
+    open_transport,
+)
 from polystream.logs import RateLimitedLog
 from polystream.stats import ShardStats, Stats
 from polystream.timing import Backoff
@@ -247,7 +257,7 @@ class FeedPool:
     _next_index: int = 0
     _bad_frames: RateLimitedLog = attrs.field(factory=RateLimitedLog)
     _parser: FrameParser = attrs.field(factory=FrameParser)
-    _big_frame: trio.Lock = attrs.field(factory=trio.Lock)
+    _big_frame: MessageGate = attrs.field(factory=lambda: MessageGate(BIG_FRAME_BYTES))
     stale_check: StaleCheck | None = None
 
     def set_assets(self, desired: set[str]) -> None:
@@ -378,6 +388,8 @@ class FeedPool:
             self.config.url,
             max_message_size=self.config.max_message_size,
             connect_timeout=10.0,
+            gate=self._big_frame,
+            receive_buffer=self.config.receive_buffer,
         ) as transport:
             await self._subscribe_and_read(transport, shard, backoff)
 
@@ -483,31 +495,36 @@ class FeedPool:
                 )
 
     async def _read(self, ws: Transport, shard: Shard, beat: Heartbeat) -> None:
-        while True:
-            message = await ws.receive()
-            if len(message) >= BIG_FRAME_BYTES and not isinstance(message, bytearray):
-                await self._big(message, shard, beat)
-                continue
-            events = self._received(message, shard, beat)
-            if events:
-                try:  # no scheduling round trip while the router keeps up
-                    self.events.send_nowait(events)
-                except trio.WouldBlock:
-                    await self.events.send(events)
+        try:
+            while True:
+                message = await ws.receive()
+                if len(message) >= BIG_FRAME_BYTES:
+                    if not isinstance(message, bytearray):
+                        await self._big(message, shard, beat)
+                        continue
+                    self._big_frame.leave()  # a big binary frame, read inside the gate
+                events = self._received(message, shard, beat)
+                if events:
+                    try:  # no scheduling round trip while the router keeps up
+                        self.events.send_nowait(events)
+                    except trio.WouldBlock:
+                        await self.events.send(events)
+        finally:  # the connection failed inside a big frame
+            self._big_frame.leave()
 
     async def _big(self, message: str | bytes, shard: Shard, beat: Heartbeat) -> None:
         """
-        A big frame: parsed in slices under the pool's one-big-frame lock,
-        which is held until the router has applied its events. Time spent
-        waiting for our own CPU is not the link's silence: the heartbeat
-        counts the frame as received when we are done with it.
+        A big frame: parsed in slices inside the pool's gate (entered here,
+        or by the transport when it read the frame's first
+        :data:`BIG_FRAME_BYTES`), left once the router has applied its events.
+        Time spent waiting for our own CPU is not the link's silence: the
+        heartbeat counts the frame as received when we are done with it.
         """
         now = self._arrived(shard, beat)
-        async with self._big_frame:
+        await self._big_frame.enter()
+        try:
             try:
-                parsed = await run_in_slices(
-                    self._parser.parse_in_slices(message, SLICE_SECONDS)
-                )
+                parsed = await run_in_slices(self._parser.parse_in_slices(message, SLICE_SECONDS))
             except MalformedFrame as exc:
                 self._bad_frame(shard, exc, message, now)
                 return
@@ -516,6 +533,8 @@ class FeedPool:
                 frame = FrameEvents(events)
                 await self.events.send(frame)
                 await frame.applied.wait()
+        finally:
+            self._big_frame.leave()
         beat.last_received = trio.current_time()
 
     def _arrived(self, shard: Shard, beat: Heartbeat) -> float:
@@ -587,9 +606,7 @@ class FeedPool:
                 seen.add(event.asset_id)
                 shard.stats.book_hashes[event.integrity] += 1
 
-    def _bad_frame(
-        self, shard: Shard, exc: MalformedFrame, message: Message, now: float
-    ) -> None:
+    def _bad_frame(self, shard: Shard, exc: MalformedFrame, message: Message, now: float) -> None:
         self.stats.parse_errors[exc.kind] += 1
         suppressed = self._bad_frames.allow(exc.kind, now)
         if suppressed is not None:

@@ -102,7 +102,11 @@ class DirectLink:
             DatabaseError: PostgreSQL is unreachable or the statement failed
                 (the connection is closed; the next call reconnects).
         """
-        async with self._lock:
+        try:  # uncontended (the common case): no scheduling round before the statement
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             started = time.monotonic()
             try:
                 conn = await self._connected()
@@ -115,6 +119,8 @@ class DirectLink:
             except BaseException:
                 self._drop()  # cancelled mid-statement: the connection's state is unknown
                 raise
+        finally:
+            self._lock.release()
         if self.stats is not None:
             self.stats.db_connected = True
             self.stats.last_write_at = now = time.monotonic()
