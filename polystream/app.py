@@ -403,6 +403,7 @@ async def run(
             app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
             await nursery.start(run_lag_probe, app.stats)
             await _start_outputs(app, nursery)
+            nursery.start_soon(app.triggers.warm_up)  # the first trigger waits for no connect
             await nursery.start(_run_intake, app, clob, gamma)
             _log_started(app)
             task_status.started(app)
