@@ -21,6 +21,7 @@ coalesced state in their ``finally`` blocks, within a bound.
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -35,8 +36,9 @@ from polystream.catalog import Catalog
 from polystream.config import Config
 from polystream.feed.pool import FeedPool
 from polystream.feed.protocol import FeedEvent, FrameParser
+from polystream.memory import release_free_memory
 from polystream.monitor.engine import Monitor
-from polystream.monitor.executor import Executor, write_decisions_direct
+from polystream.monitor.executor import TRIGGER_STATEMENTS, Executor, write_decisions_direct
 from polystream.monitor.loader import RuleLoader
 from polystream.ops.health import run_lag_probe, serve_health
 from polystream.pipeline.fallback import ShardWatch, run_poller
@@ -52,12 +54,21 @@ from polystream.store.listen import Notes, run_listener
 from polystream.venue.clob import ClobClient, open_clob_client, prices_moved
 from polystream.venue.gamma import GammaClient, open_gamma_client
 
-__all__ = ["DRAIN_SECONDS", "LINKS", "App", "build", "run"]
+__all__ = ["DRAIN_SECONDS", "GIL_SWITCH_SECONDS", "LINKS", "App", "build", "run"]
 
 logger = structlog.get_logger(__name__)
 
 DRAIN_SECONDS = 5.0
 """Longest wait, at shutdown, for the router to apply what was already received."""
+
+GIL_SWITCH_SECONDS = 0.001
+"""
+How long a database worker thread may hold the GIL while the event loop waits
+for it (``sys.setswitchinterval``; Python's default is 5 ms). Each wake-up of
+the loop (a frame, a timer, the trigger statement's answer) can wait that long
+behind a thread converting rows, so the default puts 5 ms steps into the loop
+lag and the TP/SL path; 1 ms costs the threads a little throughput.
+"""
 
 LINKS = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules")
 """
@@ -160,6 +171,7 @@ def _monitor(
         mode=config.execute.mode,
         sink=partial(write_decisions_direct, triggers),
         stats=stats,
+        link=triggers,
     )
     monitor = Monitor(
         decide=executor.submit, stats=stats, price_choice=config.monitor.trigger_price
@@ -226,6 +238,7 @@ def build(config: Config, dsn: str) -> App:
             markets=markets,
             positions=positions,
             listeners=[monitor.on_book],
+            after_frame=executor.pump,
         ),
         pool=pool,
         reconciler=_subscriptions(config, pool, catalog, stats, links, positions),
@@ -396,6 +409,8 @@ async def run(
         OSError: ``health.listen`` cannot be bound.
     """
     app = build(config, dsn)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
         async with _venue_clients(config) as (clob, gamma), trio.open_nursery() as nursery:
             # The health port first: a second daemon on the same port fails here,
@@ -403,7 +418,8 @@ async def run(
             app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
             await nursery.start(run_lag_probe, app.stats)
             await _start_outputs(app, nursery)
-            nursery.start_soon(app.triggers.warm_up)  # the first trigger waits for no connect
+            # The first trigger waits for no connect and goes out at once (prepared).
+            nursery.start_soon(app.triggers.warm_up, TRIGGER_STATEMENTS)
             await nursery.start(_run_intake, app, clob, gamma)
             _log_started(app)
             task_status.started(app)
@@ -411,10 +427,12 @@ async def run(
             # long as the process: keep it out of the cyclic collector's full passes,
             # which otherwise stall the event loop (and the heartbeat) for a second.
             gc.freeze()
+            await release_free_memory()  # the load's temporaries: pages back before the dump
             await app.stopping.wait()
             await _shut_down(app, nursery)
     finally:
         for link in app.links.values():
             link.close()
         app.triggers.close()
+        sys.setswitchinterval(switch_interval)
         _log_stopped(app)

@@ -12,6 +12,7 @@ two daemons and restarts never decide twice. ``"log"``: dry run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -26,7 +27,14 @@ from polystream.monitor.rules import Decision
 from polystream.stats import Stats
 from polystream.store.direct import DirectLink, numbered
 
-__all__ = ["TRIGGERS_CHANNEL", "Executor", "write_decisions", "write_decisions_direct"]
+__all__ = [
+    "POLL_INTERVAL",
+    "TRIGGERS_CHANNEL",
+    "TRIGGER_STATEMENTS",
+    "Executor",
+    "write_decisions",
+    "write_decisions_direct",
+]
 
 logger = structlog.get_logger(__name__)
 
@@ -113,6 +121,9 @@ def _statements(decisions: list[Decision]) -> list[tuple[str, dict[str, list[Any
 
 _NUMBERED = {sql: numbered(sql) for sql in (_WRITE_POSITION_TRIGGERS, _WRITE_PREDICTION_TRIGGERS)}
 
+TRIGGER_STATEMENTS = tuple(text for text, _ in _NUMBERED.values())
+"""The decision statements in ``$n`` form: what the trigger link prepares at start-up."""
+
 
 async def write_decisions_direct(link: DirectLink, decisions: list[Decision]) -> list[int | None]:
     """
@@ -152,6 +163,14 @@ def write_decisions(conn: psycopg.Connection[Any], decisions: list[Decision]) ->
     return [found.get(d.dedupe_key) for d in decisions]
 
 
+POLL_INTERVAL = 0.0005
+"""
+Seconds between two looks, from the router's task (:meth:`Executor.pump`), at
+whether the statement on the wire has its answer: one ``recv`` per look, not
+one per frame.
+"""
+
+
 @attrs.define(eq=False)
 class Executor:
     """
@@ -160,45 +179,102 @@ class Executor:
     run, decisions are only logged. (Live CLOB order placement would be a
     third mode behind the same ``submit``.)
 
-    ``sink`` writes a batch (``write_decisions`` through a
-    :class:`~polystream.store.link.DbLink`); a database error keeps the batch
-    and retries, so no decision is lost; the compare-and-set makes retries safe.
+    With ``link`` (the trigger path's own :class:`DirectLink`, statements
+    prepared by its ``warm_up``), a decision goes out without waiting behind
+    other work: the router calls :meth:`pump` after each frame, which sends
+    what the frame decided at once (one statement per kind of row, positions
+    first) and, later, takes the answer; the executor's task waits for an
+    answer only when the router is idle. Decisions made while a statement is
+    on the wire go out together with the next one: batched only under bursts.
+    ``sink`` writes a batch when ``link`` cannot send at once (not connected
+    yet, statements not prepared) and is the only path without ``link``
+    (``write_decisions`` through a :class:`~polystream.store.link.DbLink`).
+    A database error keeps the decisions and retries, so none is lost; the
+    compare-and-set makes retries safe.
     """
 
     mode: str
     sink: Callable[[list[Decision]], Any]
     stats: Stats
     retry: float = 1.0
+    link: DirectLink | None = None
     _pending: list[Decision] = attrs.field(factory=list)
+    _in_flight: list[Decision] = attrs.field(factory=list)  # sent by link.send_now, unanswered
+    _polled_at: float = 0.0
     _wake: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def pending(self) -> int:
-        """Decisions not yet written."""
-        return len(self._pending)
+        """Decisions not yet written (queued or on the wire)."""
+        return len(self._pending) + len(self._in_flight)
 
     def submit(self, decision: Decision) -> None:
         """Queue a decision (never blocks)."""
         self._pending.append(decision)
         self._wake.set()
 
-    async def flush(self) -> bool:
-        """Write what is queued; False when the database failed (kept for later)."""
-        if not self._pending:
-            return True
-        batch, self._pending = self._pending, []
-        if self.mode == "log":
-            for decision in batch:
-                logger.info("trigger_dry_run", **attrs.asdict(decision, value_serializer=_plain))
-            return True
-        ids = None
-        try:
-            ids = await self.sink(batch)
-        except DatabaseError:
+    # ------------------------------------------------------------ prompt path
+
+    def pump(self) -> None:
+        """
+        Called between frames by the router's task (never waits): take the
+        answer of the statement on the wire if it has come (at most every
+        :data:`POLL_INTERVAL` s), then send what is pending if the link is
+        free.
+        """
+        if self.link is None or self.mode != "outbox":
+            return
+        if self._in_flight:
+            now = time.perf_counter()
+            if now - self._polled_at < POLL_INTERVAL:
+                return
+            self._polled_at = now
+            try:
+                rows = self.link.poll()
+            except DatabaseError:
+                self._lost()
+                return
+            if rows is None:
+                return
+            self._answered(rows)
+        self._send()
+
+    def _send(self) -> bool:
+        """Send the next decisions of one kind through ``link`` now; False if it cannot."""
+        if self._in_flight or not self._pending or self.link is None:
             return False
-        finally:
-            if ids is None:
-                self._pending = batch + self._pending
+        kind_of_first = self._pending[0].position_id is None
+        sql = _WRITE_PREDICTION_TRIGGERS if kind_of_first else _WRITE_POSITION_TRIGGERS
+        text, names = _NUMBERED[sql]
+        if not self.link.can_send_now(text):
+            return False
+        unit = [d for d in self._pending if (d.position_id is None) == kind_of_first]
+        _, params = _statements(unit)[0]
+        try:
+            sent = self.link.send_now(text, [params[n] for n in names])
+        except DatabaseError:
+            sent = False  # counted and logged by the link; sink reconnects
+        if not sent:
+            return False
+        self._pending = [d for d in self._pending if (d.position_id is None) != kind_of_first]
+        self._in_flight = unit
+        self._wake.set()  # the executor's task reads the answer if the router does not
+        return True
+
+    def _answered(self, rows: list[tuple[str | None, ...]]) -> None:
+        found = {key: int(trigger_id) for key, trigger_id, _ in rows if key and trigger_id}
+        batch, self._in_flight = self._in_flight, []
+        self._record(batch, [found.get(d.dedupe_key) for d in batch])
+
+    def _lost(self) -> None:
+        """The statement on the wire failed or its connection broke: its decisions go again."""
+        self._pending = self._in_flight + self._pending
+        self._in_flight = []
+        self._wake.set()
+
+    # ------------------------------------------------------------ the executor's task
+
+    def _record(self, batch: list[Decision], ids: list[int | None]) -> None:
         for decision, trigger_id in zip(batch, ids, strict=True):
             if trigger_id is None:
                 self.stats.triggers_duplicate += 1
@@ -209,6 +285,41 @@ class Executor:
                     trigger_id=trigger_id,
                     **attrs.asdict(decision, value_serializer=_plain),
                 )
+
+    async def flush(self) -> bool:
+        """Write what is queued or on the wire; False when the database failed (kept for later)."""
+        if self.mode == "log":
+            batch, self._pending = self._pending, []
+            for decision in batch:
+                logger.info("trigger_dry_run", **attrs.asdict(decision, value_serializer=_plain))
+            return True
+        while self._in_flight or self._pending:
+            if self._in_flight and self.link is not None:
+                try:
+                    rows = await self.link.finish()
+                except DatabaseError:
+                    self._lost()
+                    return False
+                if rows is not None:
+                    self._answered(rows)
+                elif self._in_flight and not self.link.in_flight:
+                    self._lost()  # the connection was closed under it
+                    return False
+            elif not self._send() and not await self._write_through_sink():
+                return False
+        return True
+
+    async def _write_through_sink(self) -> bool:
+        batch, self._pending = self._pending, []
+        ids = None
+        try:
+            ids = await self.sink(batch)
+        except DatabaseError:
+            return False
+        finally:
+            if ids is None:
+                self._pending = batch + self._pending
+        self._record(batch, ids)
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -11,6 +11,7 @@ import orjson
 import trio
 
 from polystream.errors import DatabaseError
+from polystream.memory import release_free_memory
 from polystream.monitor.engine import Monitor
 from polystream.monitor.rules import RuleSet, load_rules
 from polystream.store.link import DbLink
@@ -67,6 +68,8 @@ class RuleLoader:
             self._predictions.clear()
             rules: RuleSet = await self.link.call(load_rules)
             await self.monitor.replace_all_in_slices(rules)
+            del rules  # the old table is gone too: its pages go back to the OS
+            await release_free_memory()
             return
         positions, self._positions = self._positions, set()
         predictions, self._predictions = self._predictions, set()

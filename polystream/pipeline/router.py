@@ -48,7 +48,10 @@ class Router:
     Pure CPU, no waiting: the writers' ``touch`` only marks keys.
     ``resync(asset_id, reason)`` is told of books that need a REST copy
     (:class:`~polystream.pipeline.resync.BookResync`.request); REST copies come back
-    through :meth:`apply_rest_book`.
+    through :meth:`apply_rest_book`. ``after_frame()`` is called after each
+    frame :meth:`run` applies, in the router's task (the executor's
+    :meth:`~polystream.monitor.executor.Executor.pump`: what the frame decided
+    goes out before the next frame, with no scheduling round).
     """
 
     books: Books
@@ -57,6 +60,7 @@ class Router:
     positions: PositionWriter
     listeners: list[Callable[[str, AssetBook], None]] = attrs.field(factory=list)
     resync: Callable[[str, str], None] | None = None
+    after_frame: Callable[[], None] | None = None
     _log_limit: RateLimitedLog = attrs.field(factory=RateLimitedLog)
     frames_applied: int = 0
 
@@ -154,6 +158,8 @@ class Router:
                         started = time.perf_counter()
                     else:
                         self.apply(events)
+                    if self.after_frame is not None:
+                        self.after_frame()
                     if time.perf_counter() - started > SLICE_SECONDS:
                         break  # the loop's receive checkpoints
                     try:
