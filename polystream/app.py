@@ -46,7 +46,12 @@ from polystream.pipeline.metadata import MetadataFiller, run_metadata_filler
 from polystream.pipeline.resync import BookResync
 from polystream.pipeline.router import Router
 from polystream.pipeline.subscriptions import Reconciler
-from polystream.pipeline.writers import MarketWriter, PositionWriter, write_markets, write_positions
+from polystream.pipeline.writers import (
+    MarketWriter,
+    PositionWriter,
+    write_markets,
+    write_positions_in_chunks,
+)
 from polystream.stats import Stats
 from polystream.store.direct import DirectLink
 from polystream.store.link import DbLink
@@ -155,7 +160,7 @@ def _writers(
         books=books,
         catalog=catalog,
         stats=stats,
-        sink=partial(links["positions"].call, write_positions),
+        sink=partial(write_positions_in_chunks, links["positions"].call),
         price_choice=config.positions.mark,
         debounce=pipeline.debounce,
         rate=pipeline.positions_per_second,

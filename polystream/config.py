@@ -193,14 +193,14 @@ class FeedConfig:
         "Largest frame accepted, bytes (an initial book dump can exceed 1 MiB).",
     )
     receive_buffer: int = setting(
-        64 * 1024,
+        32 * 1024,
         (lambda v: v == 0 or v >= 16 * 1024, "bytes: 0 (the OS decides) or >= 16384"),
         "Kernel receive buffer of each connection (SO_RCVBUF), bytes; 0 leaves it to\n"
         "the OS (Linux grows it up to net.ipv4.tcp_rmem's maximum, 6 MiB by default).\n"
         "It bounds the market data that can wait unread in front of the TP/SL monitor\n"
-        "when the feed outpaces the daemon (Linux doubles the value): 64 KiB holds about\n"
-        "250 frames, some 8 ms of the daemon's rate; 256 KiB made the TP/SL latency at\n"
-        "full speed 50 ms at the median instead of 30, with no more events/s. On a link\n"
+        "when the feed outpaces the daemon (Linux doubles the value): 32 KiB holds about\n"
+        "120 frames, some 4 ms of the daemon's rate; 256 KiB made the TP/SL latency at\n"
+        "full speed 50 ms at the median instead of 24, with no more events/s. On a link\n"
         "with a long round trip a larger one brings a big initial dump faster. sansio\n"
         "transport only.",
     )

@@ -6,8 +6,8 @@ build and drop tens of megabytes of rows; glibc's allocator keeps the pages it
 got for them, so the daemon's resident size stays at that peak and the
 initial book dump comes on top of it. :func:`release_free_memory` asks glibc
 to hand every free page back (``malloc_trim(0)``, see malloc_trim(3)): at
-10,000 assets and 100,000 positions that turned a 147.6 MiB peak into
-(see README, "Performance"). Elsewhere (musl, macOS) it does nothing.
+10,000 assets and 100,000 positions about 4 MiB before the dump
+(``bench/scale.py``). Elsewhere (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations

@@ -283,6 +283,10 @@ class Monitor:
         self.stats.monitor_rules = len(self._tpsl)
         self.stats.monitor_predictions = len(self._predictions)
 
+    def rule(self, position_id: int, kind: TpSlKind) -> TpSlRule | None:
+        """The watched rule of this position and kind, or None."""
+        return self._tpsl.get(position_id, kind)
+
     @property
     def rule_count(self) -> int:
         """TP/SL rules watched."""

@@ -18,6 +18,9 @@ from polystream.store.link import DbLink
 
 __all__ = ["RuleLoader"]
 
+_WATCHED = {"positions": "active", "predictions": "pending"}
+"""The status under which a row has rules (``load_rules`` reads only those)."""
+
 
 @attrs.define(eq=False)
 class RuleLoader:
@@ -35,6 +38,7 @@ class RuleLoader:
     _full: bool = False
     _positions: set[int] = attrs.field(factory=set)
     _predictions: set[int] = attrs.field(factory=set)
+    _gone: set[tuple[str, int]] = attrs.field(factory=set)  # ("positions"|"predictions", id)
 
     def wake(self) -> None:
         """Reload everything as soon as possible."""
@@ -51,14 +55,21 @@ class RuleLoader:
             return
         for channel, payload in notes:
             try:
-                row_id = int(orjson.loads(payload)["id"])
+                note = orjson.loads(payload)
+                row_id = int(note["id"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 self._full = True
                 continue
-            if channel.endswith("predictions"):
-                self._predictions.add(row_id)
+            table = "predictions" if channel.endswith("predictions") else "positions"
+            ids = self._predictions if table == "predictions" else self._positions
+            # A row that left its watched status has no rule any more: nothing to read
+            # (a burst of triggers moves hundreds of positions to 'closing').
+            if note.get("status") not in (_WATCHED[table], None) or note.get("op") == "DELETE":
+                ids.discard(row_id)
+                self._gone.add((table, row_id))
             else:
-                self._positions.add(row_id)
+                ids.add(row_id)
+                self._gone.discard((table, row_id))
         self._wake.set()
 
     async def _reload(self) -> None:
@@ -73,12 +84,18 @@ class RuleLoader:
             return
         positions, self._positions = self._positions, set()
         predictions, self._predictions = self._predictions, set()
-        try:
-            rules = await self.link.call(load_rules, sorted(positions), sorted(predictions))
-        except DatabaseError:
-            self._positions |= positions
-            self._predictions |= predictions
-            raise
+        gone, self._gone = self._gone, set()
+        rules = RuleSet()
+        if positions or predictions:
+            try:
+                rules = await self.link.call(load_rules, sorted(positions), sorted(predictions))
+            except DatabaseError:
+                self._positions |= positions
+                self._predictions |= predictions
+                self._gone |= gone
+                raise
+        for table, row_id in gone:
+            (predictions if table == "predictions" else positions).add(row_id)
         self.monitor.apply_changes(positions, predictions, rules)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -1,0 +1,76 @@
+"""
+Position prices written in short transactions (``write_positions_in_chunks``):
+every active position of a moved token is priced, at most ``limit`` rows per
+transaction, so a TP/SL decision never waits long for their row locks. Real
+PostgreSQL through a real ``DbLink``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from polystream.pipeline.writers import write_positions, write_positions_in_chunks
+from polystream.stats import Stats
+from polystream.store.link import DbLink
+
+
+def _insert(dsn: str, token: str, count: int, status: str = "active") -> None:
+    with psycopg.connect(dsn) as conn:
+        for _ in range(count):
+            conn.execute(
+                "INSERT INTO positions (user_id, market_id, token_id, size, entry_price, status)"
+                " VALUES ('u', 'm', %s, 10, 0.5, %s)",
+                [token, status],
+            )
+
+
+def _priced(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT token_id, status, current_price, pnl_amount, count(*) FROM positions"
+            " GROUP BY 1, 2, 3, 4 ORDER BY 1, 2"
+        ).fetchall()
+
+
+async def test_every_position_is_priced_a_few_rows_per_transaction(db_dsn: str) -> None:
+    _insert(db_dsn, "t1", 10)
+    _insert(db_dsn, "t2", 3)
+    _insert(db_dsn, "t1", 2, status="closed")
+    link = DbLink(dsn=db_dsn, name="positions-test", stats=Stats())
+    per_transaction: list[int] = []
+
+    async def call(fn: Any, *args: Any) -> Any:
+        result = await link.call(fn, *args)
+        per_transaction.append(result[0])
+        return result
+
+    prices = [("t1", Decimal("0.6")), ("t2", Decimal("0.4"))]
+    try:
+        assert await write_positions_in_chunks(call, prices, limit=4) == 13
+        assert per_transaction == [4, 4, 4, 1]  # ids ascending, never more than 4 at once
+        assert _priced(db_dsn) == [
+            ("t1", "active", Decimal("0.6"), Decimal("1.0"), 10),
+            ("t1", "closed", None, None, 2),
+            ("t2", "active", Decimal("0.4"), Decimal("-1.0"), 3),
+        ]
+        per_transaction.clear()
+        assert await write_positions_in_chunks(call, prices, limit=4) == 0  # nothing moved
+        assert per_transaction == [0]
+        _insert(db_dsn, "t2", 4)  # exactly one chunk's worth left: one more look ends it
+        assert await write_positions_in_chunks(call, prices, limit=4) == 4
+        assert per_transaction == [0, 4, 0]
+    finally:
+        link.close()
+
+
+def test_one_chunk_says_where_the_next_starts(db_dsn: str) -> None:
+    _insert(db_dsn, "t1", 5)
+    with psycopg.connect(db_dsn) as conn:
+        first_id = conn.execute("SELECT min(id) FROM positions").fetchone()
+        assert first_id is not None
+        written, last_id = write_positions(conn, [("t1", Decimal("0.7"))], 0, 3)
+        assert (written, last_id) == (3, first_id[0] + 2)
+        assert write_positions(conn, [("t1", Decimal("0.7"))], last_id, 3) == (2, 0)
