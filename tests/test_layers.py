@@ -16,7 +16,7 @@ import polystream
 PACKAGE = Path(polystream.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "config", "timing", "logs", "numbers", "stats"),  # base
+    ("errors", "config", "timing", "logs", "numbers", "stats", "memory"),  # base
     ("feed.protocol", "book", "catalog"),  # model
     ("feed", "store", "venue"),  # I/O
     ("pipeline", "monitor"),  # from events to rows and decisions

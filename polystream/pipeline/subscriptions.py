@@ -13,6 +13,7 @@ filled in, or has no price yet is priced from the current books at once.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -103,9 +104,14 @@ WHERE clob_token_ids ?| %(tokens)s AND jsonb_typeof(clob_token_ids) = 'array'
 def read_market_tokens(
     conn: psycopg.Connection[Any], market_keys: list[str], tokens: list[str]
 ) -> list[tuple[str, str | None, list[str]]]:
-    """``(id, condition_id, clob_token_ids)`` of markets named by id, condition id or token."""
-    rows = conn.execute(_MARKETS, {"ids": market_keys, "tokens": tokens}).fetchall()
-    return [(str(i), c, [str(t) for t in clob]) for i, c, clob in rows]
+    """
+    ``(id, condition_id, clob_token_ids)`` of markets named by id, condition id
+    or token. The token ids are interned (``sys.intern``) row by row as the
+    result is read: the catalog, the feed pool, the books and the rules then
+    share one string per asset, and no copy of every token id is made on the way.
+    """
+    rows = conn.execute(_MARKETS, {"ids": market_keys, "tokens": tokens})
+    return [(str(i), c, [sys.intern(str(t)) for t in clob]) for i, c, clob in rows]
 
 
 def read_new_positions(
@@ -138,9 +144,14 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
     active positions have no price yet (``DesiredSet.unpriced``).
     """
     conn.execute(_FILL_TOKEN_IDS)
-    # (token_id, market_id, active positions): positions, then pending predictions,
-    # which need their prices too.
-    holders = conn.execute(_ACTIVE).fetchall() + conn.execute(_PREDICTED).fetchall()
+    # (token_id, market_id, active positions, unpriced ones): positions, then pending
+    # predictions, which need their prices too. Read row by row, each token id interned
+    # at once (see read_market_tokens): its copy in the row is dropped with the row.
+    holders = [
+        (None if token is None else sys.intern(token), market_id, count, unpriced_count)
+        for query in (_ACTIVE, _PREDICTED)
+        for token, market_id, count, unpriced_count in conn.execute(query)
+    ]
     market_keys = [m for _, m, _, _ in holders if m]
     tokens = [t for t, _, _, _ in holders if t] + list(watch)
     catalog = Catalog()
