@@ -59,18 +59,20 @@ async def test_every_position_is_priced_a_few_rows_per_transaction(db_dsn: str) 
         per_transaction.clear()
         assert await write_positions_in_chunks(call, prices, limit=4) == 0  # nothing moved
         assert per_transaction == [0]
-        _insert(db_dsn, "t2", 4)  # exactly one chunk's worth left: one more look ends it
+        _insert(db_dsn, "t2", 4)  # exactly one transaction's worth: one transaction
         assert await write_positions_in_chunks(call, prices, limit=4) == 4
-        assert per_transaction == [0, 4, 0]
+        assert per_transaction == [0, 4]
     finally:
         link.close()
 
 
-def test_one_chunk_says_where_the_next_starts(db_dsn: str) -> None:
+def test_the_first_transaction_returns_what_is_left_by_id(db_dsn: str) -> None:
     _insert(db_dsn, "t1", 5)
+    _insert(db_dsn, "t2", 1, status="closed")
     with psycopg.connect(db_dsn) as conn:
-        first_id = conn.execute("SELECT min(id) FROM positions").fetchone()
-        assert first_id is not None
-        written, last_id = write_positions(conn, [("t1", Decimal("0.7"))], 0, 3)
-        assert (written, last_id) == (3, first_id[0] + 2)
-        assert write_positions(conn, [("t1", Decimal("0.7"))], last_id, 3) == (2, 0)
+        ids = [row[0] for row in conn.execute("SELECT id FROM positions ORDER BY id")]
+        prices = [("t1", Decimal("0.7")), ("t2", Decimal("0.7"))]
+        assert write_positions(conn, prices, None, 3) == (3, ids[3:5])
+        conn.execute("UPDATE positions SET status = 'closed' WHERE id = %s", [ids[4]])
+        assert write_positions(conn, prices, ids[3:6]) == (1, [])  # only the active one
+        assert write_positions(conn, prices, None, 3) == (0, [])  # all priced

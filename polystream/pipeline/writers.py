@@ -79,21 +79,7 @@ waits for that (the compare-and-set on ``status``): 16,000 rows in one
 transaction made a trigger wait 43 ms; 500 rows take about 1-2 ms.
 """
 
-_WRITE_POSITIONS = """
-WITH v AS (
-    SELECT * FROM unnest(%(token)s::text[], %(price)s::numeric[]) AS v(token_id, price)
-), chosen AS (
-    SELECT q.id FROM positions AS q JOIN v ON q.token_id = v.token_id
-    WHERE q.status = 'active' AND q.id > %(after)s
-      AND (q.current_price IS DISTINCT FROM v.price OR q.pnl_amount IS NULL)
-    ORDER BY q.id
-    LIMIT %(limit)s
-), locked AS (
-    SELECT q.id, v.price FROM positions AS q JOIN v ON q.token_id = v.token_id
-    WHERE q.id IN (SELECT id FROM chosen) AND q.status = 'active'
-    ORDER BY q.id
-    FOR NO KEY UPDATE OF q
-), updated AS (
+_POSITIONS_SET = """
     UPDATE positions AS p SET
         current_price = t.price,
         pnl_amount = p.size * (t.price - p.entry_price),
@@ -103,8 +89,40 @@ WITH v AS (
     FROM locked AS t
     WHERE p.id = t.id
     RETURNING p.id
-)
-SELECT (SELECT count(*) FROM chosen), (SELECT max(id) FROM chosen), (SELECT count(*) FROM updated)
+"""
+
+_LOCKED = """
+    SELECT q.id, v.price FROM positions AS q JOIN v ON q.token_id = v.token_id
+    WHERE q.id IN (SELECT id FROM first) AND q.status = 'active'
+    ORDER BY q.id
+    FOR NO KEY UPDATE OF q
+"""
+
+# The first transaction: one scan finds every position to reprice, the lowest
+# ``limit`` ids are written, the rest are returned (the later transactions write
+# them by id, without scanning again).
+_WRITE_POSITIONS = f"""
+WITH v AS (
+    SELECT * FROM unnest(%(token)s::text[], %(price)s::numeric[]) AS v(token_id, price)
+), due AS MATERIALIZED (
+    SELECT q.id FROM positions AS q JOIN v ON q.token_id = v.token_id
+    WHERE q.status = 'active'
+      AND (q.current_price IS DISTINCT FROM v.price OR q.pnl_amount IS NULL)
+), first AS (
+    SELECT id FROM due ORDER BY id LIMIT %(limit)s
+), locked AS ({_LOCKED}), updated AS ({_POSITIONS_SET})
+SELECT (SELECT count(*) FROM updated),
+       (SELECT array_agg(id ORDER BY id) FROM due WHERE id > (SELECT max(id) FROM first))
+"""
+
+# A later transaction: these ids, no scan.
+_WRITE_POSITIONS_BY_ID = f"""
+WITH v AS (
+    SELECT * FROM unnest(%(token)s::text[], %(price)s::numeric[]) AS v(token_id, price)
+), first AS (
+    SELECT unnest(%(ids)s::bigint[]) AS id
+), locked AS ({_LOCKED}), updated AS ({_POSITIONS_SET})
+SELECT count(*), NULL::bigint[] FROM updated
 """
 
 
@@ -138,31 +156,27 @@ def write_markets(conn: psycopg.Connection[Any], rows: Sequence[MarketRow]) -> i
 def write_positions(
     conn: psycopg.Connection[Any],
     prices: Sequence[tuple[str, Decimal]],
-    after_id: int = 0,
+    ids: Sequence[int] | None = None,
     limit: int = POSITION_ROWS_PER_TRANSACTION,
-) -> tuple[int, int]:
+) -> tuple[int, list[int]]:
     """
     Set ``current_price``, ``pnl_amount`` (USDC: ``size * (price - entry)``)
-    and ``pnl_percentage`` (percent of ``entry_price``, 4 decimals) of at most
-    ``limit`` ``active`` positions of the ``(token_id, price)`` pairs, those
-    with the lowest ids above ``after_id`` whose price changed.
+    and ``pnl_percentage`` (percent of ``entry_price``, 4 decimals) of the
+    ``active`` positions of the ``(token_id, price)`` pairs whose price
+    changed: the ``limit`` lowest ids of them, or, with ``ids``, those
+    positions (still ``active``; at most a few hundred: one transaction's worth).
 
     Returns:
-        ``(rows updated, last id)``: the highest id looked at, 0 when none was
-        left; fewer than ``limit`` looked at means none is left above it.
+        ``(rows updated, ids left)``: the positions found to reprice beyond
+        the first ``limit`` (ascending; always empty with ``ids``).
     """
-    row = conn.execute(
-        _WRITE_POSITIONS,
-        {
-            "token": [t for t, _ in prices],
-            "price": [p for _, p in prices],
-            "after": after_id,
-            "limit": limit,
-        },
-    ).fetchone()
+    params: dict[str, Any] = {"token": [t for t, _ in prices], "price": [p for _, p in prices]}
+    if ids is None:
+        row = conn.execute(_WRITE_POSITIONS, params | {"limit": limit}).fetchone()
+    else:
+        row = conn.execute(_WRITE_POSITIONS_BY_ID, params | {"ids": list(ids)}).fetchone()
     assert row is not None
-    chosen, last_id, updated = row
-    return int(updated), int(last_id or 0) if chosen >= limit else 0
+    return int(row[0]), list(row[1] or ())
 
 
 async def write_positions_in_chunks(
@@ -173,20 +187,21 @@ async def write_positions_in_chunks(
     """
     :func:`write_positions` of every position, ``limit`` rows per transaction
     (``call`` runs one in a transaction: ``DbLink.call``), so a TP/SL
-    decision never waits long for the rows' locks; returns rows updated.
+    decision never waits long for the rows' locks; returns rows updated. One
+    scan finds them all (the first transaction); the next ones go by id.
 
     Raises:
         DatabaseError: from ``call``; the rows written before stay written and
             the caller writes all again later (a row whose price is already
             right is not written twice).
     """
-    total, after_id = 0, 0
-    while True:
-        written: int
-        written, after_id = await call(write_positions, prices, after_id, limit)
+    written: int
+    written, left = await call(write_positions, prices, None, limit)
+    total = written
+    for start in range(0, len(left), limit):
+        written, _ = await call(write_positions, prices, left[start : start + limit])
         total += written
-        if not after_id:
-            return total
+    return total
 
 
 # ------------------------------------------------------------------ writers
