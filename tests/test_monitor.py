@@ -19,7 +19,7 @@ import trio.testing
 from prometheus_client import generate_latest
 
 from polystream.book import TopOfBook
-from polystream.monitor.engine import DEFERRAL_REASONS, NO_PRICE_RETRY, Monitor
+from polystream.monitor.engine import DEFERRAL_REASONS, DEFERRED_PER_TICK, NO_PRICE_RETRY, Monitor
 from polystream.monitor.rules import Decision, Prediction, RuleSet, TpSlRule, decision_time
 from polystream.ops.metrics import registry_of
 from polystream.ops.status import render_health
@@ -247,6 +247,34 @@ async def test_due_without_quote_is_deferred_then_decided_when_an_ask_arrives(
             assert len(decisions) == 1
             assert mon.stats.prediction_deferrals == {"no_price": 3}
             nursery.cancel_scope.cancel()
+
+
+async def test_many_deferred_predictions_are_decided_a_few_inline_the_rest_by_the_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """
+    A hundred predictions due before their asset's first quote: the tick that
+    brings the ask decides DEFERRED_PER_TICK of them in the router's step, the
+    deadline task the rest right after (in slices), each once, on that ask.
+    """
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    count = 3 * DEFERRED_PER_TICK + 5
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        for pid in range(1, count + 1):
+            mon.add_prediction(prediction(pid, "from_start", delay_s=1.0, asset_id="f"))
+        await trio.sleep(102)
+        assert decisions == [] and mon.deferred_count == count
+        mon.on_price("f", top("f", "0.50", "0.55"))
+        assert len(decisions) == DEFERRED_PER_TICK  # inline, in the caller's step
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(d.prediction_id or 0 for d in decisions) == list(range(1, count + 1))
+        assert {(d.kind, d.price) for d in decisions} == {("prediction", D("0.55"))}
+        assert (mon.deferred_count, mon.stats.predictions_deferred) == (0, 0)
+        await trio.sleep(200)
+        assert len(decisions) == count
+        nursery.cancel_scope.cancel()
 
 
 async def test_deferred_prediction_is_skipped_no_price_when_the_window_closes(

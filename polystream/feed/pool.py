@@ -92,7 +92,7 @@ _MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
 BIG_FRAME_BYTES = 65_536
 """A frame this long or longer is parsed in slices, one such frame at a time (see above)."""
 
-SLICE_SECONDS = 0.001
+SLICE_SECONDS = 0.0005
 """CPU seconds of one slice of a big frame's parse, and of the router's work between checkpoints."""
 
 

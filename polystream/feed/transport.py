@@ -71,7 +71,7 @@ ABNORMAL_CLOSE = 1006
 
 _RECEIVE_CHUNK = 256 * 1024
 
-RECEIVE_SLICE_SECONDS = 0.001
+RECEIVE_SLICE_SECONDS = 0.0005
 """
 How long ``sansio`` hands out messages already read (one socket read brings
 hundreds) without a checkpoint: the reader's work on them (parsing, routing)

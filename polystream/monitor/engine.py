@@ -57,7 +57,14 @@ from polystream.monitor.rules import (
 )
 from polystream.stats import Stats
 
-__all__ = ["DEFERRAL_REASONS", "NO_PRICE_RETRY", "ON_TIME_S", "Monitor"]
+__all__ = [
+    "DEFERRAL_REASONS",
+    "DEFERRED_PER_TICK",
+    "NO_PRICE_RETRY",
+    "ON_TIME_S",
+    "SLICE_SECONDS",
+    "Monitor",
+]
 
 logger = structlog.get_logger(__name__)
 
@@ -70,6 +77,16 @@ A decision the deadline task makes at most this late after the window's close
 still counts as inside the window: a ``from_end`` prediction with ``delay_s``
 0 is due exactly at ``closes_at``, and the timer wakes a little after it.
 """
+
+DEFERRED_PER_TICK = 16
+"""
+Deferred predictions of one asset decided inline when its ask arrives, in the
+router's step; more (a hundred due before the first quote) are decided by the
+deadline task in slices, so the router's step stays short.
+"""
+
+SLICE_SECONDS = 0.0005
+"""CPU seconds of decisions the deadline task makes between two checkpoints."""
 
 DEFERRAL_REASONS = ("no_price",)
 """Why a due prediction can be deferred (labels of ``Stats.prediction_deferrals``)."""
@@ -131,6 +148,7 @@ class Monitor:
     _deferred: dict[int, _Deferral] = attrs.field(factory=dict)
     _tops: dict[str, TopOfBook] = attrs.field(factory=dict)
     _books: dict[str, AssetBook] = attrs.field(factory=dict)
+    _asks_arrived: set[str] = attrs.field(factory=set)  # assets with deferred ones left to decide
     _wake: trio.Event = attrs.field(factory=trio.Event)
 
     # ------------------------------------------------------------ rules
@@ -327,8 +345,11 @@ class Monitor:
             self._check_edge(asset_id, top)
         if side.deferred and top.best_ask is not None:
             now = self.clock()
-            for prediction in list(side.deferred.values()):
+            for prediction in list(side.deferred.values())[:DEFERRED_PER_TICK]:
                 self._decide_prediction(prediction, top, now, edge_seen=False)
+            if side.deferred:  # the rest: the deadline task, in slices
+                self._asks_arrived.add(asset_id)
+                self._wake.set()
 
     def _check_tpsl(self, asset_id: str, top: TopOfBook) -> None:
         price = choose_price(top, self.price_choice)
@@ -449,6 +470,25 @@ class Monitor:
             closes_at=prediction.closes_at,
         )
 
+    async def _decide_deferred(self) -> None:
+        """
+        Decide the deferred predictions :meth:`on_price` left to this task
+        (beyond :data:`DEFERRED_PER_TICK` of an asset whose ask arrived), on
+        the asset's latest quote, yielding every :data:`SLICE_SECONDS`.
+        """
+        started = time.perf_counter()
+        while self._asks_arrived:
+            asset_id = self._asks_arrived.pop()
+            side, top = self._assets.get(asset_id), self._latest(asset_id)
+            if side is None or top is None or top.best_ask is None:
+                continue  # decided meanwhile, or the ask is gone again: deferred as before
+            for prediction in list(side.deferred.values()):
+                self._decide_prediction(prediction, top, self.clock(), edge_seen=False)
+                if time.perf_counter() - started > SLICE_SECONDS:
+                    await trio.lowlevel.checkpoint()
+                    started = time.perf_counter()
+                    top = self._latest(asset_id) or top
+
     def due(self, now: float) -> list[Prediction]:
         """Take the predictions whose decision time is at or before ``now``."""
         due: list[Prediction] = []
@@ -467,6 +507,7 @@ class Monitor:
         task_status.started()
         while True:
             self._wake = trio.Event()
+            await self._decide_deferred()
             head = self.next_decision_at()
             self.stats.next_decision_at = head
             self.stats.monitor_rules = len(self._tpsl)
@@ -480,6 +521,7 @@ class Monitor:
                     await self._wake.wait()
                 continue
             now = self.clock()
+            started = time.perf_counter()
             for prediction in self.due(now):
                 self._decide_prediction(
                     prediction,
@@ -488,6 +530,9 @@ class Monitor:
                     edge_seen=False,
                     on_schedule=True,
                 )
+                if time.perf_counter() - started > SLICE_SECONDS:
+                    await trio.lowlevel.checkpoint()
+                    started = time.perf_counter()
 
     def _fire(self, decision: Decision) -> None:
         if decision.dedupe_key in self._fired:
