@@ -206,14 +206,15 @@ class Executor:
     link: DirectLink | None = None
     _pending: list[Decision] = attrs.field(factory=list)
     _in_flight: list[Decision] = attrs.field(factory=list)  # sent by link.send_now, unanswered
+    _in_sink: int = 0  # decisions being written through sink
     _polled_at: float = 0.0
     _written: deque[tuple[int, Decision]] = attrs.field(factory=deque)  # to log
     _wake: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def pending(self) -> int:
-        """Decisions not yet written (queued or on the wire)."""
-        return len(self._pending) + len(self._in_flight)
+        """Decisions not yet written (queued, on the wire or being written)."""
+        return len(self._pending) + len(self._in_flight) + self._in_sink
 
     def submit(self, decision: Decision) -> None:
         """Queue a decision (never blocks)."""
@@ -335,12 +336,14 @@ class Executor:
 
     async def _write_through_sink(self) -> bool:
         batch, self._pending = self._pending, []
+        self._in_sink = len(batch)
         ids = None
         try:
             ids = await self.sink(batch)
         except DatabaseError:
             return False
         finally:
+            self._in_sink = 0
             if ids is None:
                 self._pending = batch + self._pending
         self._record(batch, ids)
