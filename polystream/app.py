@@ -21,7 +21,6 @@ coalesced state in their ``finally`` blocks, within a bound.
 from __future__ import annotations
 
 import gc
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -59,21 +58,12 @@ from polystream.store.listen import Notes, run_listener
 from polystream.venue.clob import ClobClient, open_clob_client, prices_moved
 from polystream.venue.gamma import GammaClient, open_gamma_client
 
-__all__ = ["DRAIN_SECONDS", "GIL_SWITCH_SECONDS", "LINKS", "App", "build", "run"]
+__all__ = ["DRAIN_SECONDS", "LINKS", "App", "build", "run"]
 
 logger = structlog.get_logger(__name__)
 
 DRAIN_SECONDS = 5.0
 """Longest wait, at shutdown, for the router to apply what was already received."""
-
-GIL_SWITCH_SECONDS = 0.001
-"""
-How long a database worker thread may hold the GIL while the event loop waits
-for it (``sys.setswitchinterval``; Python's default is 5 ms). Each wake-up of
-the loop (a frame, a timer, the trigger statement's answer) can wait that long
-behind a thread converting rows, so the default puts 5 ms steps into the loop
-lag and the TP/SL path; 1 ms costs the threads a little throughput.
-"""
 
 LINKS = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules")
 """
@@ -414,8 +404,6 @@ async def run(
         OSError: ``health.listen`` cannot be bound.
     """
     app = build(config, dsn)
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
         async with _venue_clients(config) as (clob, gamma), trio.open_nursery() as nursery:
             # The health port first: a second daemon on the same port fails here,
@@ -439,5 +427,4 @@ async def run(
         for link in app.links.values():
             link.close()
         app.triggers.close()
-        sys.setswitchinterval(switch_interval)
         _log_stopped(app)
