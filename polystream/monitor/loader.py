@@ -77,6 +77,7 @@ class RuleLoader:
             self._full = False
             self._positions.clear()
             self._predictions.clear()
+            self._gone.clear()
             rules: RuleSet = await self.link.call(load_rules)
             await self.monitor.replace_all_in_slices(rules)
             del rules  # the old table is gone too: its pages go back to the OS
