@@ -11,12 +11,42 @@ from __future__ import annotations
 
 import heapq
 import random
+import time
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["Backoff", "Debouncer", "TokenBucket"]
+import trio
+
+__all__ = ["SLICE_SECONDS", "Backoff", "Debouncer", "Slices", "TokenBucket"]
+
+SLICE_SECONDS = 0.0005
+"""
+CPU seconds of work a task does between two checkpoints when it has much to do
+at once (a big frame's parse, the router's frames, a burst of decisions or of
+log lines): the loop's other tasks, the heartbeat among them, wait that long.
+"""
 
 K = TypeVar("K", bound=Hashable)
+
+
+class Slices:
+    """
+    Checkpoints in a long piece of CPU work: ``await slices.tick()`` after each
+    item yields to the scheduler once ``budget`` seconds (``perf_counter``)
+    have passed since the last yield, else returns at once.
+    """
+
+    def __init__(self, budget: float = SLICE_SECONDS) -> None:
+        self.budget = budget
+        self._started = time.perf_counter()
+
+    async def tick(self) -> bool:
+        """Yield (``trio.lowlevel.checkpoint``) if the slice is used up; whether it did."""
+        if time.perf_counter() - self._started <= self.budget:
+            return False
+        await trio.lowlevel.checkpoint()
+        self._started = time.perf_counter()
+        return True
 
 
 class Backoff:

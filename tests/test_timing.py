@@ -26,7 +26,7 @@ from polystream.errors import DatabaseError
 from polystream.feed.protocol import BookSnapshot, Level
 from polystream.pipeline.writers import MarketRow, MarketWriter, PositionWriter
 from polystream.stats import Stats
-from polystream.timing import Backoff, Debouncer, TokenBucket
+from polystream.timing import Backoff, Debouncer, Slices, TokenBucket
 
 
 @pytest.fixture
@@ -570,3 +570,9 @@ async def test_position_writer_cancel_during_write_still_flushes(
         await trio.sleep_until(10)
     assert sink.times == pytest.approx([1.0])
     assert sink.calls[0][1] == _prices("m1")
+
+
+async def test_slices_yield_only_once_their_budget_is_used_up() -> None:
+    spent, fresh = Slices(0.0), Slices(3600.0)
+    assert await spent.tick() and await spent.tick()  # a budget of 0: every tick yields
+    assert not await fresh.tick()  # an hour of budget: none does

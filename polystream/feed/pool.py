@@ -64,7 +64,7 @@ from polystream.feed.transport import (
 )
 from polystream.logs import RateLimitedLog
 from polystream.stats import ShardStats, Stats
-from polystream.timing import Backoff
+from polystream.timing import SLICE_SECONDS, Backoff
 
 __all__ = [
     "BIG_FRAME_BYTES",
@@ -91,9 +91,6 @@ _MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
 
 BIG_FRAME_BYTES = 65_536
 """A frame this long or longer is parsed in slices, one such frame at a time (see above)."""
-
-SLICE_SECONDS = 0.0005
-"""CPU seconds of one slice of a big frame's parse, and of the router's work between checkpoints."""
 
 
 class FrameEvents(list[FeedEvent]):

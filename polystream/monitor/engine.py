@@ -56,13 +56,13 @@ from polystream.monitor.rules import (
     decision_time,
 )
 from polystream.stats import Stats
+from polystream.timing import Slices
 
 __all__ = [
     "DEFERRAL_REASONS",
     "DEFERRED_PER_TICK",
     "NO_PRICE_RETRY",
     "ON_TIME_S",
-    "SLICE_SECONDS",
     "Monitor",
 ]
 
@@ -84,9 +84,6 @@ Deferred predictions of one asset decided inline when its ask arrives, in the
 router's step; more (a hundred due before the first quote) are decided by the
 deadline task in slices, so the router's step stays short.
 """
-
-SLICE_SECONDS = 0.0005
-"""CPU seconds of decisions the deadline task makes between two checkpoints."""
 
 DEFERRAL_REASONS = ("no_price",)
 """Why a due prediction can be deferred (labels of ``Stats.prediction_deferrals``)."""
@@ -474,9 +471,9 @@ class Monitor:
         """
         Decide the deferred predictions :meth:`on_price` left to this task
         (beyond :data:`DEFERRED_PER_TICK` of an asset whose ask arrived), on
-        the asset's latest quote, yielding every :data:`SLICE_SECONDS`.
+        the asset's latest quote, in slices (:class:`~polystream.timing.Slices`).
         """
-        started = time.perf_counter()
+        slices = Slices()
         while self._asks_arrived:
             asset_id = self._asks_arrived.pop()
             side, top = self._assets.get(asset_id), self._latest(asset_id)
@@ -484,9 +481,7 @@ class Monitor:
                 continue  # decided meanwhile, or the ask is gone again: deferred as before
             for prediction in list(side.deferred.values()):
                 self._decide_prediction(prediction, top, self.clock(), edge_seen=False)
-                if time.perf_counter() - started > SLICE_SECONDS:
-                    await trio.lowlevel.checkpoint()
-                    started = time.perf_counter()
+                if await slices.tick():
                     top = self._latest(asset_id) or top
 
     def due(self, now: float) -> list[Prediction]:
@@ -521,7 +516,7 @@ class Monitor:
                     await self._wake.wait()
                 continue
             now = self.clock()
-            started = time.perf_counter()
+            slices = Slices()
             for prediction in self.due(now):
                 self._decide_prediction(
                     prediction,
@@ -530,9 +525,7 @@ class Monitor:
                     edge_seen=False,
                     on_schedule=True,
                 )
-                if time.perf_counter() - started > SLICE_SECONDS:
-                    await trio.lowlevel.checkpoint()
-                    started = time.perf_counter()
+                await slices.tick()
 
     def _fire(self, decision: Decision) -> None:
         if decision.dedupe_key in self._fired:

@@ -27,9 +27,9 @@ from polystream.errors import DatabaseError
 from polystream.monitor.rules import Decision
 from polystream.stats import Stats
 from polystream.store.direct import DirectLink, numbered
+from polystream.timing import Slices
 
 __all__ = [
-    "LOG_SLICE_SECONDS",
     "POLL_INTERVAL",
     "TRIGGERS_CHANNEL",
     "TRIGGER_STATEMENTS",
@@ -173,10 +173,6 @@ one per frame.
 """
 
 
-LOG_SLICE_SECONDS = 0.0005
-"""CPU seconds of ``trigger_written`` lines the executor's task writes between checkpoints."""
-
-
 @attrs.define(eq=False)
 class Executor:
     """
@@ -298,8 +294,8 @@ class Executor:
             self._wake.set()
 
     async def _log_written(self) -> None:
-        """One ``trigger_written`` line per trigger row, yielding every :data:`LOG_SLICE_SECONDS`."""
-        started = time.perf_counter()
+        """One ``trigger_written`` line per trigger row, in slices (:class:`~polystream.timing.Slices`)."""
+        slices = Slices()
         while self._written:
             trigger_id, decision = self._written.popleft()
             logger.info(
@@ -307,9 +303,7 @@ class Executor:
                 trigger_id=trigger_id,
                 **attrs.asdict(decision, value_serializer=_plain),
             )
-            if time.perf_counter() - started > LOG_SLICE_SECONDS:
-                await trio.lowlevel.checkpoint()
-                started = time.perf_counter()
+            await slices.tick()
 
     async def flush(self) -> bool:
         """Write what is queued or on the wire; False when the database failed (kept for later)."""

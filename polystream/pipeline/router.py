@@ -28,6 +28,7 @@ from polystream.feed.pool import SLICE_SECONDS, FrameEvents
 from polystream.feed.protocol import BookSnapshot, FeedEvent
 from polystream.logs import RateLimitedLog
 from polystream.pipeline.writers import MarketWriter, PositionWriter
+from polystream.timing import Slices
 
 __all__ = ["Router"]
 
@@ -80,12 +81,10 @@ class Router:
         touched before the checkpoint: other tasks see whole events, in order.
         """
         self.frames_applied += 1
-        started = time.perf_counter()
+        slices = Slices(SLICE_SECONDS)
         for first in range(0, len(events), _SLICE_EVENTS):
             self._settle(self.books.apply(events[first : first + _SLICE_EVENTS]))
-            if time.perf_counter() - started > SLICE_SECONDS:
-                await trio.lowlevel.checkpoint()
-                started = time.perf_counter()
+            await slices.tick()
 
     def _settle(self, applied: Applied) -> None:
         """Count what the books refused, hand on resyncs, touch what moved."""
