@@ -120,11 +120,17 @@ class DirectLink:
                 for sql in statements:
                     await self._prepare(conn, sql)
             except (psycopg.Error, OSError, DatabaseError) as exc:
-                self._drop()
-                self._failed(self._error(exc))
+                self._broken(exc)
 
     def _error(self, exc: BaseException) -> DatabaseError:
         return DatabaseError(f"{self.name}: {redact(str(exc)).splitlines()[0]}")
+
+    def _broken(self, exc: BaseException) -> DatabaseError:
+        """A statement failed: close the connection (the next call reconnects), count, log."""
+        self._drop()
+        error = self._error(exc)
+        self._failed(error)
+        return error
 
     async def execute(self, sql: str, params: Sequence[Any]) -> Rows:
         """
@@ -145,10 +151,7 @@ class DirectLink:
                 conn = await self._connected()
                 rows = await self._run(conn, sql, params)
             except (psycopg.Error, OSError, DatabaseError) as exc:
-                self._drop()
-                error = self._error(exc)
-                self._failed(error)
-                raise error from None
+                raise self._broken(exc) from None
             except BaseException:
                 self._drop()  # cancelled mid-statement: the connection's state is unknown
                 raise
@@ -198,16 +201,11 @@ class DirectLink:
         except trio.WouldBlock:
             return False
         try:
-            transformer = Transformer(conn)
-            values = transformer.dump_sequence(params, [PyFormat.TEXT] * len(params))
-            conn.pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
+            _send_prepared(conn, name, params)
             conn.pgconn.flush()  # what a full socket keeps, poll() and finish() send
         except (psycopg.Error, OSError) as exc:
             self._busy.release()
-            self._drop()
-            error = self._error(exc)
-            self._failed(error)
-            raise error from None
+            raise self._broken(exc) from None
         self._sent_at = time.monotonic()
         return True
 
@@ -232,10 +230,7 @@ class DirectLink:
             rows = _rows(_last_result(pg))
         except (psycopg.Error, OSError, DatabaseError) as exc:
             self._settle()
-            self._drop()
-            error = self._error(exc)
-            self._failed(error)
-            raise error from None
+            raise self._broken(exc) from None
         started = self._sent_at
         self._settle()
         self._succeeded(started)
@@ -300,12 +295,8 @@ class DirectLink:
         return name
 
     async def _run(self, conn: psycopg.Connection[Any], sql: str, params: Sequence[Any]) -> Rows:
-        pg = conn.pgconn
-        transformer = Transformer(conn)
-        values = transformer.dump_sequence(params, [PyFormat.TEXT] * len(params))
-        name = await self._prepare(conn, sql)
-        pg.send_query_prepared(name, values, param_formats=transformer.formats)
-        return _rows(await _result(pg))
+        _send_prepared(conn, await self._prepare(conn, sql), params)
+        return _rows(await _result(conn.pgconn))
 
     def close(self) -> None:
         """Close the connection (safe to call twice); a statement on the wire is abandoned."""
@@ -316,6 +307,13 @@ class DirectLink:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
+
+
+def _send_prepared(conn: psycopg.Connection[Any], name: bytes, params: Sequence[Any]) -> None:
+    """Queue prepared statement ``name`` with ``params`` (dumped in text form by psycopg)."""
+    transformer = Transformer(conn)
+    values = transformer.dump_sequence(params, [PyFormat.TEXT] * len(params))
+    conn.pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
 
 
 def _rows(result: pq.abc.PGresult) -> Rows:
