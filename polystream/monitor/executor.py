@@ -247,12 +247,15 @@ class Executor:
         """Send the next decisions of one kind through ``link`` now; False if it cannot."""
         if self._in_flight or not self._pending or self.link is None:
             return False
-        kind_of_first = self._pending[0].position_id is None
-        sql = _WRITE_PREDICTION_TRIGGERS if kind_of_first else _WRITE_POSITION_TRIGGERS
+        predictions_first = self._pending[0].position_id is None
+        sql = _WRITE_PREDICTION_TRIGGERS if predictions_first else _WRITE_POSITION_TRIGGERS
         text, names = _NUMBERED[sql]
         if not self.link.can_send_now(text):
             return False
-        unit = [d for d in self._pending if (d.position_id is None) == kind_of_first]
+        unit: list[Decision] = []
+        rest: list[Decision] = []
+        for decision in self._pending:
+            (unit if (decision.position_id is None) == predictions_first else rest).append(decision)
         _, params = _statements(unit)[0]
         try:
             sent = self.link.send_now(text, [params[n] for n in names])
@@ -260,8 +263,7 @@ class Executor:
             sent = False  # counted and logged by the link; sink reconnects
         if not sent:
             return False
-        self._pending = [d for d in self._pending if (d.position_id is None) != kind_of_first]
-        self._in_flight = unit
+        self._pending, self._in_flight = rest, unit
         self._wake.set()  # the executor's task reads the answer if the router does not
         return True
 
