@@ -350,14 +350,18 @@ class AssetBook:
         price, size = change.price, change.size
         if change.side == "BUY":
             side, other, quotable = self.bids, self.asks, price > 0
-            if size > 0 and quotable and other.best is not None and price >= other.best:
-                other.drop_through(price)
-                crossed = True
+            if size > 0 and quotable:
+                best = other.best
+                if best is not None and price >= best:
+                    other.drop_through(price)
+                    crossed = True
         else:
             side, other, quotable = self.asks, self.bids, price < 1
-            if size > 0 and quotable and other.best is not None and price <= other.best:
-                other.drop_through(price)
-                crossed = True
+            if size > 0 and quotable:
+                best = other.best
+                if best is not None and price <= best:
+                    other.drop_through(price)
+                    crossed = True
         # A cross the venue annotates with its own top is a trade-through burst
         # (the traded levels' removals come in later frames): normal, not bad input.
         problem: BookProblem | None = "crossed_book" if crossed and not change.has_top else None
@@ -372,8 +376,10 @@ class AssetBook:
         )
         self.has_book = True
         self.source = "ws"
-        self.book_timestamp_ms = max(self.book_timestamp_ms, timestamp_ms)
-        self.timestamp_ms = max(self.timestamp_ms, timestamp_ms)
+        if timestamp_ms > self.book_timestamp_ms:
+            self.book_timestamp_ms = timestamp_ms
+        if timestamp_ms > self.timestamp_ms:
+            self.timestamp_ms = timestamp_ms
         return problem
 
     def apply_trade(self, trade: LastTradePrice) -> BookProblem | None:
@@ -495,11 +501,20 @@ class Books(dict[str, AssetBook]):
         not book events and are skipped.
         """
         applied = Applied() if applied is None else applied
+        moved = applied.moved
         for event in events:
-            if isinstance(event, PriceChange):
+            if type(event) is PriceChange:  # the common event: exact type, no record() call
+                timestamp_ms = event.timestamp_ms
                 for change in event.changes:
-                    problem = self.book(change.asset_id).apply_change(change, event.timestamp_ms)
-                    applied.record(change.asset_id, problem, event.timestamp_ms)
+                    asset_id = change.asset_id
+                    book = self.get(asset_id)
+                    if book is None:
+                        book = self.book(asset_id)
+                    problem = book.apply_change(change, timestamp_ms)
+                    if problem is None:
+                        moved.add(asset_id)
+                    else:
+                        applied.record(asset_id, problem, timestamp_ms)
             elif isinstance(event, BookSnapshot):
                 book = self.book(event.asset_id)
                 applied.record(event.asset_id, book.apply_snapshot(event), event.timestamp_ms)
@@ -508,7 +523,10 @@ class Books(dict[str, AssetBook]):
                     applied.resync.append((event.asset_id, "hash_mismatch"))
             elif isinstance(event, LastTradePrice):
                 problem = self.book(event.asset_id).apply_trade(event)
-                applied.record(event.asset_id, problem, event.timestamp_ms)
+                if problem is None:
+                    moved.add(event.asset_id)
+                else:
+                    applied.record(event.asset_id, problem, event.timestamp_ms)
             elif isinstance(event, TickSizeChange):
                 if self.book(event.asset_id).apply_tick_size(event):
                     applied.resync.append((event.asset_id, "tick_size_change"))

@@ -34,6 +34,7 @@ from polystream.feed.protocol import (
     BestBidAsk,
     BookSnapshot,
     FeedEvent,
+    FrameParser,
     LastTradePrice,
     MarketResolved,
     NewMarket,
@@ -665,6 +666,21 @@ def test_replay_capture_parses_without_problems(capture: Path) -> None:
         assert dict(counts) == expected["events_by_type"]
 
 
+@pytest.mark.parametrize("capture", CAPTURES, ids=lambda p: p.name)
+def test_memo_path_equals_the_checked_path_on_recorded_frames(capture: Path) -> None:
+    """
+    One long-lived parser (the feed's) builds most events from its memos;
+    each frame parsed by a fresh parser (every field checked) gives the same
+    events. Frames of recorded sessions repeat their prices, sizes and tops.
+    """
+    warm = FrameParser()
+    lines = _capture_lines(capture)
+    for line in lines:
+        warm.parse(line)
+    for line in lines:
+        assert warm.parse(line).events == parse_frame(line).events, line[:200]
+
+
 def test_expected_counts_cover_both_reference_captures() -> None:
     for capture in (REPLAY / "aaimek-2025-01.jsonl.gz", EXAMPLES / "updown-2025-12-11.jsonl.gz"):
         assert capture.with_name(capture.name.split(".jsonl")[0] + ".expected.json").exists()
@@ -709,15 +725,20 @@ def _pc(*entries: dict[str, Any]) -> bytes:
 
 
 def test_empty_and_zero_best_prices() -> None:
-    """``""``, a bid <= 0 and an ask >= 1 all spell an empty side (section 11)."""
-    parsed = parse_frame(
-        _pc(
-            _pc_entry(best_bid="", best_ask="0.6"),
-            _pc_entry(best_bid="0", best_ask=""),
-            _pc_entry(best_bid="0.4", best_ask="1"),
-            _pc_entry(best_bid="0.00", best_ask="1.0"),
-        )
+    """
+    ``""``, a bid <= 0 and an ask >= 1 all spell an empty side (section 11),
+    also from the memos (a parser that has seen each string as bid and ask).
+    """
+    raw = _pc(
+        _pc_entry(best_bid="", best_ask="0.6"),
+        _pc_entry(best_bid="0", best_ask=""),
+        _pc_entry(best_bid="0.4", best_ask="1"),
+        _pc_entry(best_bid="0.00", best_ask="1.0"),
     )
+    warm = FrameParser()
+    warm.parse(_pc(*(_pc_entry(best_bid=v, best_ask=v) for v in ("", "0", "1", "0.00", "1.0"))))
+    parsed = parse_frame(raw)
+    assert warm.parse(raw).events == parsed.events
     assert parsed.problems == []
     (event,) = parsed.events
     assert isinstance(event, PriceChange)
@@ -1080,13 +1101,28 @@ frames_of_objects = any_object | st.lists(any_object | json_values, max_size=4)
 
 
 def _parse_or_malformed(raw: str | bytes) -> ParsedFrame | None:
+    """
+    Parse ``raw`` with a fresh parser, then twice more with one parser: the
+    second time its memos hold every string of the frame, so the common
+    events take the memo path (FrameParser.level_changes, .last_trade), and
+    must give what the checked path gave, problems included.
+    """
     try:
         parsed = parse_frame(raw)
     except MalformedFrame as exc:
         assert exc.kind in ("not_utf8", "invalid_json", "not_an_object")
         return None
     assert all(isinstance(p, MalformedFrame) for p in parsed.problems)
+    warm = FrameParser()
+    warm.parse(raw)
+    again = warm.parse(raw)
+    assert again.events == parsed.events
+    assert _reported(again) == _reported(parsed)
     return parsed
+
+
+def _reported(parsed: ParsedFrame) -> list[tuple[str, str]]:
+    return [(p.kind, p.detail) for p in parsed.problems]
 
 
 @given(st.binary(max_size=200))
@@ -1162,8 +1198,12 @@ def test_price_change_round_trip(
             for asset, price, size, side, bid, ask in generated
         ],
     }
-    parsed = parse_frame(orjson.dumps(frame))
+    raw = orjson.dumps(frame)
+    parsed = parse_frame(raw)
     assert parsed.problems == []
+    warm = FrameParser()  # its second parse takes the memo path: the same events
+    warm.parse(raw)
+    assert warm.parse(raw).events == parsed.events
     (event,) = parsed.events
     assert isinstance(event, PriceChange)
     assert event.condition_id == market

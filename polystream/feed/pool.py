@@ -214,13 +214,16 @@ def filter_events(events: list[FeedEvent], assets: set[str]) -> tuple[list[FeedE
     dropped = 0
     for event in events:
         if isinstance(event, PriceChange):
-            changes = tuple(c for c in event.changes if c.asset_id in assets)
-            if len(changes) == len(event.changes):
+            for change in event.changes:
+                if change.asset_id not in assets:
+                    break
+            else:  # every entry subscribed: the event as it is
                 kept.append(event)
-            else:
-                dropped += len(event.changes) - len(changes)
-                if changes:
-                    kept.append(attrs.evolve(event, changes=changes))
+                continue
+            changes = tuple(c for c in event.changes if c.asset_id in assets)
+            dropped += len(event.changes) - len(changes)
+            if changes:
+                kept.append(PriceChange(event.condition_id, event.timestamp_ms, changes))
         elif isinstance(event, NewMarket | MarketResolved) or event.asset_id in assets:
             kept.append(event)
         else:

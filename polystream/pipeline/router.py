@@ -15,7 +15,7 @@ books at a time) and between the frames it drains without waiting.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from decimal import Decimal
 
 import attrs
@@ -101,15 +101,21 @@ class Router:
         if self.books.book(book.asset_id).apply_rest_book(book) is None:
             self._moved((book.asset_id,))
 
-    def _moved(self, asset_ids: Iterable[str]) -> None:
-        """Tell the writers and the listeners (the monitor) that these books moved."""
+    def _moved(self, asset_ids: Collection[str]) -> None:
+        """
+        Tell the writers (once per market: a price change often moves both
+        of a market's outcomes) and the listeners (the monitor, once per
+        asset) that these books moved.
+        """
         now = trio.current_time()
-        for asset_id in asset_ids:
-            market = self.catalog.key_of(asset_id)
+        key_of = self.catalog.key_of
+        for market in {key_of(asset_id) for asset_id in asset_ids}:
             self.markets.touch(market)
             self.positions.touch(market, now)
-            for listener in self.listeners:
-                listener(asset_id, self.books[asset_id])
+        books = self.books
+        for listener in self.listeners:
+            for asset_id in asset_ids:
+                listener(asset_id, books[asset_id])
 
     def apply_quote(
         self, asset_id: str, best_bid: Decimal | None, best_ask: Decimal | None
