@@ -125,6 +125,34 @@ async def test_edge_decides_on_first_qualifying_tick(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_tick_decides_exactly_the_edge_predictions_its_ask_gives_their_edge(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Edge predictions are looked up by the highest ask with their edge: same decisions."""
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    forecasts = {10 + i: D("0.40") + D("0.05") * i for i in range(8)}  # 0.40 .. 0.75
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        for pid, forecast in forecasts.items():
+            mon.add_prediction(
+                prediction(pid, "edge", forecast_probability=forecast, min_edge=D("0.10"))
+            )
+        mon.add_prediction(prediction(30, "edge", forecast_probability=None, delay_s=20.0))
+        # Replaced with a lower forecast: looked up by the new one only.
+        mon.add_prediction(prediction(17, "edge", forecast_probability=D("0.45")))
+        mon.remove_prediction(16)  # 0.70: gone, never decided
+        await trio.sleep(120)
+        mon.on_price("a", top("a", "0.50", "0.55"))  # edge for forecasts >= 0.65
+        assert sorted(d.dedupe_key for d in decisions) == ["prediction:15"]
+        mon.on_price("a", top("a", "0.30", "0.35"))  # edge for forecasts >= 0.45
+        assert sorted(d.dedupe_key for d in decisions) == [
+            f"prediction:{pid}" for pid in (11, 12, 13, 14, 15, 17)
+        ]
+        assert all(d.reason == "edge" for d in decisions)
+        nursery.cancel_scope.cancel()
+
+
 async def test_edge_never_seen_is_skipped_no_edge(autojump_clock: trio.testing.MockClock) -> None:
     decisions: list[Decision] = []
     mon = monitor(decisions)

@@ -66,13 +66,14 @@ async def test_every_position_is_priced_a_few_rows_per_transaction(db_dsn: str) 
         link.close()
 
 
-def test_the_first_transaction_returns_what_is_left_by_id(db_dsn: str) -> None:
+def test_the_first_transaction_returns_where_each_later_span_starts(db_dsn: str) -> None:
     _insert(db_dsn, "t1", 5)
     _insert(db_dsn, "t2", 1, status="closed")
     with psycopg.connect(db_dsn) as conn:
         ids = [row[0] for row in conn.execute("SELECT id FROM positions ORDER BY id")]
         prices = [("t1", Decimal("0.7")), ("t2", Decimal("0.7"))]
-        assert write_positions(conn, prices, None, 3) == (3, ids[3:5])
-        conn.execute("UPDATE positions SET status = 'closed' WHERE id = %s", [ids[4]])
-        assert write_positions(conn, prices, ids[3:6]) == (1, [])  # only the active one
-        assert write_positions(conn, prices, None, 3) == (0, [])  # all priced
+        assert write_positions(conn, prices, None, 2) == (2, [ids[2], ids[4]])
+        conn.execute("UPDATE positions SET status = 'closed' WHERE id = %s", [ids[3]])
+        assert write_positions(conn, prices, (ids[2], ids[4])) == (1, [])  # the active one
+        assert write_positions(conn, prices, (ids[4], ids[4] + 1)) == (1, [])
+        assert write_positions(conn, prices, None, 2) == (0, [])  # all priced

@@ -40,6 +40,7 @@ from decimal import Decimal
 import attrs
 import structlog
 import trio
+from sortedcontainers import SortedList
 
 from polystream.book import AssetBook, TopOfBook, choose_price
 from polystream.config import PriceChoice
@@ -99,10 +100,44 @@ class _AssetRules:
 
     edge: dict[int, tuple[Prediction, float]] = attrs.field(factory=dict)
     deferred: dict[int, Prediction] = attrs.field(factory=dict)
+    # (highest ask with the edge, prediction id) of the edge predictions that
+    # have a forecast: a tick's ask looks only at those it gives their edge.
+    edge_asks: SortedList[tuple[Decimal, int]] = attrs.field(factory=SortedList)
 
     def empty(self) -> bool:
         """Whether no prediction is left (the asset's entry can go)."""
         return not (self.edge or self.deferred)
+
+    def add_edge(self, prediction: Prediction, deadline: float) -> None:
+        """Watch an edge prediction until ``deadline`` (epoch s)."""
+        self.drop_edge(prediction.id)
+        self.edge[prediction.id] = (prediction, deadline)
+        highest = _highest_ask(prediction)
+        if highest is not None:
+            self.edge_asks.add((highest, prediction.id))
+
+    def drop_edge(self, prediction_id: int) -> None:
+        """Stop watching an edge prediction (no-op if not watched)."""
+        entry = self.edge.pop(prediction_id, None)
+        if entry is not None:
+            highest = _highest_ask(entry[0])
+            if highest is not None:
+                self.edge_asks.remove((highest, prediction_id))
+
+    def with_edge_at(self, ask: Decimal) -> list[tuple[Prediction, float]]:
+        """The edge predictions (with deadlines) that ``ask`` gives their edge."""
+        start = self.edge_asks.bisect_left((ask, -1))  # ids are positive
+        return [self.edge[pid] for _, pid in self.edge_asks.islice(start)]
+
+
+def _highest_ask(prediction: Prediction) -> Decimal | None:
+    """
+    The highest ask at which an edge prediction has its edge
+    (``forecast_probability - ask >= min_edge``), or None without a forecast.
+    """
+    if prediction.forecast_probability is None:
+        return None
+    return prediction.forecast_probability - (prediction.min_edge or Decimal(0))
 
 
 @attrs.define
@@ -189,7 +224,7 @@ class Monitor:
         deadline = decision_time(prediction)
         self._schedule(prediction.id, deadline)
         if prediction.timing == "edge":
-            self._asset(prediction.asset_id).edge[prediction.id] = (prediction, deadline)
+            self._asset(prediction.asset_id).add_edge(prediction, deadline)
             top = self._latest(prediction.asset_id)
             if top is not None:
                 self._check_edge(prediction.asset_id, top)
@@ -209,7 +244,7 @@ class Monitor:
             return
         side = self._assets.get(prediction.asset_id)
         if side is not None:
-            side.edge.pop(prediction_id, None)
+            side.drop_edge(prediction_id)
             side.deferred.pop(prediction_id, None)
             if side.empty():
                 del self._assets[prediction.asset_id]
@@ -366,14 +401,13 @@ class Monitor:
             )
 
     def _check_edge(self, asset_id: str, top: TopOfBook) -> None:
+        """Decide the asset's open edge predictions that ``top``'s ask gives their edge."""
+        ask = top.best_ask
+        if ask is None:
+            return
         now = self.clock()
-        for prediction, deadline in list(self._assets[asset_id].edge.values()):
-            if not prediction.opens_at <= now < deadline:
-                continue  # not open yet, or past the deadline (skipped no_edge there)
-            ask = top.best_ask
-            if ask is None or prediction.forecast_probability is None:
-                continue
-            if prediction.forecast_probability - ask >= (prediction.min_edge or Decimal(0)):
+        for prediction, deadline in self._assets[asset_id].with_edge_at(ask):
+            if prediction.opens_at <= now < deadline:  # else not open yet, or past it
                 self._decide_prediction(prediction, top, now, edge_seen=True)
 
     # ------------------------------------------------------------ predictions

@@ -42,8 +42,14 @@ __all__ = [
 
 logger = structlog.get_logger(__name__)
 
-COALESCE_SECONDS = 0.02
-"""After a close or delete, wait this long so that a burst costs one full read."""
+COALESCE_SECONDS = 1.0
+"""
+After a close or delete, the full read follows within this: a stream of closes
+(TP/SL firing one after another) costs one full read per second, not one per
+close. Nothing waits for it: a closed position is no longer priced (the writer
+prices ``active`` rows), and its asset stays subscribed for
+``feed.unsubscribe_grace`` anyway.
+"""
 
 FULL_AFTER_NOTIFY = 1.0
 """After a fast-path subscribe, the full reconcile (catalog, counts) follows within this."""
@@ -85,6 +91,7 @@ FROM positions WHERE status = 'active' GROUP BY token_id, market_id
 _PREDICTED = """
 SELECT token_id, market_id, 0, 0 FROM predictions
 WHERE status = 'pending' AND (closes_at IS NULL OR closes_at > now() - interval '1 minute')
+GROUP BY token_id, market_id
 """
 
 # Three index-friendly lookups (primary key, unique condition_id, GIN on
@@ -152,8 +159,8 @@ def read_desired(conn: psycopg.Connection[Any], watch: tuple[str, ...]) -> Desir
         for query in (_ACTIVE, _PREDICTED)
         for token, market_id, count, unpriced_count in conn.execute(query)
     ]
-    market_keys = [m for _, m, _, _ in holders if m]
-    tokens = [t for t, _, _, _ in holders if t] + list(watch)
+    market_keys = list(dict.fromkeys(m for _, m, _, _ in holders if m))
+    tokens = list(dict.fromkeys([*(t for t, _, _, _ in holders if t), *watch]))
     catalog = Catalog()
     by_key: dict[str, str] = {}
     for market_id, condition_id, clob in read_market_tokens(conn, market_keys, tokens):

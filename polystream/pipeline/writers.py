@@ -99,8 +99,9 @@ _LOCKED = """
 """
 
 # The first transaction: one scan finds every position to reprice, the lowest
-# ``limit`` ids are written, the rest are returned (the later transactions write
-# them by id, without scanning again).
+# ``limit`` ids are written, and the first id of each later ``limit`` of them is
+# returned: the later transactions write an id span each, without scanning again
+# and without sending (or reading back) every id.
 _WRITE_POSITIONS = f"""
 WITH v AS (
     SELECT * FROM unnest(%(token)s::text[], %(price)s::numeric[]) AS v(token_id, price)
@@ -110,20 +111,28 @@ WITH v AS (
       AND (q.current_price IS DISTINCT FROM v.price OR q.pnl_amount IS NULL)
 ), first AS (
     SELECT id FROM due ORDER BY id LIMIT %(limit)s
-), locked AS ({_LOCKED}), updated AS ({_POSITIONS_SET})
+), locked AS ({_LOCKED}), updated AS ({_POSITIONS_SET}), rest AS (
+    SELECT id, row_number() OVER (ORDER BY id) - 1 AS n
+    FROM due WHERE id > (SELECT max(id) FROM first)
+)
 SELECT (SELECT count(*) FROM updated),
-       (SELECT array_agg(id ORDER BY id) FROM due WHERE id > (SELECT max(id) FROM first))
+       (SELECT array_agg(id ORDER BY id) FROM rest WHERE n %% %(limit)s = 0)
 """
 
-# A later transaction: these ids, no scan.
-_WRITE_POSITIONS_BY_ID = f"""
+# A later transaction: the positions to reprice in one id span (the primary key's range).
+_WRITE_POSITIONS_IN_SPAN = f"""
 WITH v AS (
     SELECT * FROM unnest(%(token)s::text[], %(price)s::numeric[]) AS v(token_id, price)
 ), first AS (
-    SELECT unnest(%(ids)s::bigint[]) AS id
+    SELECT q.id FROM positions AS q JOIN v ON q.token_id = v.token_id
+    WHERE q.id >= %(low)s AND q.id < %(high)s AND q.status = 'active'
+      AND (q.current_price IS DISTINCT FROM v.price OR q.pnl_amount IS NULL)
 ), locked AS ({_LOCKED}), updated AS ({_POSITIONS_SET})
 SELECT count(*), NULL::bigint[] FROM updated
 """
+
+_NO_ID_ABOVE = 2**63 - 1
+"""The end of the last span: ``bigint``'s maximum."""
 
 
 @attrs.frozen
@@ -156,25 +165,27 @@ def write_markets(conn: psycopg.Connection[Any], rows: Sequence[MarketRow]) -> i
 def write_positions(
     conn: psycopg.Connection[Any],
     prices: Sequence[tuple[str, Decimal]],
-    ids: Sequence[int] | None = None,
+    span: tuple[int, int] | None = None,
     limit: int = POSITION_ROWS_PER_TRANSACTION,
 ) -> tuple[int, list[int]]:
     """
     Set ``current_price``, ``pnl_amount`` (USDC: ``size * (price - entry)``)
     and ``pnl_percentage`` (percent of ``entry_price``, 4 decimals) of the
     ``active`` positions of the ``(token_id, price)`` pairs whose price
-    changed: the ``limit`` lowest ids of them, or, with ``ids``, those
-    positions (still ``active``; at most a few hundred: one transaction's worth).
+    changed: the ``limit`` lowest ids of them, or, with ``span`` ``(low,
+    high)``, those with ``low <= id < high`` (one transaction's worth).
 
     Returns:
-        ``(rows updated, ids left)``: the positions found to reprice beyond
-        the first ``limit`` (ascending; always empty with ``ids``).
+        ``(rows updated, starts)``: without ``span``, where each later
+        ``limit`` of the positions found to reprice begins (ascending ids;
+        empty when all fit); with ``span``, always empty.
     """
     params: dict[str, Any] = {"token": [t for t, _ in prices], "price": [p for _, p in prices]}
-    if ids is None:
+    if span is None:
         row = conn.execute(_WRITE_POSITIONS, params | {"limit": limit}).fetchone()
     else:
-        row = conn.execute(_WRITE_POSITIONS_BY_ID, params | {"ids": list(ids)}).fetchone()
+        low, high = span
+        row = conn.execute(_WRITE_POSITIONS_IN_SPAN, params | {"low": low, "high": high}).fetchone()
     assert row is not None
     return int(row[0]), list(row[1] or ())
 
@@ -185,10 +196,12 @@ async def write_positions_in_chunks(
     limit: int = POSITION_ROWS_PER_TRANSACTION,
 ) -> int:
     """
-    :func:`write_positions` of every position, ``limit`` rows per transaction
-    (``call`` runs one in a transaction: ``DbLink.call``), so a TP/SL
-    decision never waits long for the rows' locks; returns rows updated. One
-    scan finds them all (the first transaction); the next ones go by id.
+    :func:`write_positions` of every position, about ``limit`` rows per
+    transaction (``call`` runs one in a transaction: ``DbLink.call``), so a
+    TP/SL decision never waits long for the rows' locks; returns rows
+    updated. One scan finds them all (the first transaction); the next ones
+    each write an id span (a position that became due meanwhile inside a
+    span is written with it).
 
     Raises:
         DatabaseError: from ``call``; the rows written before stay written and
@@ -196,10 +209,11 @@ async def write_positions_in_chunks(
             right is not written twice).
     """
     written: int
-    written, left = await call(write_positions, prices, None, limit)
+    written, starts = await call(write_positions, prices, None, limit)
     total = written
-    for start in range(0, len(left), limit):
-        written, _ = await call(write_positions, prices, left[start : start + limit])
+    ends = [*starts[1:], _NO_ID_ABOVE] if starts else []
+    for low, high in zip(starts, ends, strict=True):
+        written, _ = await call(write_positions, prices, (low, high))
         total += written
     return total
 
