@@ -220,8 +220,12 @@ def throwaway_database(admin_dsn: str, name: str, *, template: str | None = None
         db.create_database(admin_dsn, name)
     else:
         with db.connect(admin_dsn, application_name="polystream-bench", autocommit=True) as conn:
+            # FILE_COPY (PostgreSQL >= 15; older servers always copy files): the copy
+            # does not go through the WAL, whose flushing would then load the disk
+            # during the measured run (WAL_LOG, 15's default, logs every page).
+            strategy = " STRATEGY FILE_COPY" if conn.info.server_version >= 150000 else ""
             conn.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}" + strategy).format(
                     sql.Identifier(name), sql.Identifier(template)
                 )
             )
@@ -233,6 +237,25 @@ def throwaway_database(admin_dsn: str, name: str, *, template: str | None = None
         yield dsn
     finally:
         db.drop_database(admin_dsn, name)
+
+
+def checkpoint(dsn: str) -> bool:
+    """
+    ``CHECKPOINT`` on the server of ``dsn`` (superuser or ``pg_checkpoint``), so
+    that the dirty pages and WAL of earlier runs (other benches of ``make bench``)
+    are written before a measured run, not during it. False when refused.
+    """
+    import psycopg
+
+    from polystream.errors import DatabaseError
+    from polystream.store import db
+
+    try:
+        with db.connect(dsn, application_name="polystream-bench", autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+    except (DatabaseError, psycopg.Error):
+        return False
+    return True
 
 
 # --- the daemon's reports ----------------------------------------------------------

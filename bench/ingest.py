@@ -77,6 +77,7 @@ from bench.harness import (
     add_output_options,
     bench_setup,
     capture_lines,
+    checkpoint,
     data_frames,
     exit_status,
     lap_offset_ms,
@@ -532,6 +533,7 @@ async def run_daemon(
     """One end-to-end measurement of ``polystream run`` on a fresh database."""
     with throwaway_database(admin_dsn, f"polystream_bench_{os.getpid()}_{round_no}") as dsn:
         await trio.to_thread.run_sync(prepare_database, dsn, markets)
+        await trio.to_thread.run_sync(checkpoint, dsn)  # earlier runs' writes: not in this one
         probe = StateProbe(dsn, want)
         try:
             profile = None

@@ -58,7 +58,7 @@ from polystream.store.listen import Notes, run_listener
 from polystream.venue.clob import ClobClient, open_clob_client, prices_moved
 from polystream.venue.gamma import GammaClient, open_gamma_client
 
-__all__ = ["DRAIN_SECONDS", "LINKS", "App", "build", "run"]
+__all__ = ["ASYNC_COMMIT_LINKS", "DRAIN_SECONDS", "LINKS", "App", "build", "run"]
 
 logger = structlog.get_logger(__name__)
 
@@ -70,6 +70,16 @@ LINKS = ("markets", "positions", "reconciler", "subscribe", "gamma", "rules")
 The database connections through worker threads, one per owner
 (docs/architecture.md, "No threads but database calls"); the decisions'
 ``triggers`` connection runs on the loop itself (:class:`DirectLink`).
+"""
+
+
+ASYNC_COMMIT_LINKS = ("markets", "positions")
+"""
+The links whose commits do not wait for the WAL flush (``synchronous_commit``
+off): price rows are the latest state, written again on the next move and at
+start-up, so a server crash losing their last 200 ms loses nothing that
+matters. Their flushes then no longer queue before the fsync of a trigger's
+commit, which stays synchronous (a decision must survive a crash).
 """
 
 
@@ -205,7 +215,14 @@ def build(config: Config, dsn: str) -> App:
     books, catalog = Books(), Catalog()
     timeout = config.database.statement_timeout
     links = {
-        name: DbLink(dsn=dsn, name=name, stats=stats, statement_timeout=timeout) for name in LINKS
+        name: DbLink(
+            dsn=dsn,
+            name=name,
+            stats=stats,
+            statement_timeout=timeout,
+            synchronous_commit=name not in ASYNC_COMMIT_LINKS,
+        )
+        for name in LINKS
     }
     markets, positions = _writers(config, books, catalog, stats, links)
     triggers = DirectLink(dsn=dsn, name="triggers", stats=stats, statement_timeout=timeout)

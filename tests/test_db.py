@@ -118,6 +118,34 @@ def test_connect_sets_session(db_dsn: str) -> None:
     with connect(with_options, statement_timeout_s=2) as conn:
         assert conn.execute("SHOW search_path").fetchone() == ("elsewhere",)
         assert conn.execute("SHOW statement_timeout").fetchone() == ("2s",)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    with connect(with_options, statement_timeout_s=None, synchronous_commit=False) as conn:
+        assert conn.execute("SHOW search_path").fetchone() == ("elsewhere",)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+
+
+async def test_price_links_commit_without_waiting_for_the_wal_triggers_wait(db_dsn: str) -> None:
+    from polystream.app import build
+    from polystream.config import Config
+
+    app = build(Config(), db_dsn)
+    show = "SHOW synchronous_commit"
+
+    async def shown() -> dict[str, str | None]:
+        values = {"triggers": (await app.triggers.execute(show, ()))[0][0]}
+        for name, link in app.links.items():
+            values[name] = await link.call(lambda conn: conn.execute(show).fetchone()[0])
+        return values
+
+    try:
+        assert await shown() == {
+            name: "off" if name in ("markets", "positions") else "on"
+            for name in ["triggers", *app.links]
+        }
+    finally:
+        app.triggers.close()
+        for link in app.links.values():
+            link.close()
 
 
 def test_dsn_with_dbname_both_forms() -> None:

@@ -17,7 +17,15 @@ from typing import Any
 import attrs
 import trio
 
-from bench.harness import ROOT, DaemonLog, Market, data_frames, profiling, throwaway_database
+from bench.harness import (
+    ROOT,
+    DaemonLog,
+    Market,
+    checkpoint,
+    data_frames,
+    profiling,
+    throwaway_database,
+)
 from bench.looplag import read_lag
 from bench.monitor.database import NotifyListener, Outcome, insert_predictions, read_outcome
 from bench.monitor.predictions import (
@@ -262,6 +270,7 @@ async def run_daemon(spec: RunSpec, ctx: Context) -> RunRecord:
     """Clone the template, add predictions, run and measure the daemon, read the outcome."""
     name = f"polystream_benchmon_{os.getpid()}_{spec.name}"
     with throwaway_database(ctx.admin_dsn, name, template=spec.template) as dsn:
+        await trio.to_thread.run_sync(checkpoint, dsn)  # earlier runs' writes: not in this one
         planned_at = time.time()
         plans: list[PredictionPlan] = []
         if spec.predictions:

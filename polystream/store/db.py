@@ -62,6 +62,7 @@ def connect(
     application_name: str = "polystream",
     statement_timeout_s: float | None = 30.0,
     autocommit: bool = False,
+    synchronous_commit: bool = True,
 ) -> psycopg.Connection[TupleRow]:
     """
     Open a blocking connection to PostgreSQL.
@@ -73,6 +74,11 @@ def connect(
             before cancelling it; ``None`` keeps the server default.  This is
             the only way to bound a call made from a worker thread.
         autocommit: psycopg autocommit mode (needed for LISTEN, CREATE DATABASE).
+        synchronous_commit: False sets the session's ``synchronous_commit``
+            off: a commit returns before its WAL is flushed (the WAL writer
+            flushes within ``wal_writer_delay``, 200 ms by default); a server
+            crash can lose the last such commits, never corrupt anything
+            (https://www.postgresql.org/docs/current/wal-async-commit.html).
 
     Waits at most 10 s for the server unless the DSN sets ``connect_timeout``.
 
@@ -85,10 +91,13 @@ def connect(
         extra: dict[str, str | int] = {"application_name": application_name}
         if "connect_timeout" not in given:
             extra["connect_timeout"] = _CONNECT_TIMEOUT_S
+        options = [str(given.get("options") or "")]  # after the DSN's own (a search_path...)
         if statement_timeout_s is not None:
-            timeout_ms = max(1, round(statement_timeout_s * 1000))
-            # Appended to any ``options`` the DSN already has (e.g. a search_path).
-            extra["options"] = f"{given.get('options') or ''} -c statement_timeout={timeout_ms}"
+            options.append(f"-c statement_timeout={max(1, round(statement_timeout_s * 1000))}")
+        if not synchronous_commit:
+            options.append("-c synchronous_commit=off")
+        if len(options) > 1:
+            extra["options"] = " ".join(options)
         return psycopg.connect(make_conninfo(dsn, **extra), autocommit=autocommit)
     except psycopg.Error as exc:
         # "from None": the driver's exception may quote the DSN, password included.

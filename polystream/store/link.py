@@ -35,13 +35,15 @@ class DbLink:
     ``call(fn, *args)`` runs ``fn(conn, *args)`` in a transaction in a
     thread, connecting first if needed. Any failure closes the connection
     (the next call reconnects) and raises :class:`DatabaseError`; the DSN's
-    password never reaches the message.
+    password never reaches the message. ``synchronous_commit`` False: its
+    commits do not wait for the WAL flush (see :func:`db.connect`).
     """
 
     dsn: str
     name: str
     stats: Stats | None = None
     statement_timeout: float = 30.0
+    synchronous_commit: bool = True
     _conn: psycopg.Connection[Any] | None = None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
 
@@ -51,6 +53,7 @@ class DbLink:
                 self.dsn,
                 application_name=f"polystream-{self.name}",
                 statement_timeout_s=self.statement_timeout,
+                synchronous_commit=self.synchronous_commit,
             )
         try:
             with self._conn.transaction():
