@@ -160,7 +160,7 @@ def _writers(
         books=books,
         catalog=catalog,
         stats=stats,
-        sink=partial(write_positions_in_chunks, links["positions"].call),
+        sink=partial(links["positions"].call_in_transactions, write_positions_in_chunks),
         price_choice=config.positions.mark,
         debounce=pipeline.debounce,
         rate=pipeline.positions_per_second,

@@ -35,33 +35,39 @@ def _priced(dsn: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def _rows_per_transaction(dsn: str) -> list[int]:
+    """Rows of each transaction that last wrote a priced position (``xmin``), in id order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT xmin::text::bigint, count(*) FROM positions"
+            " WHERE current_price IS NOT NULL GROUP BY 1 ORDER BY min(id)"
+        ).fetchall()
+    return [count for _, count in rows]
+
+
 async def test_every_position_is_priced_a_few_rows_per_transaction(db_dsn: str) -> None:
     _insert(db_dsn, "t1", 10)
     _insert(db_dsn, "t2", 3)
     _insert(db_dsn, "t1", 2, status="closed")
     link = DbLink(dsn=db_dsn, name="positions-test", stats=Stats())
-    per_transaction: list[int] = []
-
-    async def call(fn: Any, *args: Any) -> Any:
-        result = await link.call(fn, *args)
-        per_transaction.append(result[0])
-        return result
-
     prices = [("t1", Decimal("0.6")), ("t2", Decimal("0.4"))]
+
+    async def write() -> int:
+        return await link.call_in_transactions(write_positions_in_chunks, prices, 4)
+
     try:
-        assert await write_positions_in_chunks(call, prices, limit=4) == 13
-        assert per_transaction == [4, 4, 4, 1]  # ids ascending, never more than 4 at once
+        assert await write() == 13  # one call (one thread hop), four transactions
+        assert _rows_per_transaction(db_dsn) == [4, 4, 4, 1]  # by id, never more than 4
         assert _priced(db_dsn) == [
             ("t1", "active", Decimal("0.6"), Decimal("1.0"), 10),
             ("t1", "closed", None, None, 2),
             ("t2", "active", Decimal("0.4"), Decimal("-1.0"), 3),
         ]
-        per_transaction.clear()
-        assert await write_positions_in_chunks(call, prices, limit=4) == 0  # nothing moved
-        assert per_transaction == [0]
+        assert await write() == 0  # nothing moved
+        assert _rows_per_transaction(db_dsn) == [4, 4, 4, 1]
         _insert(db_dsn, "t2", 4)  # exactly one transaction's worth: one transaction
-        assert await write_positions_in_chunks(call, prices, limit=4) == 4
-        assert per_transaction == [0, 4]
+        assert await write() == 4
+        assert _rows_per_transaction(db_dsn) == [4, 4, 4, 1, 4]
     finally:
         link.close()
 

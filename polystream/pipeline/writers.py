@@ -190,31 +190,31 @@ def write_positions(
     return int(row[0]), list(row[1] or ())
 
 
-async def write_positions_in_chunks(
-    call: Callable[..., Awaitable[Any]],
+def write_positions_in_chunks(
+    conn: psycopg.Connection[Any],
     prices: Sequence[tuple[str, Decimal]],
     limit: int = POSITION_ROWS_PER_TRANSACTION,
 ) -> int:
     """
     :func:`write_positions` of every position, about ``limit`` rows per
-    transaction (``call`` runs one in a transaction: ``DbLink.call``), so a
-    TP/SL decision never waits long for the rows' locks; returns rows
-    updated. One scan finds them all (the first transaction); the next ones
-    each write an id span (a position that became due meanwhile inside a
-    span is written with it).
+    transaction, so a TP/SL decision never waits long for the rows' locks;
+    returns rows updated. One scan finds them all (the first transaction);
+    the next ones each write an id span (a position that became due
+    meanwhile inside a span is written with it). ``conn`` must be outside a
+    transaction (``DbLink.call_in_transactions``): all of them in one call,
+    one thread hop.
 
     Raises:
-        DatabaseError: from ``call``; the rows written before stay written and
-            the caller writes all again later (a row whose price is already
-            right is not written twice).
+        psycopg.Error: the rows written before stay written and the caller
+            writes all again later (a row whose price is already right is not
+            written twice).
     """
-    written: int
-    written, starts = await call(write_positions, prices, None, limit)
-    total = written
+    with conn.transaction():
+        total, starts = write_positions(conn, prices, None, limit)
     ends = [*starts[1:], _NO_ID_ABOVE] if starts else []
     for low, high in zip(starts, ends, strict=True):
-        written, _ = await call(write_positions, prices, (low, high))
-        total += written
+        with conn.transaction():
+            total += write_positions(conn, prices, (low, high))[0]
     return total
 
 

@@ -47,7 +47,7 @@ class DbLink:
     _conn: psycopg.Connection[Any] | None = None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
 
-    def _call_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _call_sync(self, fn: Callable[..., T], args: tuple[Any, ...], transaction: bool) -> T:
         if self._conn is None or self._conn.closed:
             self._conn = db.connect(
                 self.dsn,
@@ -56,6 +56,8 @@ class DbLink:
                 synchronous_commit=self.synchronous_commit,
             )
         try:
+            if not transaction:
+                return fn(self._conn, *args)
             with self._conn.transaction():
                 return fn(self._conn, *args)
         except psycopg.Error as exc:
@@ -64,11 +66,23 @@ class DbLink:
             raise DatabaseError(f"{self.name}: {type(exc).__name__}: {exc}") from None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in a worker thread; raises DatabaseError."""
+        """Run ``fn(conn, *args)`` in a transaction in a worker thread; raises DatabaseError."""
+        return await self._call(fn, args, transaction=True)
+
+    async def call_in_transactions(self, fn: Callable[..., T], *args: Any) -> T:
+        """
+        Run ``fn(conn, *args)`` in a worker thread, ``fn`` opening its own
+        transactions (``with conn.transaction():``, several in one call: one
+        thread hop for all of them); raises DatabaseError. What ``fn``
+        committed before a failure stays committed.
+        """
+        return await self._call(fn, args, transaction=False)
+
+    async def _call(self, fn: Callable[..., T], args: tuple[Any, ...], transaction: bool) -> T:
         async with self._lock:
             started = time.monotonic()
             try:
-                result = await trio.to_thread.run_sync(self._call_sync, fn, args)
+                result = await trio.to_thread.run_sync(self._call_sync, fn, args, transaction)
             except DatabaseError as exc:
                 if self.stats is not None:
                     self.stats.db_errors += 1
