@@ -21,6 +21,8 @@ coalesced state in their ``finally`` blocks, within a bound.
 from __future__ import annotations
 
 import gc
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -32,6 +34,7 @@ import trio
 
 from polystream.book import Books
 from polystream.catalog import Catalog
+from polystream.cluster import Cluster, Fence, Member, new_member_id
 from polystream.config import Config
 from polystream.feed.pool import FeedPool
 from polystream.feed.protocol import FeedEvent, FrameParser
@@ -91,6 +94,7 @@ class App:
     use the handles; production only stops it).
 
     Attributes:
+        cluster: this daemon's membership when ``feed.cluster`` is on, else None.
         events: the feed readers' end of the router's channel (frames of events).
         frames: the router's end.
         filler: the Gamma metadata filler, once started.
@@ -115,8 +119,10 @@ class App:
     reconciler: Reconciler
     events: trio.MemorySendChannel[list[FeedEvent]]
     frames: trio.MemoryReceiveChannel[list[FeedEvent]]
+    cluster: Cluster | None = None
     filler: MetadataFiller | None = None
     health_urls: list[str] = attrs.Factory(list)
+    cluster_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     intake: trio.CancelScope = attrs.Factory(trio.CancelScope)
     stopping: trio.Event = attrs.Factory(trio.Event)
     routed: trio.Event = attrs.Factory(trio.Event)
@@ -144,15 +150,39 @@ class App:
             self.filler.wake()
 
 
+def _cluster(config: Config, dsn: str, stats: Stats) -> Cluster | None:
+    """The daemon's cluster membership (its own connection), or None when ``feed.cluster`` is off."""
+    feed = config.feed
+    if not feed.cluster:
+        return None
+    member = Member(
+        member_id=new_member_id(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        partitions=feed.cluster_partitions,
+        ttl=feed.cluster_lease_ttl,
+    )
+    stats.cluster_member = member.member_id
+    # Its statements are short; a stuck one must end well before the leases do.
+    timeout = min(config.database.statement_timeout, feed.cluster_lease_ttl / 3)
+    link = DbLink(dsn=dsn, name="cluster", stats=stats, statement_timeout=timeout)
+    return Cluster(member=member, link=link, stats=stats)
+
+
 def _writers(
-    config: Config, books: Books, catalog: Catalog, stats: Stats, links: dict[str, DbLink]
+    config: Config,
+    books: Books,
+    catalog: Catalog,
+    stats: Stats,
+    links: dict[str, DbLink],
+    fence: Fence | None,
 ) -> tuple[MarketWriter, PositionWriter]:
     pipeline, retry_max = config.pipeline, config.database.retry_max
     markets = MarketWriter(
         books=books,
         catalog=catalog,
         stats=stats,
-        sink=partial(links["markets"].call, write_markets),
+        sink=partial(links["markets"].call, partial(write_markets, fence=fence)),
         interval=pipeline.market_flush_interval,
         retry_max=retry_max,
     )
@@ -160,7 +190,10 @@ def _writers(
         books=books,
         catalog=catalog,
         stats=stats,
-        sink=partial(links["positions"].call_in_transactions, write_positions_in_chunks),
+        sink=partial(
+            links["positions"].call_in_transactions,
+            partial(write_positions_in_chunks, fence=fence),
+        ),
         price_choice=config.positions.mark,
         debounce=pipeline.debounce,
         rate=pipeline.positions_per_second,
@@ -224,13 +257,19 @@ def build(config: Config, dsn: str) -> App:
         )
         for name in LINKS
     }
-    markets, positions = _writers(config, books, catalog, stats, links)
+    cluster = _cluster(config, dsn, stats)
+    fence = None if cluster is None else cluster.fence(catalog.key_of)
+    markets, positions = _writers(config, books, catalog, stats, links, fence)
     triggers = DirectLink(dsn=dsn, name="triggers", stats=stats, statement_timeout=timeout)
     executor, monitor, loader = _monitor(config, stats, links, triggers)
     events, frames = trio.open_memory_channel[list[FeedEvent]](config.pipeline.queue_size)
     pool = FeedPool(config=config.feed, events=events, stats=stats)
     stats.queue_depth = lambda: frames.statistics().current_buffer_used
     stats.executor_pending = lambda: executor.pending
+    reconciler = _subscriptions(config, pool, catalog, stats, links, positions)
+    if cluster is not None:
+        reconciler.owns = cluster.owns
+        cluster.changed = reconciler.wake
     return App(
         config=config,
         dsn=dsn,
@@ -253,7 +292,8 @@ def build(config: Config, dsn: str) -> App:
             after_frame=executor.pump,
         ),
         pool=pool,
-        reconciler=_subscriptions(config, pool, catalog, stats, links, positions),
+        reconciler=reconciler,
+        cluster=cluster,
         events=events,
         frames=frames,
     )
@@ -370,9 +410,28 @@ async def _run_intake(
             task_status.started()
 
 
+async def _run_cluster(
+    app: App, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The membership cycles (the first before ``started``), until ``cluster_scope`` ends."""
+    assert app.cluster is not None
+    app.cluster.member = attrs.evolve(app.cluster.member, health=next(iter(app.health_urls), None))
+    with app.cluster_scope:
+        await app.cluster.run(task_status=task_status)
+
+
 async def _shut_down(app: App, nursery: trio.Nursery) -> None:
-    """Intake first; the router drains what was received; then the writers flush."""
+    """
+    A cluster member hands its partitions to its peers first, while its
+    sockets are still open; then intake stops; the router drains what was
+    received; then the writers flush (what they hold of handed-over markets
+    is fenced out: their new owner writes them).
+    """
     logger.info("daemon_stopping", frames=app.stats.frames)
+    if app.cluster is not None:
+        app.cluster_scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_SECONDS):
+            await app.cluster.leave()
     app.intake.cancel()  # readers close their channel: the router drains and ends
     with trio.move_on_after(DRAIN_SECONDS):
         await app.routed.wait()
@@ -427,6 +486,8 @@ async def run(
             # before it subscribes or writes a row.
             app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
             await nursery.start(run_lag_probe, app.stats)
+            if app.cluster is not None:  # its share first: the first reconcile subscribes it
+                await nursery.start(_run_cluster, app)
             await _start_outputs(app, nursery)
             # The first trigger waits for no connect and goes out at once (prepared).
             nursery.start_soon(app.triggers.warm_up, TRIGGER_STATEMENTS)
@@ -443,5 +504,7 @@ async def run(
     finally:
         for link in app.links.values():
             link.close()
+        if app.cluster is not None:
+            app.cluster.link.close()
         app.triggers.close()
         _log_stopped(app)

@@ -656,6 +656,7 @@ def _status_once(config: Config, target: str, json_output: bool, *, clear: bool)
         return code
     if document is not None:
         typer.echo(render_health(document))
+        _cluster_status(config)
         return code
     typer.echo(_one_line(redact(f"polystream is not running: {target} unreachable ({error})")))
     if config.database.dsn:
@@ -663,7 +664,20 @@ def _status_once(config: Config, target: str, json_output: bool, *, clear: bool)
             typer.echo(database_summary(config.database.dsn))
         except PolystreamError as exc:
             typer.echo(_one_line(redact(f"database: {exc}")))
+    _cluster_status(config)
     return code
+
+
+def _cluster_status(config: Config) -> None:
+    """With ``feed.cluster`` and a DSN: every daemon of the cluster and the unowned partitions."""
+    from polystream.ops.status import cluster_summary
+
+    if not (config.feed.cluster and config.database.dsn):
+        return
+    try:
+        typer.echo("\n" + cluster_summary(config.database.dsn, config.feed.cluster_lease_ttl))
+    except PolystreamError as exc:
+        typer.echo(_one_line(redact(f"cluster: {exc}")))
 
 
 @app.command(cls=_Command, short_help="Run the main job on the recorded demo capture.")

@@ -255,6 +255,27 @@ class FeedConfig:
         "if their prices moved, the link is silently dead and is recycled (and polled\n"
         "meanwhile); a quiet market on a live link is not stale.",
     )
+    cluster: bool = setting(
+        False,
+        BOOL,
+        "Share the database with other daemons (docs/cluster.md): the markets are split\n"
+        "into partitions, each served by one daemon at a time through a lease in\n"
+        "PostgreSQL; a daemon that stops or dies is covered by the others. Off: this\n"
+        "daemon serves every market, as when it runs alone.",
+    )
+    cluster_partitions: int = setting(
+        64,
+        (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+        "Partitions of the markets (the same on every daemon of the cluster); more\n"
+        "than daemons, so that the split stays even.",
+    )
+    cluster_lease_ttl: float = setting(
+        3.0,
+        (lambda v: 0.3 <= v <= 300, "seconds from 0.3 to 300"),
+        "Seconds a partition's lease lasts without renewal (renewed every third of it).\n"
+        "A killed daemon's partitions are taken within one renewal period (its\n"
+        "session ends); one cut off from PostgreSQL within this plus one period.",
+    )
 
 
 @attrs.frozen

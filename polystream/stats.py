@@ -111,6 +111,9 @@ class Stats:
     last_write_at: float | None = None
     last_db_error: str | None = None
     desired_assets: int = 0
+    cluster_member: str | None = None  # this daemon's member id when feed.cluster is on
+    cluster_partitions: int = 0  # partitions served here now
+    cluster_members: int = 0  # live members the last cycle counted
     pending_markets: int = 0
     pending_positions: int = 0
     shards: dict[int, ShardStats] = attrs.field(factory=dict)
@@ -199,6 +202,13 @@ class Stats:
             "started_at": self.started_wall,
             "subscribed_assets": sum(s.assets for s in self.shards.values()),
             "desired_assets": self.desired_assets,
+            "cluster": None
+            if self.cluster_member is None
+            else {
+                "member": self.cluster_member,
+                "partitions": self.cluster_partitions,
+                "members": self.cluster_members,
+            },
             "frames": self.frames,
             "events": dict(self.events),
             "parse_errors": dict(self.parse_errors),

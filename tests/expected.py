@@ -160,3 +160,16 @@ def insert_position(
     ).fetchone()
     assert row is not None, (market, outcome)
     return int(row[0]), str(row[1])
+
+
+def hold_every_updown_token(dsn: str) -> None:
+    """Import the demo capture's markets and hold a position (10 shares at 0.5) on each token."""
+    from polystream.store.markets import import_markets_file
+
+    with psycopg.connect(dsn) as conn:
+        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
+        conn.execute(
+            "INSERT INTO positions (user_id, market_id, token_id, size, entry_price)"
+            " SELECT 'u', m.id, t, 10, 0.5 FROM markets m,"
+            " jsonb_array_elements_text(m.clob_token_ids) t"
+        )

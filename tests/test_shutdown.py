@@ -19,20 +19,13 @@ import orjson
 import psycopg
 import trio
 from cli_process import free_port
-from expected import UPDOWN, books_after
+from expected import UPDOWN, books_after, hold_every_updown_token
 
 from polystream.replay import ReplayServer, serve_replay
-from polystream.store.markets import import_markets_file
 
 
 async def test_sigterm_mid_replay_keeps_every_asset_seen(db_dsn: str, tmp_path: Path) -> None:
-    with psycopg.connect(db_dsn) as conn:
-        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
-        conn.execute(
-            "INSERT INTO positions (user_id, market_id, token_id, size, entry_price)"
-            " SELECT 'u', m.id, t, 10, 0.5 FROM markets m,"
-            " jsonb_array_elements_text(m.clob_token_ids) t"
-        )
+    hold_every_updown_token(db_dsn)
     log_path = tmp_path / "daemon.log"
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:

@@ -210,6 +210,20 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family("polling_assets", "Assets polled over REST", "gauge", (), _snapshot("assets", "poll")),
     Family("monitor_rules", "TP/SL rules watched", "gauge", (), _one(lambda s: s.monitor_rules)),
+    Family(
+        "cluster_partitions_owned",
+        "Partitions of the markets served by this daemon (feed.cluster; absent when off)",
+        "gauge",
+        (),
+        lambda s, _now: [] if s.cluster_member is None else [((), s.cluster_partitions)],
+    ),
+    Family(
+        "cluster_members",
+        "Live daemons of the cluster, as this one last counted (absent when off)",
+        "gauge",
+        (),
+        lambda s, _now: [] if s.cluster_member is None else [((), s.cluster_members)],
+    ),
     Family("db_errors", "Failed database round trips", "counter", (), _one(lambda s: s.db_errors)),
     Family("subscribed_assets", "Assets", "gauge", ("shard",), _per_shard(lambda s, _: s.assets)),
     Family(

@@ -16,6 +16,7 @@ __all__ = [
     "EXIT_DOWN",
     "EXIT_HEALTHY",
     "EXIT_UNHEALTHY",
+    "cluster_summary",
     "database_summary",
     "dumps",
     "fetch_health",
@@ -170,6 +171,41 @@ def database_summary(dsn: str) -> str:
     lines = ["what the database knows:", f"  {'table / kind':<22} {'rows':>8}  newest"]
     for kind, count, newest in rows:
         lines.append(f"  {kind:<22} {count:>8}  {newest}")
+    return "\n".join(lines)
+
+
+def cluster_summary(dsn: str, ttl: float) -> str:
+    """
+    Every daemon of the cluster (``feed.cluster``) as the database sees it:
+    member id, alive or not (heartbeat within ``ttl`` seconds and its lease
+    session open), leaving, partitions held, ``/health`` URL; then the
+    partitions no live daemon holds.
+
+    Raises:
+        DatabaseError: the database cannot be reached or has no cluster tables.
+    """
+    import psycopg
+
+    from polystream.cluster import read_cluster
+    from polystream.errors import DatabaseError
+    from polystream.store import db
+
+    with db.connect(dsn, application_name="polystream-status", statement_timeout_s=5) as conn:
+        try:
+            view = read_cluster(conn, ttl)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"cannot read the cluster: {exc}".splitlines()[0]) from None
+    lines = [
+        f"cluster: {sum(1 for m in view.members if m[2])} live daemon(s),"
+        f" {view.partitions} partitions, {len(view.unowned)} unowned",
+        f"  {'member':<40} {'state':<8} {'held':>5}  health",
+    ]
+    for member, health, alive, leaving, held in view.members:
+        state = "leaving" if leaving else "alive" if alive else "dead"
+        lines.append(f"  {member:<40} {state:<8} {held:>5}  {health or '-'}")
+    if view.unowned:
+        shown = ", ".join(map(str, view.unowned[:32])) + (" ..." if len(view.unowned) > 32 else "")
+        lines.append(f"  unowned partitions: {shown}")
     return "\n".join(lines)
 
 

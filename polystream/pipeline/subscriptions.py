@@ -217,6 +217,7 @@ class Reconciler:
     _fast_markets: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
     fast_link: DbLink | None = None  # the fast path's own connection (else ``link``)
     price_now: Callable[[Iterable[str]], None] | None = None
+    owns: Callable[[str], bool] | None = None  # market key served here (a cluster), None = all
 
     def wake(self) -> None:
         """Reconcile (fully) as soon as possible."""
@@ -271,6 +272,8 @@ class Reconciler:
             self._fast_markets[market_id] = tuple(clob)
             self.catalog.add_market(market_id, tuple(clob))
             self.catalog.positions[market_id] = self.catalog.positions.get(market_id, 0) + 1
+        if self.owns is not None:
+            assets = {a for a in assets if self.owns(self.catalog.key_of(a))}
         new = assets - set(self.pool.asset_shard)
         if new:
             self.pool.set_assets(set(self.pool.asset_shard) | new)
@@ -281,18 +284,37 @@ class Reconciler:
             self.price_now([market_id for market_id, _, _ in rows] + bare)
 
     def _with_grace(self, desired: frozenset[str], now: float) -> set[str]:
-        """``desired`` plus the assets still inside their unsubscribe grace period."""
+        """
+        ``desired`` plus the assets still inside their unsubscribe grace period;
+        an asset whose market another daemon serves now goes at once.
+        """
+        owns, key_of = self.owns, self.catalog.key_of
         for asset_id in self.pool.asset_shard:
             if asset_id not in desired:
+                if owns is not None and not owns(key_of(asset_id)):
+                    self._leaving.pop(asset_id, None)
+                    continue
                 self._leaving.setdefault(asset_id, now + self.grace)
         for asset_id in [a for a, t in self._leaving.items() if a in desired or t <= now]:
             del self._leaving[asset_id]
         return set(desired) | set(self._leaving)
 
+    def _owned(self, desired: DesiredSet) -> DesiredSet:
+        """``desired`` cut to the markets this daemon serves (``owns``; all without a cluster)."""
+        owns = self.owns
+        if owns is None:
+            return desired
+        key_of = desired.catalog.key_of
+        return DesiredSet(
+            frozenset(a for a in desired.assets if owns(key_of(a))),
+            desired.catalog,
+            frozenset(k for k in desired.unpriced if owns(k)),
+        )
+
     async def reconcile(self) -> DesiredSet:
-        """Read the desired set and apply it; raises DatabaseError."""
+        """Read the desired set and apply it (the part served here); raises DatabaseError."""
         self._fast_markets.clear()
-        desired = await self.link.call(read_desired, self.watch)
+        desired = self._owned(await self.link.call(read_desired, self.watch))
         if self._fast_markets:  # subscribed by the fast path while we were reading
             assets = set(desired.assets)
             for market_id, clob in self._fast_markets.items():

@@ -28,6 +28,7 @@ import trio
 
 from polystream.book import Books, choose_price
 from polystream.catalog import Catalog, MarketKey
+from polystream.cluster import Fence
 from polystream.config import PriceChoice
 from polystream.errors import DatabaseError
 from polystream.stats import Stats
@@ -154,8 +155,19 @@ class MarketRow:
     source: str = "ws"
 
 
-def write_markets(conn: psycopg.Connection[Any], rows: Sequence[MarketRow]) -> int:
-    """Update ``markets`` from ``rows`` in one statement; returns rows updated."""
+def write_markets(
+    conn: psycopg.Connection[Any], rows: Sequence[MarketRow], fence: Fence | None = None
+) -> int:
+    """
+    Update ``markets`` from ``rows`` in one statement; returns rows updated.
+    With a cluster ``fence``, only the rows of the partitions this daemon
+    holds (checked and share-locked in this transaction: polystream.cluster).
+    """
+    if fence is not None:
+        held = fence.held(conn)
+        rows = [row for row in rows if fence.owns_market(held, row.market_id)]
+        if not rows:
+            return 0
     columns = list(zip(*(attrs.astuple(row) for row in rows), strict=True))
     with conn.cursor() as cur:
         cur.execute(_WRITE_MARKETS, [list(column) for column in columns])
@@ -194,6 +206,7 @@ def write_positions_in_chunks(
     conn: psycopg.Connection[Any],
     prices: Sequence[tuple[str, Decimal]],
     limit: int = POSITION_ROWS_PER_TRANSACTION,
+    fence: Fence | None = None,
 ) -> int:
     """
     :func:`write_positions` of every position, about ``limit`` rows per
@@ -202,19 +215,32 @@ def write_positions_in_chunks(
     the next ones each write an id span (a position that became due
     meanwhile inside a span is written with it). ``conn`` must be outside a
     transaction (``DbLink.call_in_transactions``): all of them in one call,
-    one thread hop.
+    one thread hop. With a cluster ``fence``, each transaction writes only
+    the tokens of the partitions held then (checked and share-locked in it).
 
     Raises:
         psycopg.Error: the rows written before stay written and the caller
             writes all again later (a row whose price is already right is not
             written twice).
     """
+
+    def fenced() -> Sequence[tuple[str, Decimal]]:
+        if fence is None:
+            return prices
+        held = fence.held(conn)
+        return [(token, price) for token, price in prices if fence.owns_token(held, token)]
+
     with conn.transaction():
-        total, starts = write_positions(conn, prices, None, limit)
+        mine = fenced()
+        if not mine:
+            return 0
+        total, starts = write_positions(conn, mine, None, limit)
     ends = [*starts[1:], _NO_ID_ABOVE] if starts else []
     for low, high in zip(starts, ends, strict=True):
         with conn.transaction():
-            total += write_positions(conn, prices, (low, high))[0]
+            mine = fenced()
+            if mine:
+                total += write_positions(conn, mine, (low, high))[0]
     return total
 
 
