@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python -m bench.recovery
 	$(BIN)/python -m bench.pricing
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.scaleout
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache .hypothesis
