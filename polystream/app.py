@@ -269,7 +269,13 @@ def build(config: Config, dsn: str) -> App:
     reconciler = _subscriptions(config, pool, catalog, stats, links, positions)
     if cluster is not None:
         reconciler.owns = cluster.owns
-        cluster.changed = reconciler.wake
+        monitor.serves = lambda asset_id: cluster.owns(catalog.key_of(asset_id))
+
+        def changed() -> None:
+            reconciler.wake()
+            monitor.ownership_changed()
+
+        cluster.changed = changed
     return App(
         config=config,
         dsn=dsn,

@@ -208,7 +208,8 @@ def cycle(
     owned = {int(p): int(e) for p, e in conn.execute(_RENEW, params).fetchall()}
     share = 0 if leaving else math.ceil(member.partitions / live)
     if len(owned) > share:
-        order = sorted(owned, key=lambda p: (p in set(held), p))  # keep what we already serve
+        serving = set(held)
+        order = sorted(owned, key=lambda p: (p not in serving, p))  # keep what we serve
         excess = sorted(order[share:]) if share else sorted(owned)
         conn.execute(_GIVE_BACK, member.params(excess=excess))
         for partition in excess:
@@ -365,7 +366,9 @@ class Cluster:
         await self.step()
         task_status.started()
         while True:
-            deadline = min(time.monotonic() + self.interval, self._usable_until)
+            deadline = time.monotonic() + self.interval
+            if self.owned:  # a failing database: drop them on time, not one period late
+                deadline = min(deadline, max(self._usable_until, time.monotonic()))
             await trio.sleep(max(0.0, deadline - time.monotonic()))
             await self.step()
 

@@ -101,6 +101,32 @@ async def test_each_timing_mode_decides_at_its_second(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_prediction_served_elsewhere_is_left_to_its_owner_until_it_comes_here(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cluster: a due prediction of an asset another daemon serves is not skipped here."""
+    decisions: list[Decision] = []
+    mon = monitor(decisions)
+    served: set[str] = set()
+    mon.serves = served.__contains__
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        mon.add_prediction(prediction(8, "from_start", delay_s=15.0))
+        await trio.sleep(130)  # due at 115: its asset is served elsewhere
+        assert decisions == []
+        mon.ownership_changed()  # nothing changed for it
+        await trio.sleep(1)
+        assert decisions == []
+        served.add("a")
+        mon.on_price("a", top("a", "0.50", "0.55"))
+        mon.ownership_changed()  # its partition came here: decided at once
+        await trio.sleep(0.001)
+        assert [(d.dedupe_key, d.kind, d.price) for d in decisions] == [
+            ("prediction:8", "prediction", D("0.55"))
+        ]
+        nursery.cancel_scope.cancel()
+
+
 async def test_edge_decides_on_first_qualifying_tick(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

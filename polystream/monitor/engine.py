@@ -163,12 +163,19 @@ class Monitor:
             (``monitor.trigger_price``): ``best_bid``, ``midpoint`` or ``display``.
         decide: receives each :class:`Decision` once.
         clock: wall-clock seconds since the epoch (``time.time``).
+        serves: whether this daemon serves an asset (a cluster: the market's
+            partition is held here, docs/cluster.md); None = every asset. A
+            due prediction of an asset served elsewhere is left to its owner
+            (it would see no price here and skip it), and scheduled again here
+            by :meth:`ownership_changed` if its partition comes here.
     """
 
     decide: Callable[[Decision], None]
     stats: Stats
     price_choice: PriceChoice = "best_bid"
     clock: Callable[[], float] = time.time
+    serves: Callable[[str], bool] | None = None
+    _elsewhere: dict[int, Prediction] = attrs.field(factory=dict)  # due, served elsewhere
     _assets: dict[str, _AssetRules] = attrs.field(factory=dict)
     _tpsl: TpSlTable = attrs.field(factory=TpSlTable)
     _predictions: dict[int, Prediction] = attrs.field(factory=dict)
@@ -528,8 +535,27 @@ class Monitor:
             _, _, prediction_id = heapq.heappop(self._heap)
             self._scheduled.pop(prediction_id, None)
             prediction = self._predictions.get(prediction_id)
-            if prediction is not None:
-                due.append(prediction)
+            if prediction is None:
+                continue
+            if self.serves is not None and not self.serves(prediction.asset_id):
+                self._elsewhere[prediction_id] = prediction  # its owner decides it
+                continue
+            due.append(prediction)
+
+    def ownership_changed(self) -> None:
+        """
+        The partitions served here changed: the due predictions left to
+        another daemon whose asset is now served here are decided at once.
+        """
+        if self.serves is None:
+            return
+        for prediction_id, prediction in list(self._elsewhere.items()):
+            if self._predictions.get(prediction_id) is not prediction:
+                del self._elsewhere[prediction_id]  # decided, replaced or removed meanwhile
+            elif self.serves(prediction.asset_id):
+                del self._elsewhere[prediction_id]
+                self._schedule(prediction_id, self.clock())
+        self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The one deadline task: sleep until the next decision, decide, repeat."""
