@@ -44,6 +44,7 @@ from polystream.logs import configure_logging, mask_dsn_secrets, masked_dsn, red
 from polystream.ops.logcat import logs_command
 from polystream.ops.service import service_app
 from polystream.ops.systemd import Notifier
+from polystream.ops.workers import MAX_WORKERS
 
 __all__ = ["app", "main"]
 
@@ -253,9 +254,29 @@ def _migrate(dsn: str) -> list[str]:
 
 
 @app.command(cls=_Command, short_help="Run the daemon in the foreground until SIGTERM/SIGINT.")
-def run(config_path: ConfigOption = None) -> None:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (a second signal exits at once)."""
+def run(
+    workers: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help=f"Run N daemons, 1 to {MAX_WORKERS}, as child processes that split the "
+            "markets (feed.cluster), each with /health on the health.listen port + 0..N-1; "
+            "one that exits is restarted. 1: this process is the daemon.",
+        ),
+    ] = 1,
+    config_path: ConfigOption = None,
+) -> None:
+    """
+    Run the daemon in the foreground until SIGTERM/SIGINT (a second signal exits at once).
+
+    With --workers N > 1 this process supervises N daemons instead and stops
+    them on SIGTERM/SIGINT; it exits 0 when they all did.
+    """
+    if not 1 <= workers <= MAX_WORKERS:
+        _usage_error("--workers", workers, f"an integer from 1 to {MAX_WORKERS}")
     config = _setup(config_path, database=True)
+    if workers > 1:
+        _run_workers(config, config_path, workers)
     # Read and remove NOTIFY_SOCKET/WATCHDOG_* before the embedded PostgreSQL is spawned.
     notifier = Notifier.from_environ(unset_environment=True)
     if notifier.enabled:
@@ -272,6 +293,49 @@ def run(config_path: ConfigOption = None) -> None:
         _fail_started(notifier, "; ".join(str(exc) for exc in leaves(group)))
     except* OSError as group:
         _fail_started(notifier, "; ".join(_os_error(exc, config) for exc in leaves(group)))
+
+
+def _run_workers(config: Config, config_path: Path | None, count: int) -> NoReturn:
+    """
+    ``run --workers count``: check the database as ``run`` does (starting the
+    embedded server, which the children then share, when ``database.dsn`` is
+    empty), then supervise ``count`` daemons (:mod:`polystream.ops.workers`) until
+    a stop signal. Exits with the supervisor's code (0: every daemon stopped
+    cleanly); 2 when the health ports do not fit, 1 when the start fails.
+    """
+    from polystream.ops.workers import health_listens, plan_workers, supervise
+
+    try:
+        health_listens(config.health.listen, count)  # before PostgreSQL starts
+    except ValueError as exc:
+        _fail(f"--workers {count}: {exc}", 2)
+    # Only the supervisor talks to systemd: unset before the children inherit it.
+    notifier = Notifier.from_environ(unset_environment=True)
+    if notifier.enabled:
+        faulthandler.enable()
+    notifier.status("starting: database")
+    code = 1
+    try:
+        with _database(config) as dsn:
+            if not config.database.dsn:
+                _migrate(dsn)
+            _check_schema(dsn)
+            notifier.status(f"starting: {count} workers")
+            plan = plan_workers(
+                count,
+                config.health.listen,
+                config_path,
+                os.environ,
+                dsn=None if config.database.dsn else dsn,
+            )
+            code = trio.run(supervise, plan, notifier)
+    except* PolystreamError as group:
+        _fail_started(notifier, "; ".join(str(exc) for exc in leaves(group)))
+    except* OSError as group:
+        _fail_started(
+            notifier, "; ".join(f"cannot start the workers: {exc}" for exc in leaves(group))
+        )
+    raise typer.Exit(code)
 
 
 def _os_error(exc: BaseException, config: Config) -> str:
