@@ -18,7 +18,7 @@ PACKAGE = Path(polystream.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "config", "timing", "logs", "numbers", "stats", "memory"),  # base
     ("feed.protocol", "book", "catalog"),  # model
-    ("feed", "store", "venue"),  # I/O
+    ("feed", "store", "venue", "cluster"),  # I/O (cluster: the leases, in PostgreSQL)
     ("pipeline", "monitor"),  # from events to rows and decisions
     ("app", "ops"),  # wiring, and what operators meet: health, metrics, status, systemd
     ("cli", "demo", "replay", "__main__"),  # entry points
