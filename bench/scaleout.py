@@ -5,11 +5,12 @@ against one on the same tape and the same machine, and the failover time over
 
 Throughput. The capture's 6 markets split 3/3 over ``feed.cluster_partitions
 = 2`` (CRC-32 partitions 0,0,0,1,1,1 of ids 900001..900006; with 6 markets no
-partition count splits them evenly in general). One daemon: it holds both
-partitions and is sent the whole tape (the capture x ``--laps``). Two daemons:
-once each holds one partition (read from ``cluster_leases``), each is sent the
-frames of its own markets' tokens, as the venue sends only what a connection
-subscribed, the same laps; both start together. Events/s = events sent /
+partition count splits them evenly in general). The work is the same for one
+daemon and for two (:class:`Tapes`): each partition's frames, repeated to
+about ``--laps`` x half the capture each. One daemon holds both partitions and
+is sent both halves; two daemons, once each holds one partition (read from
+``cluster_leases``), are each sent the half of their own markets' tokens, as
+the venue sends only what a connection subscribed; both start together. Events/s = events sent /
 elapsed from the first byte to the last daemon's last frame read (its
 ``/health``). Correctness: each daemon read every frame sent to it, the two
 token sets are disjoint and cover the 12 tokens, no reconnect, exit 0.
@@ -112,9 +113,49 @@ def _tape(lines: Sequence[bytes], laps: int) -> tuple[bytes, int, int]:
 
 
 def _lines_of(lines: Sequence[bytes], tokens: set[str]) -> list[bytes]:
-    """The frames that name one of ``tokens`` (a frame is one market's, or the first dump)."""
+    """The frames that name one of ``tokens`` (each frame after the first is one market's)."""
     encoded = [t.encode() for t in tokens]
     return [line for line in lines if any(t in line for t in encoded)]
+
+
+@attrs.frozen
+class Tapes:
+    """
+    The work, the same for one daemon and for two: the first frame (every book),
+    then each partition's frames repeated so that both partitions carry about
+    ``laps`` x half the capture's frames (their markets are not equally busy:
+    unequal halves would measure the busier half, not the pair). One daemon is
+    sent ``first + half 0 + half 1``; each of two ``first + its half``.
+    """
+
+    tokens: list[set[str]]  # per partition
+    first: tuple[bytes, int, int]
+    halves: list[tuple[bytes, int, int]]
+
+    @classmethod
+    def build(cls, laps: int) -> Tapes:
+        """From the capture and its markets (partition of each market: :func:`partition_of`)."""
+        lines = capture_lines(CAPTURE_TAPE)
+        tokens: list[set[str]] = [set() for _ in range(PARTITIONS)]
+        for market in load_markets():
+            tokens[partition_of(market.id, PARTITIONS)].update(market.tokens)
+        halves = []
+        for part in tokens:
+            mine = _lines_of(lines[1:], part)
+            halves.append(_tape(mine, max(1, round(laps * len(lines) / PARTITIONS / len(mine)))))
+        return cls(tokens, _tape(lines[:1], 1), halves)
+
+    def of(self, tokens: set[str] | None) -> tuple[bytes, int, int]:
+        """The tape of the daemon holding ``tokens`` (None: every partition)."""
+        parts = [h for t, h in zip(self.tokens, self.halves, strict=True) if tokens in (None, t)]
+        if not parts:
+            raise BenchError(f"{len(tokens or ())} tokens are no partition's")
+        chosen = [self.first, *parts]
+        return (
+            b"".join(b for b, _, _ in chosen),
+            sum(f for _, f, _ in chosen),
+            sum(e for _, _, e in chosen),
+        )
 
 
 async def _held(daemon: DaemonProcess) -> tuple[str, int]:
@@ -159,8 +200,7 @@ async def _read_all(daemon: DaemonProcess, frames: int) -> float:
         await trio.sleep(0.01)
 
 
-async def _throughput(admin_dsn: str, daemons: int, laps: int, log_dir: Path) -> dict[str, Any]:
-    lines = capture_lines(CAPTURE_TAPE)
+async def _throughput(admin_dsn: str, daemons: int, tapes: Tapes, log_dir: Path) -> dict[str, Any]:
     sender = TapeSender()
     name = f"polystream_benchscale_{os.getpid()}_{daemons}"
     with throwaway_database(admin_dsn, name) as dsn:
@@ -195,8 +235,8 @@ async def _throughput(admin_dsn: str, daemons: int, laps: int, log_dir: Path) ->
                     member, _ = await _held(daemon)
                     tokens = await trio.to_thread.run_sync(_tokens_of, dsn, member)
                     sets.append(tokens)
-                    session.blob, session.frames, session.events = _tape(
-                        lines if daemons == 1 else _lines_of(lines, tokens), laps
+                    session.blob, session.frames, session.events = tapes.of(
+                        None if daemons == 1 else tokens
                     )
                 before = [data_frames(await d.health()) for d, _ in running]
                 cpu = [d.cpu_seconds() for d, _ in running]
@@ -321,9 +361,10 @@ async def bench(
 ) -> dict[str, Any]:
     """``rounds`` interleaved rounds of one daemon then two daemons, then the kills."""
     ones, twos = [], []
+    tapes = Tapes.build(laps)
     for round_no in range(1, rounds + 1):
-        ones.append(await _throughput(admin_dsn, 1, laps, log_dir))
-        twos.append(await _throughput(admin_dsn, 2, laps, log_dir))
+        ones.append(await _throughput(admin_dsn, 1, tapes, log_dir))
+        twos.append(await _throughput(admin_dsn, 2, tapes, log_dir))
         progress(
             f"round {round_no}: one daemon {ones[-1]['events_per_s']:,.0f} events/s,"
             f" two daemons {twos[-1]['events_per_s']:,.0f} events/s"
