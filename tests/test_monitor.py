@@ -19,7 +19,13 @@ import trio.testing
 from prometheus_client import generate_latest
 
 from polystream.book import TopOfBook
-from polystream.monitor.engine import DEFERRAL_REASONS, DEFERRED_PER_TICK, NO_PRICE_RETRY, Monitor
+from polystream.monitor.engine import (
+    CROSSED_PER_TICK,
+    DEFERRAL_REASONS,
+    DEFERRED_PER_TICK,
+    NO_PRICE_RETRY,
+    Monitor,
+)
 from polystream.monitor.rules import Decision, Prediction, RuleSet, TpSlRule, decision_time
 from polystream.ops.metrics import registry_of
 from polystream.ops.status import render_health
@@ -495,17 +501,38 @@ def test_tpsl_fires_crossed_rules_once() -> None:
     assert len(decisions) == 4
 
 
-def test_tick_touches_only_crossed_rules() -> None:
+async def test_tick_touches_only_crossed_rules_and_fires_a_burst_in_slices(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     decisions: list[Decision] = []
     mon = Monitor(decisions.append, Stats())
     for n in range(100_000):  # TP thresholds 0.5001 .. 1.0000, 20 rules at each level
         mon.add_rule(TpSlRule(n, "a", "take_profit", D("0.5") + D(n % 5000 + 1) / 10_000))
-    mon.on_price("a", top("a", "0.5003", "0.5004"))
-    assert len(decisions) == 3 * 20  # levels 0.5001, 0.5002, 0.5003
-    assert {d.price for d in decisions} == {D("0.5003")}
-    assert mon.rule_count == 100_000 - 60
-    mon.on_price("a", top("a", "0.5003", "0.5004"))
-    assert len(decisions) == 60
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        mon.on_price("a", top("a", "0.5003", "0.5004"))
+        assert len(decisions) == CROSSED_PER_TICK  # inline, in the router's step
+        assert mon.rule_count == 100_000 - 60  # every crossed rule is taken at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(decisions) == 3 * 20  # levels 0.5001, 0.5002, 0.5003: the rest by the task
+        assert {d.price for d in decisions} == {D("0.5003")}
+        assert len({d.dedupe_key for d in decisions}) == 60
+        mon.on_price("a", top("a", "0.5003", "0.5004"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(decisions) == 60
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_left_to_the_task_is_fired_when_the_monitor_stops() -> None:
+    decisions: list[Decision] = []
+    mon = Monitor(decisions.append, Stats())
+    for n in range(40):
+        mon.add_rule(TpSlRule(n, "a", "stop_loss", D("0.40")))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        mon.on_price("a", top("a", "0.39", "0.41"))
+        nursery.cancel_scope.cancel()  # before the task ran: the rest fire on the way out
+    assert sorted(d.position_id or 0 for d in decisions) == list(range(40))
 
 
 def test_no_price_no_trigger() -> None:

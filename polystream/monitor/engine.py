@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
@@ -60,6 +61,7 @@ from polystream.stats import Stats
 from polystream.timing import Slices
 
 __all__ = [
+    "CROSSED_PER_TICK",
     "DEFERRAL_REASONS",
     "DEFERRED_PER_TICK",
     "NO_PRICE_RETRY",
@@ -84,6 +86,14 @@ DEFERRED_PER_TICK = 16
 Deferred predictions of one asset decided inline when its ask arrives, in the
 router's step; more (a hundred due before the first quote) are decided by the
 deadline task in slices, so the router's step stays short.
+"""
+
+CROSSED_PER_TICK = 16
+"""
+TP/SL rules fired inline by one price update, in the router's step (the first
+ones go out with the frame's own ``pump``); the rest of a burst (65 rules at one
+price, in the monitor bench) are fired by the deadline task in slices: a burst
+of decisions is milliseconds the next frame and the event loop would wait.
 """
 
 DEFERRAL_REASONS = ("no_price",)
@@ -188,6 +198,7 @@ class Monitor:
     _tops: dict[str, TopOfBook] = attrs.field(factory=dict)
     _books: dict[str, AssetBook] = attrs.field(factory=dict)
     _asks_arrived: set[str] = attrs.field(factory=set)  # assets with deferred ones left to decide
+    _crossed: deque[Decision] = attrs.field(factory=deque)  # a burst's rest, for the task
     _wake: trio.Event = attrs.field(factory=trio.Event)
 
     # ------------------------------------------------------------ rules
@@ -395,17 +406,28 @@ class Monitor:
         if price is None:
             return
         # Removed with the position's other rule: it is closing, neither may fire again.
-        for rule in self._tpsl.take_crossed(asset_id, price):
-            self._fire(
-                Decision(
-                    kind=rule.kind,
-                    dedupe_key=rule.dedupe_key,
-                    price=price,
-                    reason=f"{self.price_choice}_{'above' if rule.kind == 'take_profit' else 'below'}",
-                    position_id=rule.position_id,
-                    decided_at=self.clock(),
-                )
+        now = self.clock()
+        for index, rule in enumerate(self._tpsl.take_crossed(asset_id, price)):
+            decision = Decision(
+                kind=rule.kind,
+                dedupe_key=rule.dedupe_key,
+                price=price,
+                reason=f"{self.price_choice}_{'above' if rule.kind == 'take_profit' else 'below'}",
+                position_id=rule.position_id,
+                decided_at=now,
             )
+            if index < CROSSED_PER_TICK:
+                self._fire(decision)
+            else:  # the rest of a burst: the deadline task's, in slices
+                self._crossed.append(decision)
+                self._wake.set()
+
+    async def _fire_crossed(self) -> None:
+        """Fire the rest of TP/SL bursts (see :data:`CROSSED_PER_TICK`), in slices."""
+        slices = Slices()
+        while self._crossed:
+            self._fire(self._crossed.popleft())
+            await slices.tick()
 
     def _check_edge(self, asset_id: str, top: TopOfBook) -> None:
         """Decide the asset's open edge predictions that ``top``'s ask gives their edge."""
@@ -560,8 +582,16 @@ class Monitor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The one deadline task: sleep until the next decision, decide, repeat."""
         task_status.started()
+        try:
+            await self._run_deadlines()
+        finally:  # decided already: handed to the executor, which flushes at shutdown
+            while self._crossed:
+                self._fire(self._crossed.popleft())
+
+    async def _run_deadlines(self) -> None:
         while True:
             self._wake = trio.Event()
+            await self._fire_crossed()
             await self._decide_deferred()
             head = self.next_decision_at()
             self.stats.next_decision_at = head
