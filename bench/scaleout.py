@@ -10,7 +10,10 @@ daemon and for two (:class:`Tapes`): each partition's frames, repeated to
 about ``--laps`` x half the capture each. One daemon holds both partitions and
 is sent both halves; two daemons, once each holds one partition (read from
 ``cluster_leases``), are each sent the half of their own markets' tokens, as
-the venue sends only what a connection subscribed; both start together. Events/s = events sent /
+the venue sends only what a connection subscribed; both start together. Each
+daemon is pinned to a CPU of its own, as ``polystream run --workers`` places
+its children (:func:`polystream.ops.workers.worker_cpus`); the one daemon to
+the first. Events/s = events sent /
 elapsed from the first byte to the last daemon's last frame read (its
 ``/health``). Correctness: each daemon read every frame sent to it, the two
 token sets are disjoint and cover the 12 tokens, no reconnect, exit 0.
@@ -67,6 +70,7 @@ from bench.ingest import prepare_database
 from polystream.cluster import partition_of
 from polystream.config import FeedConfig
 from polystream.ops.daemon import DaemonProcess, free_port, open_daemon
+from polystream.ops.workers import worker_cpus
 
 PARTITIONS = 2
 CHUNK_BYTES = 1 << 20
@@ -229,6 +233,9 @@ async def _throughput(admin_dsn: str, daemons: int, tapes: Tapes, log_dir: Path)
                     )
                     with trio.fail_after(60):
                         await daemon.wait_for(session.connected)
+                    core = worker_cpus(daemons)[index]
+                    if core is not None:  # as `polystream run --workers` places them
+                        os.sched_setaffinity(daemon.pid, {core})
                     running.append((daemon, session))
 
                 async def balanced() -> bool:

@@ -37,6 +37,7 @@ from polystream.ops.workers import (
     plan_workers,
     render_template_unit,
     restart_delay,
+    worker_cpus,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +76,13 @@ def test_each_worker_runs_polystream_run_in_cluster_mode_on_its_port(tmp_path: P
     assert [w.health_listen for w in workers] == ["127.0.0.1:7000", "127.0.0.1:7001"]
     (alone,) = plan_workers(1, "h:1", None, {})
     assert alone.argv[-1] == "run" and "POLYSTREAM_DATABASE__DSN" not in alone.env
+
+
+def test_workers_get_a_cpu_each_when_there_are_enough() -> None:
+    available = sorted(os.sched_getaffinity(0))
+    assert worker_cpus(len(available)) == available
+    assert worker_cpus(1) == available[:1]
+    assert worker_cpus(len(available) + 1) == [None] * (len(available) + 1)  # the system places
 
 
 def test_restart_backoff_doubles_to_30_s_and_resets_after_60_s_of_running() -> None:
@@ -288,6 +296,10 @@ async def test_two_workers_serve_in_cluster_mode_and_stop_cleanly_on_sigterm(
             pids = await _pids_when_serving(http, base, 2)
             children = {child.pid for child in psutil.Process(supervisor.pid).children()}
             assert set(pids) == children and len(children) == 2
+            cpus = worker_cpus(2)
+            if cpus[0] is not None:  # one core each (Linux, 2 CPUs or more)
+                pinned = [os.sched_getaffinity(pid) for pid in pids]
+                assert all(len(p) == 1 for p in pinned) and sorted(min(p) for p in pinned) == cpus
             for i in range(2):
                 document = await _health(http, base + i)
                 assert document is not None and document["cluster"] is not None

@@ -6,7 +6,9 @@ each ``python -m polystream run`` (with the same ``--config``) and the environme
 of the supervisor plus ``POLYSTREAM_FEED__CLUSTER=true`` (they split the markets
 through leases in PostgreSQL, :mod:`polystream.cluster`) and its own ``/health``:
 the host of ``health.listen`` and its port + i for worker i (0-based; port 0
-stays 0, any free port). :class:`Supervisor` starts them and keeps them running:
+stays 0, any free port), pinned to a CPU of its own when there are enough
+(:func:`worker_cpus`: one daemon per core). :class:`Supervisor` starts them and
+keeps them running:
 
 * a child that exits while no stop was asked for is logged (``worker_exited``)
   and started again after a pause (:func:`restart_delay`: 1 s, doubled per
@@ -39,6 +41,7 @@ module level; every child is owned by one :class:`Supervisor`.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -68,6 +71,7 @@ __all__ = [
     "restart_delay",
     "supervise",
     "worker_argv",
+    "worker_cpus",
 ]
 
 logger = structlog.get_logger(__name__)
@@ -110,12 +114,15 @@ class Worker:
         argv: the command, ``[python, -m, polystream, run, ...]``.
         env: its whole environment.
         health_listen: its ``health.listen`` (``host:port``).
+        cpu: the CPU it is pinned to (``sched_setaffinity``), or None: the
+            system places it.
     """
 
     index: int
     argv: tuple[str, ...]
     env: Mapping[str, str] = attrs.field(repr=False)
     health_listen: str
+    cpu: int | None = None
 
 
 def health_listens(listen: str, count: int) -> list[str]:
@@ -181,10 +188,37 @@ def plan_workers(
     if dsn is not None:
         base[_DSN_VARIABLE] = dsn
     argv = worker_argv(config_path)
+    cpus = worker_cpus(count)
     return [
-        Worker(index, argv, {**base, _LISTEN_VARIABLE: address}, address)
+        Worker(index, argv, {**base, _LISTEN_VARIABLE: address}, address, cpus[index])
         for index, address in enumerate(health_listens(listen, count))
     ]
+
+
+def worker_cpus(count: int) -> list[int | None]:
+    """
+    The CPU of each of ``count`` workers: one each, in order, among the CPUs
+    this process may use, when there are at least ``count`` of them (a worker
+    per core: no two daemons trade places on one core, and each keeps its
+    cache); else None for all (the system places them). Linux only
+    (``os.sched_getaffinity``); None elsewhere.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return [None] * count
+    cpus = sorted(os.sched_getaffinity(0))
+    if count > len(cpus):
+        return [None] * count
+    return list(cpus[:count])
+
+
+def _pin(worker: Worker, pid: int) -> None:
+    """Pin the child to ``worker.cpu`` (if any); a refusal is logged, never raised."""
+    if worker.cpu is None:
+        return
+    try:
+        os.sched_setaffinity(pid, {worker.cpu})
+    except OSError as exc:
+        logger.warning("worker_not_pinned", worker=worker.index, cpu=worker.cpu, error=str(exc))
 
 
 def restart_delay(
@@ -322,11 +356,13 @@ class Supervisor:
             started = trio.current_time()
             starts += 1
             self._running[worker.index] = process
+            _pin(worker, process.pid)
             logger.info(
                 "worker_started",
                 worker=worker.index,
                 pid=process.pid,
                 health=worker.health_listen,
+                cpu=worker.cpu,
                 restarts=starts - 1,
             )
             if starts == 1:
