@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal
@@ -92,10 +93,23 @@ def test_members_split_the_partitions_evenly_and_cover_a_dead_one(db_dsn: str) -
         c = _cycle(conn["c"], "c")
         assert [len(a), len(b), len(c)] == [2, 2, 2]
         assert a | b | c == set(range(PARTITIONS))
-        conn["c"].close()  # killed: its session ends, so it is dead at once, not one TTL later
+        _end_session(db_dsn, conn["c"])  # killed: dead at once, not one TTL later
         a, b = _cycle(conn["a"], "a", a), _cycle(conn["b"], "b", b)
         assert a.isdisjoint(b) and a | b == set(range(PARTITIONS))
         assert set(_owners(db_dsn).values()) == {"a", "b"}
+
+
+def _end_session(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    """Close ``conn`` and wait until its server process has gone (as after a kill -9)."""
+    pid = conn.info.backend_pid
+    conn.close()
+    with psycopg.connect(dsn) as watcher:
+        for _ in range(500):
+            if watcher.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone():
+                time.sleep(0.01)  # another process: nothing to wait on but its absence
+            else:
+                return
+    raise AssertionError(f"backend {pid} still there after 5 s")
 
 
 def test_a_clean_stop_hands_every_partition_to_a_live_peer(db_dsn: str) -> None:
@@ -160,7 +174,7 @@ def test_a_lease_cannot_change_owner_under_an_open_write(db_dsn: str) -> None:
         fence = Fence("a", PARTITIONS, str)
         with psycopg.connect(db_dsn) as writer, writer.transaction():
             assert fence.held(writer) == frozenset(owned)  # share-locked until commit
-            conn["a"].close()  # a dies mid-write: b may take its partitions, but not yet
+            _end_session(db_dsn, conn["a"])  # a dies mid-write: b may take them, but not yet
             assert _cycle(conn["b"], "b") == set()  # locked leases are skipped, not taken
         assert _cycle(conn["b"], "b") == set(range(PARTITIONS))  # the write committed: now
 
