@@ -7,12 +7,22 @@ PostgreSQL through a real ``DbLink``.
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
 
-from polystream.pipeline.writers import write_positions, write_positions_in_chunks
+from polystream.pipeline.writers import (
+    MARKETS_CHANNEL,
+    NOTIFY_PAYLOAD_BYTES,
+    POSITIONS_PRICED_CHANNEL,
+    MarketRow,
+    write_markets,
+    write_positions,
+    write_positions_in_chunks,
+)
 from polystream.stats import Stats
 from polystream.store.link import DbLink
 
@@ -78,8 +88,69 @@ def test_the_first_transaction_returns_where_each_later_span_starts(db_dsn: str)
     with psycopg.connect(db_dsn) as conn:
         ids = [row[0] for row in conn.execute("SELECT id FROM positions ORDER BY id")]
         prices = [("t1", Decimal("0.7")), ("t2", Decimal("0.7"))]
-        assert write_positions(conn, prices, None, 2) == (2, [ids[2], ids[4]])
+        assert write_positions(conn, prices, None, 2) == (2, [ids[2], ids[4]], ["u"])
         conn.execute("UPDATE positions SET status = 'closed' WHERE id = %s", [ids[3]])
-        assert write_positions(conn, prices, (ids[2], ids[4])) == (1, [])  # the active one
-        assert write_positions(conn, prices, (ids[4], ids[4] + 1)) == (1, [])
-        assert write_positions(conn, prices, None, 2) == (0, [])  # all priced
+        assert write_positions(conn, prices, (ids[2], ids[4])) == (1, [], ["u"])  # the active one
+        assert write_positions(conn, prices, (ids[4], ids[4] + 1)) == (1, [], ["u"])
+        assert write_positions(conn, prices, None, 2) == (0, [], [])  # all priced
+
+
+def _listener(dsn: str, channel: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f"LISTEN {channel}")
+    return conn
+
+
+def _received(conn: psycopg.Connection[Any]) -> list[dict[str, list[str]]]:
+    return [orjson.loads(n.payload) for n in conn.notifies(timeout=0.5, stop_after=1000)]
+
+
+async def test_a_flush_tells_each_priced_user_once_after_it_committed(db_dsn: str) -> None:
+    for user, count in (("alice", 7), ("bob", 3)):
+        with psycopg.connect(db_dsn) as conn:
+            for _ in range(count):
+                conn.execute(
+                    "INSERT INTO positions (user_id, market_id, token_id, size, entry_price)"
+                    " VALUES (%s, 'm', 't1', 10, 0.5)",
+                    [user],
+                )
+    listener = _listener(db_dsn, POSITIONS_PRICED_CHANNEL)
+    link = DbLink(dsn=db_dsn, name="positions-test", stats=Stats())
+    try:
+        written = await link.call_in_transactions(
+            write_positions_in_chunks, [("t1", Decimal("0.6"))], 4
+        )
+        assert written == 10  # in three transactions, one notification
+        assert _received(listener) == [{"users": ["alice", "bob"]}]
+        assert (
+            await link.call_in_transactions(write_positions_in_chunks, [("t1", Decimal("0.6"))], 4)
+            == 0
+        )
+        assert _received(listener) == []  # nothing repriced: nothing said
+    finally:
+        link.close()
+        listener.close()
+
+
+def test_market_ids_are_told_once_per_flush_in_payloads_under_the_limit(db_dsn: str) -> None:
+    ids = [f"{900_000_000 + i}" for i in range(2_000)]  # ~26 KB of ids: several payloads
+    with psycopg.connect(db_dsn) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO markets (id) VALUES (%s)", [[i] for i in ids])
+    listener = _listener(db_dsn, MARKETS_CHANNEL)
+    try:
+        rows = [
+            MarketRow(i, None, True, Decimal("0.4"), Decimal("0.6"), None, None, None) for i in ids
+        ]
+        with psycopg.connect(db_dsn) as conn:
+            with conn.transaction():
+                assert write_markets(conn, rows) == len(ids)
+            rolled_back = psycopg.connect(db_dsn)
+            with rolled_back, contextlib.suppress(ValueError), rolled_back.transaction():
+                write_markets(rolled_back, rows[:5])
+                raise ValueError  # rolled back: told nothing
+        payloads = [n.payload for n in listener.notifies(timeout=0.5, stop_after=1000)]
+        assert len(payloads) > 1 and all(len(p.encode()) <= NOTIFY_PAYLOAD_BYTES for p in payloads)
+        told = [i for p in payloads for i in orjson.loads(p)["ids"]]
+        assert sorted(told) == sorted(ids)  # each once
+    finally:
+        listener.close()

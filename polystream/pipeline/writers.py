@@ -36,12 +36,16 @@ from polystream.timing import Backoff, Debouncer, TokenBucket
 
 __all__ = [
     "FINAL_FLUSH_SECONDS",
+    "MARKETS_CHANNEL",
+    "NOTIFY_PAYLOAD_BYTES",
+    "POSITIONS_PRICED_CHANNEL",
     "POSITION_ROWS_PER_TRANSACTION",
     "Batches",
     "MarketRow",
     "MarketWriter",
     "PositionWriter",
     "Sink",
+    "notify_ids",
     "write_markets",
     "write_positions",
     "write_positions_in_chunks",
@@ -89,7 +93,7 @@ _POSITIONS_SET = """
         updated_at = now()
     FROM locked AS t
     WHERE p.id = t.id
-    RETURNING p.id
+    RETURNING p.id, p.user_id
 """
 
 _LOCKED = """
@@ -117,7 +121,8 @@ WITH v AS (
     FROM due WHERE id > (SELECT max(id) FROM first)
 )
 SELECT (SELECT count(*) FROM updated),
-       (SELECT array_agg(id ORDER BY id) FROM rest WHERE n %% %(limit)s = 0)
+       (SELECT array_agg(id ORDER BY id) FROM rest WHERE n %% %(limit)s = 0),
+       (SELECT array_agg(DISTINCT user_id) FROM updated WHERE user_id IS NOT NULL)
 """
 
 # A later transaction: the positions to reprice in one id span (the primary key's range).
@@ -129,8 +134,25 @@ WITH v AS (
     WHERE q.id >= %(low)s AND q.id < %(high)s AND q.status = 'active'
       AND (q.current_price IS DISTINCT FROM v.price OR q.pnl_amount IS NULL)
 ), locked AS ({_LOCKED}), updated AS ({_POSITIONS_SET})
-SELECT count(*), NULL::bigint[] FROM updated
+SELECT count(*), NULL::bigint[],
+       array_agg(DISTINCT user_id) FILTER (WHERE user_id IS NOT NULL)
+FROM updated
 """
+
+MARKETS_CHANNEL = "polystream_markets"
+"""
+NOTIFY channel of the markets rows written: after each committed flush, payload
+``{"ids": ["<markets.id>", ...]}`` (docs/architecture.md, "The database contract").
+"""
+
+POSITIONS_PRICED_CHANNEL = "polystream_positions_priced"
+"""
+NOTIFY channel of the positions repriced: after each committed flush, payload
+``{"users": ["<positions.user_id>", ...]}``, each user whose positions changed once.
+"""
+
+NOTIFY_PAYLOAD_BYTES = 7_900
+"""A payload's most bytes: PostgreSQL refuses 8,000 or more (``pg_notify``)."""
 
 _NO_ID_ABOVE = 2**63 - 1
 """The end of the last span: ``bigint``'s maximum."""
@@ -155,11 +177,39 @@ class MarketRow:
     source: str = "ws"
 
 
+def notify_ids(conn: psycopg.Connection[Any], channel: str, key: str, ids: Sequence[str]) -> int:
+    """
+    ``NOTIFY channel`` with ``{"<key>": [ids...]}``, split into as many payloads
+    of at most :data:`NOTIFY_PAYLOAD_BYTES` as needed, each id in one of them
+    once; delivered when the caller's transaction commits (none if it rolls
+    back). Returns how many notifications were queued.
+
+    Raises:
+        ValueError: one id alone does not fit in a payload.
+    """
+    prefix = len(orjson.dumps({key: []}))
+    batches: list[list[str]] = []
+    size = NOTIFY_PAYLOAD_BYTES
+    for value in ids:
+        cost = len(orjson.dumps(value)) + 1  # the value and its comma
+        if prefix + cost > NOTIFY_PAYLOAD_BYTES:
+            raise ValueError(f"{key} {value[:40]!r}... does not fit in a NOTIFY payload")
+        if size + cost > NOTIFY_PAYLOAD_BYTES:
+            batches.append([])
+            size = prefix
+        batches[-1].append(value)
+        size += cost
+    for batch in batches:
+        conn.execute("SELECT pg_notify(%s, %s)", [channel, orjson.dumps({key: batch}).decode()])
+    return len(batches)
+
+
 def write_markets(
     conn: psycopg.Connection[Any], rows: Sequence[MarketRow], fence: Fence | None = None
 ) -> int:
     """
-    Update ``markets`` from ``rows`` in one statement; returns rows updated.
+    Update ``markets`` from ``rows`` in one statement; returns rows updated,
+    and tells :data:`MARKETS_CHANNEL` which (at commit: :func:`notify_ids`).
     With a cluster ``fence``, only the rows of the partitions this daemon
     holds (checked and share-locked in this transaction: polystream.cluster).
     """
@@ -170,8 +220,10 @@ def write_markets(
             return 0
     columns = list(zip(*(attrs.astuple(row) for row in rows), strict=True))
     with conn.cursor() as cur:
-        cur.execute(_WRITE_MARKETS, [list(column) for column in columns])
-        return cur.rowcount
+        cur.execute(_WRITE_MARKETS + " RETURNING m.id", [list(column) for column in columns])
+        written = [str(market_id) for (market_id,) in cur.fetchall()]
+    notify_ids(conn, MARKETS_CHANNEL, "ids", written)
+    return len(written)
 
 
 def write_positions(
@@ -179,7 +231,7 @@ def write_positions(
     prices: Sequence[tuple[str, Decimal]],
     span: tuple[int, int] | None = None,
     limit: int = POSITION_ROWS_PER_TRANSACTION,
-) -> tuple[int, list[int]]:
+) -> tuple[int, list[int], list[str]]:
     """
     Set ``current_price``, ``pnl_amount`` (USDC: ``size * (price - entry)``)
     and ``pnl_percentage`` (percent of ``entry_price``, 4 decimals) of the
@@ -188,9 +240,10 @@ def write_positions(
     high)``, those with ``low <= id < high`` (one transaction's worth).
 
     Returns:
-        ``(rows updated, starts)``: without ``span``, where each later
-        ``limit`` of the positions found to reprice begins (ascending ids;
-        empty when all fit); with ``span``, always empty.
+        ``(rows updated, starts, users)``: ``starts``, without ``span``, where
+        each later ``limit`` of the positions found to reprice begins
+        (ascending ids; empty when all fit), with ``span`` always empty;
+        ``users``, the distinct ``user_id`` of the rows updated.
     """
     params: dict[str, Any] = {"token": [t for t, _ in prices], "price": [p for _, p in prices]}
     if span is None:
@@ -199,7 +252,7 @@ def write_positions(
         low, high = span
         row = conn.execute(_WRITE_POSITIONS_IN_SPAN, params | {"low": low, "high": high}).fetchone()
     assert row is not None
-    return int(row[0]), list(row[1] or ())
+    return int(row[0]), list(row[1] or ()), sorted(row[2] or ())
 
 
 def write_positions_in_chunks(
@@ -217,6 +270,8 @@ def write_positions_in_chunks(
     transaction (``DbLink.call_in_transactions``): all of them in one call,
     one thread hop. With a cluster ``fence``, each transaction writes only
     the tokens of the partitions held then (checked and share-locked in it).
+    Then :data:`POSITIONS_PRICED_CHANNEL` is told which users' positions
+    changed, once for the whole flush (:func:`notify_ids`).
 
     Raises:
         psycopg.Error: the rows written before stay written and the caller
@@ -234,13 +289,19 @@ def write_positions_in_chunks(
         mine = fenced()
         if not mine:
             return 0
-        total, starts = write_positions(conn, mine, None, limit)
+        total, starts, users = write_positions(conn, mine, None, limit)
+    priced = set(users)
     ends = [*starts[1:], _NO_ID_ABOVE] if starts else []
     for low, high in zip(starts, ends, strict=True):
         with conn.transaction():
             mine = fenced()
             if mine:
-                total += write_positions(conn, mine, (low, high))[0]
+                written, _, users = write_positions(conn, mine, (low, high))
+                total += written
+                priced.update(users)
+    if priced:  # once per flush, after its last transaction committed
+        with conn.transaction():
+            notify_ids(conn, POSITIONS_PRICED_CHANNEL, "users", sorted(priced))
     return total
 
 
