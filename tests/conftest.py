@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
 import pytest
+from throwaway_pg import ThrowawayPostgres
 
 from polystream.store.db import connect, create_database, drop_database, dsn_with_dbname, migrate
 from polystream.store.embedded import open_embedded_postgres
@@ -83,3 +84,15 @@ def db_dsn(pg_admin_dsn: str) -> Iterator[str]:
         yield dsn
     finally:
         drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def throwaway_server() -> Iterator[ThrowawayPostgres]:
+    """A PostgreSQL server of the test's own, which it may stop and start (an outage)."""
+    pg = ThrowawayPostgres()
+    pg.init()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.remove()

@@ -173,3 +173,28 @@ def hold_every_updown_token(dsn: str) -> None:
             " SELECT 'u', m.id, t, 10, 0.5 FROM markets m,"
             " jsonb_array_elements_text(m.clob_token_ids) t"
         )
+
+
+def insert_rules(
+    conn: psycopg.Connection[Any], rules: list[tuple[str, str, str, str]], *, user: str = "test"
+) -> dict[int, tuple[str, Decimal | None]]:
+    """
+    One position (10 shares at 0.5) per ``(market, outcome, kind, level)`` rule,
+    with that take profit or stop loss; returns ``{position id: (kind, best bid
+    at the first crossing in the recording, or None)}``.
+    """
+    path = best_bid_path()
+    found: dict[int, tuple[str, Decimal | None]] = {}
+    for market, outcome, kind, level in rules:
+        pid, token = insert_position(
+            conn,
+            market,
+            outcome,
+            "10",
+            "0.5",
+            user=user,
+            take_profit=level if kind == "take_profit" else None,
+            stop_loss=level if kind == "stop_loss" else None,
+        )
+        found[pid] = (kind, first_crossing(path[token], kind, Decimal(level)))
+    return found

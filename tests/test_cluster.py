@@ -26,24 +26,19 @@ import trio
 from cli_process import clean_env, free_port, run_polystream
 from expected import (
     UPDOWN,
-    best_bid_path,
     expected_assets,
-    first_crossing,
     hold_every_updown_token,
-    insert_position,
     mismatches,
 )
+from test_db_outage import restart_config, seed
 from throwaway_pg import ThrowawayPostgres
 
 from polystream.app import App, run
 from polystream.cluster import Fence, Member, cycle, hand_over, partition_of, read_cluster
-from polystream.config import Config, DatabaseConfig, FeedConfig, HealthConfig, PipelineConfig
 from polystream.pipeline.writers import MarketRow, write_markets
 from polystream.replay import ReplayServer, serve_replay
 from polystream.store import db
-from polystream.store.markets import import_markets_file
 
-RULES = [("900003", "Up", "take_profit", "0.60"), ("900005", "Down", "stop_loss", "0.40")]
 PARTITIONS = 6
 TTL = 30.0  # the unit tests end sessions themselves; nothing must expire meanwhile
 
@@ -319,49 +314,20 @@ def _unpriced(dsn: str) -> int:
     return int(row[0])
 
 
-@pytest.fixture
-def own_server() -> Iterator[ThrowawayPostgres]:
-    pg = ThrowawayPostgres()
-    pg.init()
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.remove()
-
-
 @pytest.mark.slow
 async def test_two_daemons_through_a_database_restart_end_as_one_would(
-    own_server: ThrowawayPostgres,
+    throwaway_server: ThrowawayPostgres,
 ) -> None:
     """
     Two clustered daemons (in this process) through a PostgreSQL restart: both
     lose their leases, rejoin and split again; the final ``markets`` and
     ``positions`` state equals the recording's final state (what one daemon
     writes), every crossed TP/SL fired exactly once, the partitions are all
-    owned, none twice.
+    owned, none twice. The database is the one of test_db_outage.
     """
+    own_server = throwaway_server
     dsn = own_server.dsn
-    path = best_bid_path()
-    crossed: set[int] = set()
-    with db.connect(dsn) as conn:
-        db.migrate(conn)
-        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
-        for market, outcome in [("900003", "Down"), ("900001", "Up"), ("900006", "Up")]:
-            insert_position(conn, market, outcome, "25", "0.5")
-        for market, outcome, kind, level in RULES:
-            pid, token = insert_position(
-                conn,
-                market,
-                outcome,
-                "10",
-                "0.5",
-                take_profit=level if kind == "take_profit" else None,
-                stop_loss=level if kind == "stop_loss" else None,
-            )
-            assert first_crossing(path[token], kind, Decimal(level)) is not None
-            crossed.add(pid)
-        conn.commit()
+    crossed = set(seed(dsn))
 
     with trio.fail_after(150):
         async with trio.open_nursery() as nursery:
@@ -370,16 +336,8 @@ async def test_two_daemons_through_a_database_restart_end_as_one_would(
                     [Path(f"{UPDOWN}.jsonl.gz")], speed=30.0, task_status=task_status
                 )
             )
-            config = Config(
-                database=DatabaseConfig(dsn=dsn, retry_max=1.0, statement_timeout=5.0),
-                feed=FeedConfig(
-                    url=f"ws://127.0.0.1:{replay.port}/ws/market",
-                    cluster=True,
-                    cluster_partitions=16,
-                    cluster_lease_ttl=1.5,
-                ),
-                pipeline=PipelineConfig(market_flush_interval=0.1, debounce=0.2),
-                health=HealthConfig(listen="127.0.0.1:0"),
+            config = restart_config(
+                dsn, replay, cluster=True, cluster_partitions=16, cluster_lease_ttl=1.5
             )
             apps: list[App] = [await nursery.start(run, config, dsn) for _ in range(2)]
 

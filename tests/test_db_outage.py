@@ -7,18 +7,17 @@ final state; every TP/SL rule fired once, none lost or doubled.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from expected import (
     UPDOWN,
-    best_bid_path,
     expected_assets,
-    first_crossing,
     insert_position,
+    insert_rules,
     mismatches,
 )
 from throwaway_pg import ThrowawayPostgres
@@ -44,41 +43,38 @@ def _listening(dsn: str) -> bool:
     return row == (1,)
 
 
-@pytest.fixture
-def server() -> Iterator[ThrowawayPostgres]:
-    pg = ThrowawayPostgres()
-    pg.init()
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.remove()
-
-
-@pytest.mark.slow
-async def test_database_restart_loses_nothing(server: ThrowawayPostgres) -> None:
-    dsn = server.dsn
-    path = best_bid_path()
-    expected_triggers: dict[int, Decimal] = {}
+def seed(dsn: str) -> dict[int, Decimal]:
+    """
+    Migrate ``dsn``, import the capture's markets, three plain positions and
+    one per :data:`RULES`; returns ``{rule position id: best bid at its first
+    crossing}`` (every rule crosses).
+    """
     with db.connect(dsn) as conn:
         db.migrate(conn)
         import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
         for market, outcome in [("900003", "Down"), ("900001", "Up"), ("900006", "Up")]:
             insert_position(conn, market, outcome, "25", "0.5")
-        for market, outcome, kind, level in RULES:
-            pid, token = insert_position(
-                conn,
-                market,
-                outcome,
-                "10",
-                "0.5",
-                take_profit=level if kind == "take_profit" else None,
-                stop_loss=level if kind == "stop_loss" else None,
-            )
-            crossing = first_crossing(path[token], kind, Decimal(level))
-            assert crossing is not None
-            expected_triggers[pid] = crossing
+        rules = insert_rules(conn, RULES)
         conn.commit()
+    assert all(crossing is not None for _, crossing in rules.values())
+    return {pid: crossing for pid, (_, crossing) in rules.items() if crossing is not None}
+
+
+def restart_config(dsn: str, replay: ReplayServer, **feed: Any) -> Config:
+    """A daemon that retries within a second, on ``replay``; ``feed``: more FeedConfig."""
+    return Config(
+        database=DatabaseConfig(dsn=dsn, retry_max=1.0, statement_timeout=5.0),
+        feed=FeedConfig(url=f"ws://127.0.0.1:{replay.port}/ws/market", **feed),
+        pipeline=PipelineConfig(market_flush_interval=0.1, debounce=0.2),
+        health=HealthConfig(listen="127.0.0.1:0"),
+    )
+
+
+@pytest.mark.slow
+async def test_database_restart_loses_nothing(throwaway_server: ThrowawayPostgres) -> None:
+    server = throwaway_server
+    dsn = server.dsn
+    expected_triggers = seed(dsn)
 
     with trio.fail_after(150):
         async with trio.open_nursery() as nursery:
@@ -87,13 +83,7 @@ async def test_database_restart_loses_nothing(server: ThrowawayPostgres) -> None
                     [Path(f"{UPDOWN}.jsonl.gz")], speed=60.0, task_status=task_status
                 )
             )
-            config = Config(
-                database=DatabaseConfig(dsn=dsn, retry_max=1.0, statement_timeout=5.0),
-                feed=FeedConfig(url=f"ws://127.0.0.1:{replay.port}/ws/market"),
-                pipeline=PipelineConfig(market_flush_interval=0.1, debounce=0.2),
-                health=HealthConfig(listen="127.0.0.1:0"),
-            )
-            app: App = await nursery.start(run, config, dsn)
+            app: App = await nursery.start(run, restart_config(dsn, replay), dsn)
             # The tape runs 15 s at 60x: stop the database mid-run, once prices flow.
             await app.positions.batches.after(0)
             await trio.to_thread.run_sync(server.stop)

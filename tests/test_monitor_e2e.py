@@ -18,7 +18,11 @@ from typing import Any
 
 import psycopg
 import trio
-from expected import UPDOWN, apply_frame, best_bid_path, first_crossing, insert_position
+from expected import (
+    UPDOWN,
+    apply_frame,
+    insert_rules,
+)
 
 from polystream.app import App, run
 from polystream.book import Books
@@ -76,24 +80,13 @@ async def _run_daemons(dsn: str, count: int) -> list[tuple[int, int, int]]:
 
 
 async def test_tpsl_fires_once_at_first_crossing(db_dsn: str) -> None:
-    path = best_bid_path()
     with psycopg.connect(db_dsn) as conn:
         import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
-        expected: dict[int, tuple[str, Decimal]] = {}
-        for market, outcome, kind, level in RULES:
-            pid, token = insert_position(
-                conn,
-                market,
-                outcome,
-                "10",
-                "0.5",
-                user="tpsl",
-                take_profit=level if kind == "take_profit" else None,
-                stop_loss=level if kind == "stop_loss" else None,
-            )
-            crossing = first_crossing(path[token], kind, D(level))
-            if crossing is not None:
-                expected[pid] = (kind, crossing)
+        expected = {
+            pid: (kind, crossing)
+            for pid, (kind, crossing) in insert_rules(conn, RULES, user="tpsl").items()
+            if crossing is not None
+        }
     assert len(expected) == 4  # the levels do lie inside the recorded path
 
     with trio.fail_after(120):
