@@ -66,7 +66,7 @@ from bench.harness import (
     throwaway_database,
     write_results,
 )
-from bench.ingest import prepare_database
+from bench.ingest import DAEMON_SETTINGS, prepare_database
 from polystream.cluster import partition_of
 from polystream.config import FeedConfig
 from polystream.ops.daemon import DaemonProcess, free_port, open_daemon
@@ -75,10 +75,7 @@ from polystream.ops.workers import worker_cpus
 PARTITIONS = 2
 CHUNK_BYTES = 1 << 20
 SETTINGS = {
-    "log__format": "json",
-    "log__level": "info",
-    "pipeline__debounce": "0.2",
-    "pipeline__market_flush_interval": "0.05",
+    **DAEMON_SETTINGS,  # the ingest bench's daemon, in cluster mode
     "feed__cluster": "true",
     "feed__cluster_partitions": str(PARTITIONS),
 }
@@ -108,9 +105,11 @@ class TapeSender(ExpectingServer[TapeSession]):
         session.sent_all_at = time.monotonic()
 
 
-def _tape(lines: Sequence[bytes], laps: int) -> tuple[bytes, int, int]:
-    """``(encoded frames, frames, events)`` of ``lines`` repeated ``laps`` times."""
-    span = lap_offset_ms(capture_lines(CAPTURE_TAPE))
+def _tape(lines: Sequence[bytes], laps: int, span: int) -> tuple[bytes, int, int]:
+    """
+    ``(encoded frames, frames, events)`` of ``lines`` repeated ``laps`` times,
+    each lap's timestamps ``span`` ms after the previous one's.
+    """
     events = sum(len(v) if isinstance(v := orjson.loads(line), list) else 1 for line in lines)
     shifted = (shift_timestamps(line, lap * span) for lap in range(laps) for line in lines)
     return b"".join(text_frames(shifted)), len(lines) * laps, events * laps
@@ -140,14 +139,16 @@ class Tapes:
     def build(cls, laps: int) -> Tapes:
         """From the capture and its markets (partition of each market: :func:`partition_of`)."""
         lines = capture_lines(CAPTURE_TAPE)
+        span = lap_offset_ms(lines)
         tokens: list[set[str]] = [set() for _ in range(PARTITIONS)]
         for market in load_markets():
             tokens[partition_of(market.id, PARTITIONS)].update(market.tokens)
         halves = []
         for part in tokens:
             mine = _lines_of(lines[1:], part)
-            halves.append(_tape(mine, max(1, round(laps * len(lines) / PARTITIONS / len(mine)))))
-        return cls(tokens, _tape(lines[:1], 1), halves)
+            repeat = max(1, round(laps * len(lines) / PARTITIONS / len(mine)))
+            halves.append(_tape(mine, repeat, span))
+        return cls(tokens, _tape(lines[:1], 1, span), halves)
 
     def of(self, tokens: set[str] | None) -> tuple[bytes, int, int]:
         """The tape of the daemon holding ``tokens`` (None: every partition)."""
@@ -407,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = [p for r in runs["one"] + runs["two"] for p in r["problems"]]
     document = {
         "machine": machine,
-        "capture": str(CAPTURE),
+        "capture": f"{CAPTURE.relative_to(ROOT)}.jsonl.gz",
         "scaleout": {
             "one_daemon_events_per_s": one["events_per_s"],
             "two_daemons_events_per_s": two["events_per_s"],
