@@ -314,7 +314,6 @@ class Cluster:
     stats: Stats
     changed: Callable[[], None] = lambda: None
     owned: frozenset[int] = frozenset()
-    epochs: dict[int, int] = attrs.field(factory=dict)
     live: int = 0
     _usable_until: float = 0.0  # time.monotonic()
 
@@ -333,7 +332,6 @@ class Cluster:
 
     def _set(self, owned: dict[int, int]) -> None:
         new = frozenset(owned)
-        self.epochs = owned
         if new != self.owned:
             logger.info(
                 "cluster_partitions_changed",
