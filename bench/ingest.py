@@ -33,7 +33,17 @@ client sends (its ``PING``s). Each round, interleaved, measures:
   final state, the daemon has read every frame and has nothing pending
   (``/health``). The sender holds the tape until the bench has read the daemon's
   loop-lag histogram (``bench.looplag``), read again once the final state is seen:
-  the run's loop lag p99 and max.
+  the run's loop lag p99 and max;
+* ``daemon_quiet`` and ``daemon_told``: the same run with the change notifications off
+  (``pipeline.notify = false``), and with them on plus Redis cache invalidation
+  (``cache.redis_url``: a ``redis-server`` of the bench's own on a free port).
+  ``ingest.notify.ratio`` is told over quiet, round by round (goal >= 0.9). In the told
+  run a connection of the bench LISTENs on ``polystream_markets`` and
+  ``polystream_positions_priced`` from a thread: each notification's delay is its
+  receive time minus its ``sent_ms`` (queued just before the commit, so the delay
+  after the commit is at most that), and every market and user must be told; every
+  Redis key of the held markets, tokens and user, set before the run, must be gone
+  at its end, with no Redis error.
 
 Times are ``time.monotonic()``, one system-wide clock for all processes. The
 machine is shared and noisy: compare figures within one run only.
@@ -50,7 +60,9 @@ import contextlib
 import math
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -60,6 +72,7 @@ from typing import Any
 
 import attrs
 import orjson
+import redis
 import trio
 
 from bench.harness import (
@@ -86,6 +99,7 @@ from bench.harness import (
     print_hotspots,
     profiling,
     progress,
+    quantile,
     shift_timestamps,
     text_frames,
     throwaway_database,
@@ -94,7 +108,13 @@ from bench.harness import (
 from bench.looplag import LAG_METHOD, read_lag
 from polystream.config import TransportKind
 from polystream.feed.transport import TRANSPORTS
-from polystream.ops.daemon import DaemonProcess, open_daemon, peak_rss_kib, setting_variables
+from polystream.ops.daemon import (
+    DaemonProcess,
+    free_port,
+    open_daemon,
+    peak_rss_kib,
+    setting_variables,
+)
 
 CHUNK_BYTES = 1 << 20
 POLL_INTERVAL = 0.02
@@ -110,6 +130,12 @@ DAEMON_SETTINGS = {
 }
 CLIENT_KINDS = {"discard": "sender", "bare": "bare_client", "sansio": "sansio_client"}
 """``--client`` of a child process -> its key in the runs and the results."""
+DAEMON_KINDS = ("daemon", "daemon_quiet", "daemon_told")
+"""Daemon runs of a round: defaults (notifications on, no Redis), notifications off,
+notifications and Redis invalidation on."""
+CHANGE_CHANNELS = ("polystream_markets", "polystream_positions_priced")
+USER = "bench"
+"""The ``user_id`` of every position the bench opens."""
 
 
 # --- the workload ----------------------------------------------------------------
@@ -379,9 +405,9 @@ def prepare_database(dsn: str, markets: Sequence[Market]) -> None:
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO positions (user_id, market_id, outcome, token_id, size, entry_price)"
-                " VALUES ('bench', %s, %s, %s, %s, %s)",
+                " VALUES (%s, %s, %s, %s, %s, %s)",
                 [
-                    (market, outcome, token, Decimal(100), entry)
+                    (USER, market, outcome, token, Decimal(100), entry)
                     for m in markets
                     for market, outcome, token in m.owners
                     for entry in ENTRY_PRICES
@@ -448,6 +474,111 @@ class StateProbe:
     def close(self) -> None:
         """Close the probe's connection."""
         self._conn.close()
+
+
+class ChangeListener:
+    """
+    LISTEN on :data:`CHANGE_CHANNELS` from a thread of the bench's own: every
+    notification with the bench's receive time (unix ms, ``time.time()``).
+    """
+
+    def __init__(self, dsn: str) -> None:
+        from polystream.store import db
+
+        self._conn = db.connect(dsn, application_name="polystream-bench-listen", autocommit=True)
+        for channel in CHANGE_CHANNELS:
+            self._conn.execute(f"LISTEN {channel}")
+        self.received: list[tuple[str, dict[str, Any], float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="bench-listen", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            for note in self._conn.notifies(timeout=0.1):
+                self.received.append((note.channel, orjson.loads(note.payload), time.time() * 1000))
+
+    def close(self) -> None:
+        """Stop listening (what arrived stays in ``received``)."""
+        self._stop.set()
+        self._thread.join(5)
+        self._conn.close()
+
+    def figures(self, markets: Sequence[Market]) -> dict[str, Any]:
+        """Delays (ms, receive time - ``sent_ms``), counts, and who was never told."""
+        delays = sorted(at - body["sent_ms"] for _, body, at in self.received)
+        told: dict[str, set[str]] = {channel: set() for channel in CHANGE_CHANNELS}
+        for channel, body, _ in self.received:
+            told[channel].update(body.get("ids") or body.get("users") or ())
+        untold = sorted({m.id for m in markets} - told["polystream_markets"])
+        untold += sorted({USER} - told["polystream_positions_priced"])
+        counts = Counter(channel for channel, _, _ in self.received)
+        return {
+            "notifications": {channel: counts[channel] for channel in CHANGE_CHANNELS},
+            "delay_p50_ms": quantile(delays, 0.5) if delays else None,
+            "delay_p99_ms": quantile(delays, 0.99) if delays else None,
+            "delay_max_ms": delays[-1] if delays else None,
+            "untold": untold,
+        }
+
+
+class BenchRedis:
+    """A ``redis-server`` of the bench's own on a free loopback port, nothing on disk."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise BenchError("redis-server did not answer within 10 s") from None
+                time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        """Its URL for ``cache.redis_url``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def close(self) -> None:
+        """Stop it."""
+        self.client.close()
+        self._process.terminate()
+        self._process.wait(10)
+
+
+def cache_keys(markets: Sequence[Market]) -> list[str]:
+    """The keys the default templates give the held markets, their tokens and the user."""
+    return (
+        [f"market:{m.id}" for m in markets]
+        + [f"price:{t}" for m in markets for t in m.tokens]
+        + [f"positions:{USER}"]
+    )
+
+
+async def _invalidated(cache: redis.Redis, keys: list[str], health: dict[str, Any]) -> list[str]:
+    """Differences: keys still in Redis 10 s after the final state, or Redis errors."""
+    differences = []
+    left = 0
+    for _ in range(int(10 / POLL_INTERVAL)):  # Redis is polled: no event to wait on
+        left = await trio.to_thread.run_sync(lambda: cache.exists(*keys))
+        if not left:
+            break
+        await trio.sleep(POLL_INTERVAL)
+    if left:
+        differences.append(f"{left} Redis keys not invalidated")
+    state = health.get("cache") or {}
+    if state.get("errors") or state.get("up") is not True:
+        differences.append(f"Redis invalidation: {state}")
+    return differences
 
 
 def _drained(health: dict[str, Any], frames: int) -> bool:
@@ -529,22 +660,45 @@ async def run_daemon(
     want: FinalState,
     markets: Sequence[Market],
     options: Options,
+    kind: str = "daemon",
+    cache: BenchRedis | None = None,
 ) -> dict[str, Any]:
-    """One end-to-end measurement of ``polystream run`` on a fresh database."""
-    with throwaway_database(admin_dsn, f"polystream_bench_{os.getpid()}_{round_no}") as dsn:
+    """
+    One end-to-end measurement of ``polystream run`` on a fresh database;
+    ``kind`` one of :data:`DAEMON_KINDS` (``daemon_told`` needs ``cache``).
+    """
+    name = f"polystream_bench_{os.getpid()}_{round_no}_{kind}"
+    with throwaway_database(admin_dsn, name) as dsn:
         await trio.to_thread.run_sync(prepare_database, dsn, markets)
         await trio.to_thread.run_sync(checkpoint, dsn)  # earlier runs' writes: not in this one
         probe = StateProbe(dsn, want)
+        settings = options.daemon_settings
+        listener = keys = None
+        if kind == "daemon_quiet":
+            settings = {**settings, "pipeline__notify": "false"}
+        elif kind == "daemon_told":
+            assert cache is not None
+            settings = {**settings, "cache__redis_url": cache.url}
+            keys = cache_keys(markets)
+            await trio.to_thread.run_sync(lambda: cache.client.mset(dict.fromkeys(keys, "x")))
+            listener = ChangeListener(dsn)
         try:
             profile = None
             if options.profile_dir is not None:
-                profile = options.profile_dir / f"daemon-{round_no}.txt"
-            log_path = options.log_dir / f"daemon-{round_no}.log"
-            return await _measure_daemon(
-                sender, dsn, probe, want, log_path, profile, options.daemon_settings
+                profile = options.profile_dir / f"{kind}-{round_no}.txt"
+            log_path = options.log_dir / f"{kind}-{round_no}.log"
+            run = await _measure_daemon(
+                sender, dsn, probe, want, log_path, profile, settings, cache, keys
             )
         finally:
             probe.close()
+            if listener is not None:
+                listener.close()
+        if listener is not None:
+            told = listener.figures(markets)
+            run |= told
+            run["differences"] += [f"never told: {untold}" for untold in told["untold"]]
+        return run
 
 
 async def _measure_daemon(
@@ -555,6 +709,8 @@ async def _measure_daemon(
     log_path: Path,
     profile: Path | None,
     settings: dict[str, str],
+    cache: BenchRedis | None = None,
+    keys: list[str] | None = None,
 ) -> dict[str, Any]:
     """
     One daemon run: the loop-lag histogram read, the tape, then the final
@@ -586,7 +742,10 @@ async def _measure_daemon(
             if seen_at is None:
                 differences.append("final state not reached within 300 s")
             differences += await trio.to_thread.run_sync(probe.mismatches)
-            differences += health_differences(await daemon.health(), tape)
+            health = await daemon.health()
+            differences += health_differences(health, tape)
+            if cache is not None and keys is not None:
+                differences += await _invalidated(cache.client, keys, health)
         code = await daemon.stop()
     assert session.first_byte_at is not None
     log = DaemonLog.read(log_path)
@@ -626,34 +785,45 @@ Runs = dict[str, list[dict[str, Any]]]
 async def bench(tape: Tape, admin_dsn: str, options: Options) -> Runs:
     """
     Run ``options.rounds`` interleaved rounds (raw reader, bare trio-websocket client,
-    bare Sans-I/O reader, daemon); returns every round's figures.
+    bare Sans-I/O reader, then the daemon kinds of :data:`DAEMON_KINDS`); returns
+    every round's figures.
     """
     markets = load_markets()
     want = FinalState.expected(markets)
     assets = [t for m in markets for t in m.tokens]
-    runs: Runs = {key: [] for key in (*CLIENT_KINDS.values(), "daemon")}
+    runs: Runs = {key: [] for key in (*CLIENT_KINDS.values(), *DAEMON_KINDS)}
     sender = Sender(tape=tape)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sender.serve)
-        for round_no in range(1, options.rounds + 1):
-            for kind, key in CLIENT_KINDS.items():
-                runs[key].append(await run_client(sender, kind, assets))
-            runs["daemon"].append(
-                await run_daemon(sender, admin_dsn, round_no, want, markets, options)
-            )
-            _progress(round_no, runs)
-        nursery.cancel_scope.cancel()
+    cache = await trio.to_thread.run_sync(BenchRedis)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.serve)
+            for round_no in range(1, options.rounds + 1):
+                for kind, key in CLIENT_KINDS.items():
+                    runs[key].append(await run_client(sender, kind, assets))
+                for kind in DAEMON_KINDS:
+                    runs[kind].append(
+                        await run_daemon(
+                            sender, admin_dsn, round_no, want, markets, options, kind, cache
+                        )
+                    )
+                _progress(round_no, runs)
+            nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
     return runs
 
 
 def _progress(round_no: int, runs: Runs) -> None:
     s, b, r, d = (runs[k][-1] for k in ("sender", "bare_client", "sansio_client", "daemon"))
+    quiet, told = runs["daemon_quiet"][-1], runs["daemon_told"][-1]
     progress(
         f"round {round_no}: sender {s['frames_per_s']:,.0f} frames/s, "
         f"bare client {b['events_per_s']:,.0f} events/s, Sans-I/O reader "
         f"{r['events_per_s']:,.0f} events/s, daemon {d['events_per_s']:,.0f} "
         f"events/s ({d['elapsed_s']:.2f} s, peak RSS {d['peak_rss_mib']:.1f} MiB, "
-        f"loop lag p99 {d['loop_lag_p99_ms']} ms, max {d['loop_lag_max_ms']} ms)"
+        f"loop lag p99 {d['loop_lag_p99_ms']} ms, max {d['loop_lag_max_ms']} ms); "
+        f"notifications off {quiet['events_per_s']:,.0f} events/s, notifications and Redis "
+        f"on {told['events_per_s']:,.0f} events/s (NOTIFY delay p99 {told['delay_p99_ms']} ms)"
     )
 
 
@@ -776,6 +946,31 @@ def results(tape: Tape, runs: Runs, machine: dict[str, Any], options: Options) -
                 "ingest.sansio_client.cpu_per_event",
             ),
         },
+        "notify": {
+            "quiet_events_per_s": figure(
+                each("daemon_quiet", "events_per_s"), "events/s, notifications off"
+            ),
+            "told_events_per_s": figure(
+                each("daemon_told", "events_per_s"),
+                "events/s, notifications and Redis invalidation on",
+                "notify.quiet_events_per_s",
+            ),
+            "ratio": figure(
+                per_round("daemon_told", "events_per_s", "daemon_quiet"),
+                "events/s with notifications and Redis on per events/s with both off",
+                "notify.quiet_events_per_s",
+            ),
+            "delay_p50": figure(
+                each("daemon_told", "delay_p50_ms"), "ms, receive time - sent_ms (commit)"
+            ),
+            "delay_p99": figure(
+                each("daemon_told", "delay_p99_ms"), "ms, receive time - sent_ms (commit)"
+            ),
+            "delay_max": figure(
+                each("daemon_told", "delay_max_ms"), "ms, receive time - sent_ms (commit)"
+            ),
+            "notifications": [run["notifications"] for run in runs["daemon_told"]],
+        },
         "memory": {
             "daemon_peak_rss": figure(
                 each("daemon", "peak_rss_mib"), "MiB", "memory.bare_client_peak_rss"
@@ -799,14 +994,17 @@ def correctness(tape: Tape, runs: Runs) -> dict[str, Any]:
         if run["received"] != run["sent"]
     ]
     daemon = [
-        f"daemon round {n}: {difference}"
-        for n, run in enumerate(runs["daemon"], 1)
+        f"{kind} round {n}: {difference}"
+        for kind in DAEMON_KINDS
+        for n, run in enumerate(runs[kind], 1)
         for difference in run["differences"]
     ]
     markets = load_markets()
     return {
         "rounds": len(runs["daemon"]),
-        "daemon_exact": sum(1 for run in runs["daemon"] if not run["differences"]),
+        "daemon_exact": sum(
+            1 for kind in DAEMON_KINDS for run in runs[kind] if not run["differences"]
+        ),
         "clients_exact": sum(
             1 for k in CLIENT_KINDS.values() for run in runs[k] if run["received"] == run["sent"]
         ),
@@ -824,11 +1022,14 @@ def correctness_line(check: dict[str, Any]) -> str:
     types = ", ".join(f"{kind} {n:,}" for kind, n in check["event_types"].items())
     rounds = check["rounds"]
     return (
-        f"Correctness (exact): daemon {check['daemon_exact']}/{rounds} rounds read "
+        f"Correctness (exact): daemon {check['daemon_exact']}/{len(DAEMON_KINDS) * rounds} "
+        f"runs (defaults, notifications off, notifications and Redis on) read "
         f"{check['frames']:,}/{check['frames']:,} frames with events by type as sent ({types}), "
         f"ended with {check['markets']}/{check['markets']} markets and "
         f"{check['positions']}/{check['positions']} positions equal to expected.json's final "
-        "state (prices, P&L, source 'ws'), nothing pending, exit 0, no warnings; bare client, "
+        "state (prices, P&L, source 'ws'), nothing pending, exit 0, no warnings; with "
+        "notifications and Redis on, every market and the user told on LISTEN, every "
+        "Redis key of the held markets, tokens and user invalidated, no Redis error; bare client, "
         f"Sans-I/O reader and raw reader {check['clients_exact']}/{3 * rounds} runs received all "
         f"{check['frames']:,} frames / {check['bytes']:,} bytes; "
         f"{len(check['differences'])} differences"
@@ -855,6 +1056,12 @@ TABLE_ROWS = [
     ("Daemon / bare Sans-I/O reader", "ingest.ratio_sansio"),
     ("Daemon / bare trio-websocket client, CPU per event", "ingest.cpu_ratio"),
     ("Daemon / bare Sans-I/O reader, CPU per event", "ingest.cpu_ratio_sansio"),
+    ("Daemon, notifications off", "notify.quiet_events_per_s"),
+    ("Daemon, notifications and Redis invalidation on", "notify.told_events_per_s"),
+    ("**Notifications and Redis on / off**", "notify.ratio"),
+    ("NOTIFY delay after commit, p50", "notify.delay_p50"),
+    ("NOTIFY delay after commit, p99", "notify.delay_p99"),
+    ("NOTIFY delay after commit, max", "notify.delay_max"),
     ("Daemon peak RSS (VmHWM)", "memory.daemon_peak_rss"),
     ("Bare client peak RSS (VmHWM)", "memory.bare_client_peak_rss"),
     ("Sans-I/O reader peak RSS (VmHWM)", "memory.sansio_client_peak_rss"),

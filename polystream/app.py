@@ -33,6 +33,7 @@ import structlog
 import trio
 
 from polystream.book import Books
+from polystream.cache import CacheInvalidator, invalidator_of
 from polystream.catalog import Catalog
 from polystream.cluster import Cluster, Fence, Member, new_member_id
 from polystream.config import Config
@@ -95,6 +96,7 @@ class App:
 
     Attributes:
         cluster: this daemon's membership when ``feed.cluster`` is on, else None.
+        cache: the Redis invalidation when ``cache.redis_url`` is set, else None.
         events: the feed readers' end of the router's channel (frames of events).
         frames: the router's end.
         filler: the Gamma metadata filler, once started.
@@ -120,6 +122,7 @@ class App:
     events: trio.MemorySendChannel[list[FeedEvent]]
     frames: trio.MemoryReceiveChannel[list[FeedEvent]]
     cluster: Cluster | None = None
+    cache: CacheInvalidator | None = None
     filler: MetadataFiller | None = None
     health_urls: list[str] = attrs.Factory(list)
     cluster_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -182,7 +185,9 @@ def _writers(
         books=books,
         catalog=catalog,
         stats=stats,
-        sink=partial(links["markets"].call, partial(write_markets, fence=fence)),
+        sink=partial(
+            links["markets"].call, partial(write_markets, fence=fence, notify=pipeline.notify)
+        ),
         interval=pipeline.market_flush_interval,
         retry_max=retry_max,
     )
@@ -192,7 +197,7 @@ def _writers(
         stats=stats,
         sink=partial(
             links["positions"].call_in_transactions,
-            partial(write_positions_in_chunks, fence=fence),
+            partial(write_positions_in_chunks, fence=fence, notify=pipeline.notify),
         ),
         price_choice=config.positions.mark,
         debounce=pipeline.debounce,
@@ -260,6 +265,10 @@ def build(config: Config, dsn: str) -> App:
     cluster = _cluster(config, dsn, stats)
     fence = None if cluster is None else cluster.fence(catalog.key_of)
     markets, positions = _writers(config, books, catalog, stats, links, fence)
+    cache = invalidator_of(config.cache, catalog, stats)
+    if cache is not None:
+        markets.after_write = cache.markets_written
+        positions.after_write = cache.positions_priced
     triggers = DirectLink(dsn=dsn, name="triggers", stats=stats, statement_timeout=timeout)
     executor, monitor, loader = _monitor(config, stats, links, triggers)
     events, frames = trio.open_memory_channel[list[FeedEvent]](config.pipeline.queue_size)
@@ -300,6 +309,7 @@ def build(config: Config, dsn: str) -> App:
         pool=pool,
         reconciler=reconciler,
         cluster=cluster,
+        cache=cache,
         events=events,
         frames=frames,
     )
@@ -487,26 +497,13 @@ async def run(
     """
     app = build(config, dsn)
     try:
-        async with _venue_clients(config) as (clob, gamma), trio.open_nursery() as nursery:
-            # The health port first: a second daemon on the same port fails here,
-            # before it subscribes or writes a row.
-            app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
-            await nursery.start(run_lag_probe, app.stats)
-            if app.cluster is not None:  # its share first: the first reconcile subscribes it
-                await nursery.start(_run_cluster, app)
-            await _start_outputs(app, nursery)
-            # The first trigger waits for no connect and goes out at once (prepared).
-            nursery.start_soon(app.triggers.warm_up, TRIGGER_STATEMENTS)
-            await nursery.start(_run_intake, app, clob, gamma)
-            _log_started(app)
-            task_status.started(app)
-            # Everything loaded at start-up (100,000s of rules, the books) lives as
-            # long as the process: keep it out of the cyclic collector's full passes,
-            # which otherwise stall the event loop (and the heartbeat) for a second.
-            gc.freeze()
-            await release_free_memory()  # the load's temporaries: pages back before the dump
-            await app.stopping.wait()
-            await _shut_down(app, nursery)
+        async with _venue_clients(config) as (clob, gamma), trio.open_nursery() as last:
+            if app.cache is not None:  # stops after the writers' last flush: it sends its keys
+                await last.start(app.cache.run)
+            try:
+                await _run_parts(app, clob, gamma, task_status)
+            finally:
+                last.cancel_scope.cancel()
     finally:
         for link in app.links.values():
             link.close()
@@ -514,3 +511,30 @@ async def run(
             app.cluster.link.close()
         app.triggers.close()
         _log_stopped(app)
+
+
+async def _run_parts(
+    app: App, clob: ClobClient, gamma: GammaClient, task_status: trio.TaskStatus[App]
+) -> None:
+    """Every part but the cache invalidation, from start-up to shutdown (:func:`run`)."""
+    config = app.config
+    async with trio.open_nursery() as nursery:
+        # The health port first: a second daemon on the same port fails here,
+        # before it subscribes or writes a row.
+        app.health_urls = await nursery.start(serve_health, app.stats, config.health.listen)
+        await nursery.start(run_lag_probe, app.stats)
+        if app.cluster is not None:  # its share first: the first reconcile subscribes it
+            await nursery.start(_run_cluster, app)
+        await _start_outputs(app, nursery)
+        # The first trigger waits for no connect and goes out at once (prepared).
+        nursery.start_soon(app.triggers.warm_up, TRIGGER_STATEMENTS)
+        await nursery.start(_run_intake, app, clob, gamma)
+        _log_started(app)
+        task_status.started(app)
+        # Everything loaded at start-up (100,000s of rules, the books) lives as
+        # long as the process: keep it out of the cyclic collector's full passes,
+        # which otherwise stall the event loop (and the heartbeat) for a second.
+        gc.freeze()
+        await release_free_memory()  # the load's temporaries: pages back before the dump
+        await app.stopping.wait()
+        await _shut_down(app, nursery)

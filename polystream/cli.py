@@ -22,15 +22,16 @@ import faulthandler
 import importlib
 import math
 import os
+import re
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit
 
 import structlog
@@ -45,6 +46,9 @@ from polystream.ops.logcat import logs_command
 from polystream.ops.service import service_app
 from polystream.ops.systemd import Notifier
 from polystream.ops.workers import MAX_WORKERS
+
+if TYPE_CHECKING:
+    from polystream.record import RecordOptions
 
 __all__ = ["app", "main"]
 
@@ -387,13 +391,23 @@ async def _serve_until_signal(config: Config, dsn: str, notifier: Notifier) -> N
                 handle.stats,
                 handle.stopping,
             )
-            async for signum in signals:
-                if handle.stopping.is_set():
-                    logger.warning("shutdown_forced", signal=signal.Signals(signum).name)
-                    os._exit(1)
-                logger.info("shutdown_requested", signal=signal.Signals(signum).name)
-                notifier.stopping()
-                handle.stop()
+            await _stop_on_signals(signals, handle.stopping, notifier.stopping, handle.stop)
+
+
+async def _stop_on_signals(
+    signals: AsyncIterator[int], stopping: trio.Event, *stop: Callable[[], object]
+) -> None:
+    """
+    On the first signal call each of ``stop`` (in order); on a later one,
+    once ``stopping`` is set, exit the process at once with code 1.
+    """
+    async for signum in signals:
+        if stopping.is_set():
+            logger.warning("shutdown_forced", signal=signal.Signals(signum).name)
+            os._exit(1)
+        logger.info("shutdown_requested", signal=signal.Signals(signum).name)
+        for step in stop:
+            step()
 
 
 @db_app.command("migrate", cls=_Command)
@@ -596,6 +610,158 @@ def replay(
         logger.info("replay_stopped")
     except (PolystreamError, OSError) as exc:
         _fail(str(exc))
+
+
+@app.command(cls=_Command, short_help="Record the market channel to rotating gzip capture files.")
+def record(
+    directory: Annotated[
+        Path,
+        typer.Option(
+            "--dir",
+            metavar="DIR",
+            file_okay=False,
+            help="Write the files here (created if need be).",
+        ),
+    ] = Path("recordings"),
+    asset: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="ID",
+            help="Subscribe this asset (token) id. Repeatable. Without --asset and "
+            "--markets-file: the database's desired set, followed as the daemon does.",
+        ),
+    ] = None,
+    markets_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="PATH",
+            dir_okay=False,
+            help="Subscribe every clobTokenIds entry of these Gamma market objects "
+            "(JSON object, array or JSON lines, as markets import reads). Repeatable.",
+        ),
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option(metavar="NAME", help="File names start NAME- (letters, digits, _ . -).")
+    ] = "market",
+    rotate_seconds: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS", help="A new file at each multiple of SECONDS of UTC time, > 0."
+        ),
+    ] = 3600.0,
+    rotate_mb: Annotated[
+        float,
+        typer.Option(metavar="MIB", help="A new file before MIB MiB of uncompressed data, > 0."),
+    ] = 256.0,
+    fsync_seconds: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="Sync-flush and fsync within SECONDS of a write, > 0 (a crash loses at most that).",
+        ),
+    ] = 1.0,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw",
+            help="Also write every message exactly as received (PONG and bad frames "
+            "included) to DIR/raw/*.raw.jsonl.gz.",
+        ),
+    ] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """
+    Record the market channel (feed.url) to rotating gzip files for replay.
+
+    Each frame is written with its receive time (docs/recording.md). SIGTERM or
+    SIGINT (Ctrl-C) completes the open files and exits 0.
+    """
+    from polystream.record import MIB, RecordOptions
+
+    _check_seconds("--rotate-seconds", rotate_seconds)
+    _check_seconds("--rotate-mb", rotate_mb)
+    _check_seconds("--fsync-seconds", fsync_seconds)
+    if not _PREFIX.fullmatch(prefix):
+        _usage_error("--prefix", repr(prefix), "letters, digits, '_', '.' or '-', not empty")
+    assets = list(dict.fromkeys([*(asset or ()), *_market_file_tokens(markets_file or ())]))
+    if (asset or markets_file) and not assets:
+        _fail("--asset/--markets-file: no asset ids (the markets have no clobTokenIds)", 2)
+    config = _setup(config_path, database=not assets)
+    options = RecordOptions(
+        directory=directory,
+        prefix=prefix,
+        rotate_seconds=rotate_seconds,
+        rotate_bytes=max(1, int(rotate_mb * MIB)),
+        fsync_seconds=fsync_seconds,
+        raw=raw,
+    )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"--dir {directory}: {exc}")
+    _record(config, options, assets)
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _market_file_tokens(paths: Iterable[Path]) -> list[str]:
+    """Every ``clobTokenIds`` entry of the Gamma markets in ``paths``; exit 2 on a bad file."""
+    from polystream.store.markets import parse_gamma_payload
+
+    tokens: list[str] = []
+    for path in paths:
+        try:
+            markets = parse_gamma_payload(path.read_bytes())
+        except (PolystreamError, OSError) as exc:
+            _fail(f"--markets-file {path}: {exc}", 2)
+        tokens.extend(token for market in markets for token in market.clob_token_ids)
+    return tokens
+
+
+def _record(config: Config, options: RecordOptions, assets: list[str]) -> None:
+    """
+    Run ``record``: on ``assets``, or on the database's desired set (the
+    embedded server when ``database.dsn`` is empty, as ``run``) when there
+    are none. A signal before the recording started exits 0 too.
+    """
+    try:
+        with _sigterm_as_interrupt():
+            if assets:
+                trio.run(_record_until_signal, config, options, assets, None)
+                return
+            with _database(config) as dsn:
+                if not config.database.dsn:
+                    _migrate(dsn)
+                _check_schema(dsn)
+                trio.run(_record_until_signal, config, options, assets, dsn)
+    except* KeyboardInterrupt:
+        logger.info("record_stopped")
+    except* PolystreamError as group:
+        _fail("; ".join(str(exc) for exc in leaves(group)))
+    except* OSError as group:
+        _fail("; ".join(f"cannot record: {exc}" for exc in leaves(group)))
+
+
+async def _record_until_signal(
+    config: Config, options: RecordOptions, assets: list[str], dsn: str | None
+) -> None:
+    """Record until SIGTERM/SIGINT, which completes the files (a second one exits at once)."""
+    from polystream.record import Recording, run_record
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def recording(task_status: trio.TaskStatus[Recording]) -> None:
+                try:
+                    await run_record(
+                        config, options, assets=assets, dsn=dsn, task_status=task_status
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            handle: Recording = await nursery.start(recording)
+            await _stop_on_signals(signals, handle.stopping, handle.stop)
 
 
 def _parse_faults(specs: tuple[str, ...] | list[str]) -> list[Any]:

@@ -35,6 +35,7 @@ from polystream.logs import mask_dsn_secrets
 __all__ = [
     "DEFAULT_FEED_URL",
     "ENV_PREFIX",
+    "CacheConfig",
     "Config",
     "DatabaseConfig",
     "ExecuteConfig",
@@ -390,6 +391,13 @@ class PipelineConfig:
         "the readers stop reading, so a burst waits in the kernel (feed.receive_buffer),\n"
         "not in a long queue in front of the TP/SL monitor (10,000 made it 0.5 s deep).",
     )
+    notify: bool = setting(
+        True,
+        BOOL,
+        "After each committed flush, NOTIFY polystream_markets with the markets.id written\n"
+        "and polystream_positions_priced with the user_id whose positions were repriced\n"
+        "(one notification per flush, split below 8,000 bytes; docs/architecture.md).",
+    )
 
 
 @attrs.frozen
@@ -427,13 +435,145 @@ class MonitorConfig:
 
 @attrs.frozen
 class ExecuteConfig:
-    """``[execute]``: what happens to a decision."""
+    """``[execute]``: what happens to a decision (docs/execution.md)."""
 
-    mode: Literal["outbox", "log"] = setting(
+    mode: Literal["outbox", "log", "clob"] = setting(
         "outbox",
-        _one_of("outbox", "log"),
+        _one_of("outbox", "log", "clob"),
         '"outbox": a decision is a triggers row plus NOTIFY polystream_triggers, the\n'
-        'hand-off to the service that trades. "log": dry run, decisions are only logged.',
+        'hand-off to the service that trades. "log": dry run, decisions are only logged.\n'
+        '"clob": the outbox row, then polystream places the closing order on the CLOB\n'
+        "itself (signed with py-clob-client-v2; credentials from the environment:\n"
+        "POLYMARKET_PRIVATE_KEY, POLYMARKET_API_KEY, POLYMARKET_API_SECRET,\n"
+        "POLYMARKET_API_PASSPHRASE, optional POLYMARKET_FUNDER; never logged).",
+    )
+    enabled: bool = setting(
+        False,
+        BOOL,
+        'Mode "clob": false (the default) is a dry run: each order is built, signed and\n'
+        "stored on its triggers row (status dry_run), nothing is sent. true sends them.\n"
+        "Set it back to false (and restart) to stop all order placement: the kill switch.",
+    )
+    clob_url: str = setting(
+        "https://clob.polymarket.com",
+        (_http_url, "an http:// or https:// URL"),
+        "The CLOB trading API (POST /order, GET /data/order/{id}, POST /v1/heartbeats).",
+    )
+    max_slippage: float = setting(
+        0.02,
+        (lambda v: 0 <= v < 1, "a probability in [0, 1), e.g. 0.02"),
+        "How far past the trigger price a closing order may fill: a SELL's limit is the\n"
+        "trigger price minus this, a BUY's plus it, rounded to the market's tick away\n"
+        "from the trigger and kept inside [tick, 1 - tick].",
+    )
+    order_type: Literal["GTC", "FAK", "FOK"] = setting(
+        "GTC",
+        _one_of("GTC", "FAK", "FOK"),
+        '"GTC": what does not fill at once rests at the limit (kept alive by the order\n'
+        'heartbeat while polystream runs); "FAK": fill what can be, cancel the rest;\n'
+        '"FOK": all or nothing.',
+    )
+    max_daily_notional: float = setting(
+        1000.0,
+        (_not_negative, "USDC >= 0"),
+        "USDC (size x limit price) of orders sent per UTC day, all daemons together; an\n"
+        "order that would pass it is refused (status refused). 0 refuses every order.",
+    )
+    predictions: bool = setting(
+        False,
+        BOOL,
+        "Also place an order for each decided prediction: BUY stake_usdc / limit_price\n"
+        "shares of the predicted outcome at its limit price.",
+    )
+    signature_type: Literal["eoa", "poly_proxy", "gnosis_safe"] = setting(
+        "eoa",
+        _one_of("eoa", "poly_proxy", "gnosis_safe"),
+        'How the key signs: "eoa" (the key holds the funds), "poly_proxy" or\n'
+        '"gnosis_safe" (POLYMARKET_FUNDER holds them).',
+    )
+    request_timeout: float = setting(
+        5.0,
+        SECONDS,
+        "Seconds one CLOB request may take; an order without an answer is then asked\n"
+        "about (GET /data/order/{id}) before it is ever sent again.",
+    )
+    retry_window: float = setting(
+        60.0,
+        SECONDS,
+        "Seconds an order the venue has not confirmed is retried (the same signed order,\n"
+        "with backoff; 429 waits Retry-After) before its trigger is marked failed.",
+    )
+    orders_per_second: float = setting(
+        40.0,
+        (_positive, "orders per second > 0"),
+        "Orders sent per second at most (the CLOB's per-signer order bucket: 40/s,\n"
+        "burst 60, docs/protocol.md section 9); more wait, none is dropped.",
+    )
+
+
+def _redis_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return value == "" or (
+        (parts.scheme in ("redis", "rediss") and bool(parts.netloc)) or parts.scheme == "unix"
+    )
+
+
+def _templates(*fields: str) -> tuple[Check, str]:
+    """Key templates naming only ``fields`` (``{name}``), e.g. ``market:{id}``."""
+
+    def check(value: tuple[str, ...]) -> bool:
+        for template in value:
+            try:
+                template.format(**dict.fromkeys(fields, "x"))
+            except (KeyError, IndexError, ValueError):
+                return False
+        return True
+
+    named = " and ".join("{" + f + "}" for f in fields)
+    return check, f"a list of key templates using only {named}"
+
+
+@attrs.frozen
+class CacheConfig:
+    """``[cache]``: Redis keys invalidated after each committed flush (off by default)."""
+
+    redis_url: str = setting(
+        "",
+        (_redis_url, "empty, or a redis://, rediss:// or unix:// URL"),
+        'Redis of the services\' caches, e.g. "redis://127.0.0.1:6379/0". Empty: off.\n'
+        "Redis being down delays invalidation (reported by status and /metrics); it never\n"
+        "stops or slows price writes. Its password never reaches the logs.",
+    )
+    mode: Literal["delete", "publish"] = setting(
+        "delete",
+        _one_of("delete", "publish"),
+        '"delete": UNLINK the keys; "publish": PUBLISH {"keys": [...]} on cache.channel.',
+    )
+    channel: str = setting(
+        "polystream_invalidate",
+        (bool, "a channel name"),
+        'Channel of mode "publish".',
+    )
+    market_keys: tuple[str, ...] = setting(
+        ("market:{id}",),
+        _templates("id"),
+        "Keys of a markets row written; {id} is markets.id.",
+    )
+    price_keys: tuple[str, ...] = setting(
+        ("price:{token_id}",),
+        _templates("id", "token_id"),
+        "Keys of each token of a markets row written; {token_id} is the CLOB token id,\n"
+        "{id} its markets.id.",
+    )
+    position_keys: tuple[str, ...] = setting(
+        ("positions:{user_id}",),
+        _templates("user_id"),
+        "Keys of a user whose positions were repriced; {user_id} is positions.user_id.",
+    )
+    timeout: float = setting(
+        1.0,
+        SECONDS,
+        "Seconds one Redis round trip may take before it counts as failed and is retried.",
     )
 
 
@@ -510,6 +650,7 @@ class Config:
     positions: PositionsConfig = PositionsConfig()
     monitor: MonitorConfig = MonitorConfig()
     execute: ExecuteConfig = ExecuteConfig()
+    cache: CacheConfig = CacheConfig()
     health: HealthConfig = HealthConfig()
     systemd: SystemdConfig = SystemdConfig()
     state: StateConfig = StateConfig()

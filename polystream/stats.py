@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 from prometheus_client import Histogram
 
-__all__ = ["BOOK_HASHES", "HEALTH_SCHEMA", "ShardStats", "Stats"]
+__all__ = ["BOOK_HASHES", "HEALTH_SCHEMA", "CacheStats", "ShardStats", "Stats"]
 
 HEALTH_SCHEMA = 1
 
@@ -80,6 +80,55 @@ class ShardStats:
 
 
 @attrs.define
+class CacheStats:
+    """
+    The Redis cache invalidation (``cache.redis_url``; polystream.cache).
+
+    Attributes:
+        target: the Redis URL with its password as ``***``.
+        up: whether the last round trip worked (None before the first).
+        keys: keys invalidated (deleted or published) since start.
+        batches: round trips that worked.
+        errors: round trips that failed (each retried later with the same keys).
+        pending: keys waiting for Redis now.
+        last_error: the last failure, one line.
+        down_since: ``time.monotonic()`` of the first failure of the current outage.
+        delay: seconds from a batch's commit to Redis's acknowledgement of its keys.
+    """
+
+    target: str
+    up: bool | None = None
+    keys: int = 0
+    batches: int = 0
+    errors: int = 0
+    pending: int = 0
+    last_error: str | None = None
+    down_since: float | None = None
+    delay: Histogram = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.delay = Histogram(
+            "polystream_cache_delay_seconds",
+            "Seconds from a committed flush to Redis acknowledging its invalidations",
+            registry=None,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The ``cache`` part of ``/health`` (``now``: ``time.monotonic()``; ages in seconds)."""
+        return {
+            "target": self.target,
+            "up": self.up,
+            "keys": self.keys,
+            "batches": self.batches,
+            "errors": self.errors,
+            "pending": self.pending,
+            "last_error": self.last_error,
+            "down_for_s": None if self.down_since is None else now - self.down_since,
+        }
+
+
+@attrs.define
 class Stats:
     """
     Everything counted by one daemon; mutated only from trio tasks.
@@ -114,6 +163,11 @@ class Stats:
     cluster_member: str | None = None  # this daemon's member id when feed.cluster is on
     cluster_partitions: int = 0  # partitions served here now
     cluster_members: int = 0  # live members the last cycle counted
+    cache: CacheStats | None = None  # the Redis invalidation, when cache.redis_url is set
+    # Closing orders (execute.mode = "clob"), by outcome: signed, placed, filled, rejected,
+    # failed, refused, dry_run, retried, recovered, rate_limited, heartbeats, heartbeat_failed.
+    orders: Counter[str] | None = None
+    orders_pending: Callable[[], int] | None = None
     pending_markets: int = 0
     pending_positions: int = 0
     shards: dict[int, ShardStats] = attrs.field(factory=dict)
@@ -208,6 +262,13 @@ class Stats:
                 "member": self.cluster_member,
                 "partitions": self.cluster_partitions,
                 "members": self.cluster_members,
+            },
+            "cache": None if self.cache is None else self.cache.snapshot(now),
+            "orders": None
+            if self.orders is None
+            else {
+                "outcomes": dict(self.orders),
+                "pending": 0 if self.orders_pending is None else self.orders_pending(),
             },
             "frames": self.frames,
             "events": dict(self.events),

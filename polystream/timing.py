@@ -13,11 +13,19 @@ import heapq
 import random
 import time
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
-__all__ = ["SLICE_SECONDS", "Backoff", "Debouncer", "Slices", "TokenBucket"]
+__all__ = [
+    "SLICE_SECONDS",
+    "Backoff",
+    "Debouncer",
+    "Flushing",
+    "Slices",
+    "TokenBucket",
+    "run_flushes",
+]
 
 SLICE_SECONDS = 0.0005
 """
@@ -152,3 +160,44 @@ class TokenBucket:
         self._refill(now)
         missing = min(cost, self.capacity) - self._tokens
         return now if missing <= 0 else now + missing / self.rate
+
+
+class Flushing(Protocol):
+    """A part that coalesces work and writes it all at once (:func:`run_flushes`)."""
+
+    wake: trio.Event
+    """Set when there is something to write; replaced by :func:`run_flushes` once taken."""
+
+    async def flush(self) -> bool:
+        """Write everything pending now; False when it failed (and keeps it for later)."""
+        ...
+
+
+async def run_flushes(
+    part: Flushing,
+    backoff: Backoff,
+    *,
+    delay: float,
+    final_seconds: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    The loop of a coalescing writer: wait for ``part.wake``, ``delay``
+    seconds more (what comes meanwhile goes in the same write), then
+    ``part.flush()``; after a failure wait ``backoff`` and flush again. On
+    cancellation one last flush, shielded, of at most ``final_seconds``.
+    """
+    try:
+        task_status.started()
+        while True:
+            await part.wake.wait()
+            await trio.sleep(delay)
+            part.wake = trio.Event()
+            if await part.flush():
+                backoff.reset()
+            else:
+                part.wake.set()
+                await trio.sleep(backoff.next_delay())
+    finally:
+        with trio.move_on_after(final_seconds, shield=True):
+            await part.flush()

@@ -72,8 +72,8 @@ def pg_admin_dsn() -> Iterator[str]:
         yield dsn
 
 
-@pytest.fixture
-def db_dsn(pg_admin_dsn: str) -> Iterator[str]:
+@contextlib.contextmanager
+def _fresh_database(pg_admin_dsn: str) -> Iterator[str]:
     """DSN of a fresh, migrated database ``ps_test_<random>``, dropped afterwards."""
     name = f"ps_test_{uuid.uuid4().hex[:12]}"
     create_database(pg_admin_dsn, name)
@@ -84,6 +84,20 @@ def db_dsn(pg_admin_dsn: str) -> Iterator[str]:
         yield dsn
     finally:
         drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def db_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """DSN of a fresh, migrated database ``ps_test_<random>``, dropped afterwards."""
+    with _fresh_database(pg_admin_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def other_db_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """A second fresh database beside ``db_dsn``, for a test comparing two runs."""
+    with _fresh_database(pg_admin_dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -24,14 +24,14 @@ from polystream.catalog import Catalog
 from polystream.feed.protocol import parse_frame
 from polystream.feed.transport import TRANSPORTS
 from polystream.pipeline.router import Router
-from polystream.pipeline.writers import MarketWriter, PositionWriter
+from polystream.pipeline.writers import MarketWriter, PositionWriter, Written
 from polystream.stats import Stats
 
 D = Decimal
 
 
-async def _sink(rows: list[Any]) -> int:
-    return len(rows)
+async def _sink(rows: list[Any]) -> Written:
+    return Written(len(rows))
 
 
 def _router() -> Router:

@@ -157,10 +157,16 @@ def test_a_write_is_fenced_to_the_partitions_held(db_dsn: str) -> None:
                 m for (m,) in writer.execute("SELECT id FROM markets WHERE best_bid IS NOT NULL")
             }
         mine = {m for m in ids if partition_of(m, PARTITIONS) in a}
-        assert written == len(mine) and priced == mine and 0 < len(mine) < len(ids)
+        assert (
+            written.rows == len(mine)
+            and set(written.ids) == priced == mine
+            and 0 < len(mine) < len(ids)
+        )
         # A member that holds nothing (b never took its half yet) writes nothing.
         with psycopg.connect(db_dsn) as writer, writer.transaction():
-            assert write_markets(writer, [_row(m) for m in ids], Fence("b", PARTITIONS, str)) == 0
+            assert (
+                write_markets(writer, [_row(m) for m in ids], Fence("b", PARTITIONS, str)).rows == 0
+            )
 
 
 def test_a_lease_cannot_change_owner_under_an_open_write(db_dsn: str) -> None:

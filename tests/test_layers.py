@@ -18,10 +18,10 @@ PACKAGE = Path(polystream.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "config", "timing", "logs", "numbers", "stats", "memory"),  # base
     ("feed.protocol", "book", "catalog"),  # model
-    ("feed", "store", "venue", "cluster"),  # I/O (cluster: the leases, in PostgreSQL)
+    ("feed", "store", "venue", "cluster", "cache"),  # I/O (cluster: leases; cache: Redis)
     ("pipeline", "monitor"),  # from events to rows and decisions
     ("app", "ops"),  # wiring, and what operators meet: health, metrics, status, systemd
-    ("cli", "demo", "replay", "__main__"),  # entry points
+    ("cli", "demo", "replay", "record", "__main__"),  # entry points
 ]
 
 

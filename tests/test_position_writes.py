@@ -8,6 +8,7 @@ PostgreSQL through a real ``DbLink``.
 from __future__ import annotations
 
 import contextlib
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -19,6 +20,7 @@ from polystream.pipeline.writers import (
     NOTIFY_PAYLOAD_BYTES,
     POSITIONS_PRICED_CHANNEL,
     MarketRow,
+    Written,
     write_markets,
     write_positions,
     write_positions_in_chunks,
@@ -63,7 +65,8 @@ async def test_every_position_is_priced_a_few_rows_per_transaction(db_dsn: str) 
     prices = [("t1", Decimal("0.6")), ("t2", Decimal("0.4"))]
 
     async def write() -> int:
-        return await link.call_in_transactions(write_positions_in_chunks, prices, 4)
+        written = await link.call_in_transactions(write_positions_in_chunks, prices, 4)
+        return written.rows
 
     try:
         assert await write() == 13  # one call (one thread hop), four transactions
@@ -102,7 +105,10 @@ def _listener(dsn: str, channel: str) -> psycopg.Connection[Any]:
 
 
 def _received(conn: psycopg.Connection[Any]) -> list[dict[str, list[str]]]:
-    return [orjson.loads(n.payload) for n in conn.notifies(timeout=0.5, stop_after=1000)]
+    payloads = [orjson.loads(n.payload) for n in conn.notifies(timeout=0.5, stop_after=1000)]
+    for payload in payloads:  # stamped when queued, just before the commit
+        assert 0 <= time.time() * 1000 - payload.pop("sent_ms") < 60_000
+    return payloads
 
 
 async def test_a_flush_tells_each_priced_user_once_after_it_committed(db_dsn: str) -> None:
@@ -120,12 +126,12 @@ async def test_a_flush_tells_each_priced_user_once_after_it_committed(db_dsn: st
         written = await link.call_in_transactions(
             write_positions_in_chunks, [("t1", Decimal("0.6"))], 4
         )
-        assert written == 10  # in three transactions, one notification
+        assert written == Written(10, ("alice", "bob"))  # three transactions, one notification
         assert _received(listener) == [{"users": ["alice", "bob"]}]
-        assert (
-            await link.call_in_transactions(write_positions_in_chunks, [("t1", Decimal("0.6"))], 4)
-            == 0
+        again = await link.call_in_transactions(
+            write_positions_in_chunks, [("t1", Decimal("0.6"))], 4
         )
+        assert again == Written(0)
         assert _received(listener) == []  # nothing repriced: nothing said
     finally:
         link.close()
@@ -143,7 +149,7 @@ def test_market_ids_are_told_once_per_flush_in_payloads_under_the_limit(db_dsn: 
         ]
         with psycopg.connect(db_dsn) as conn:
             with conn.transaction():
-                assert write_markets(conn, rows) == len(ids)
+                assert write_markets(conn, rows) == Written(len(ids), tuple(ids))
             rolled_back = psycopg.connect(db_dsn)
             with rolled_back, contextlib.suppress(ValueError), rolled_back.transaction():
                 write_markets(rolled_back, rows[:5])
@@ -154,3 +160,26 @@ def test_market_ids_are_told_once_per_flush_in_payloads_under_the_limit(db_dsn: 
         assert sorted(told) == sorted(ids)  # each once
     finally:
         listener.close()
+
+
+async def test_pipeline_notify_off_writes_the_same_rows_and_tells_nothing(db_dsn: str) -> None:
+    with psycopg.connect(db_dsn) as conn:
+        conn.execute("INSERT INTO markets (id) VALUES ('m1')")
+        conn.execute(
+            "INSERT INTO positions (user_id, market_id, token_id, size, entry_price)"
+            " VALUES ('alice', 'm1', 't1', 10, 0.5)"
+        )
+    listeners = [_listener(db_dsn, c) for c in (MARKETS_CHANNEL, POSITIONS_PRICED_CHANNEL)]
+    link = DbLink(dsn=db_dsn, name="positions-test", stats=Stats())
+    row = MarketRow("m1", None, True, Decimal("0.4"), Decimal("0.6"), None, None, None)
+    try:
+        assert await link.call(write_markets, [row], None, False) == Written(1, ("m1",))
+        priced = await link.call_in_transactions(
+            write_positions_in_chunks, [("t1", Decimal("0.6"))], 4, None, False
+        )
+        assert priced == Written(1, ("alice",))  # the cache invalidation still learns of it
+        assert [_received(listener) for listener in listeners] == [[], []]
+    finally:
+        link.close()
+        for listener in listeners:
+            listener.close()

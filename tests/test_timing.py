@@ -24,7 +24,7 @@ from polystream.book import AssetBook, Books
 from polystream.catalog import Catalog
 from polystream.errors import DatabaseError
 from polystream.feed.protocol import BookSnapshot, Level
-from polystream.pipeline.writers import MarketRow, MarketWriter, PositionWriter
+from polystream.pipeline.writers import MarketRow, MarketWriter, PositionWriter, Written
 from polystream.stats import Stats
 from polystream.timing import Backoff, Debouncer, Slices, TokenBucket
 
@@ -220,7 +220,7 @@ class Sink:
         self.failures: list[float] = []
         self.fail = fail
 
-    async def __call__(self, items: list[Any]) -> int:
+    async def __call__(self, items: list[Any]) -> Written:
         await trio.lowlevel.checkpoint()
         now = trio.current_time()
         if self.fail:
@@ -228,7 +228,7 @@ class Sink:
             self.failures.append(now)
             raise DatabaseError("connection refused")
         self.calls.append((now, list(items)))
-        return len(items)
+        return Written(len(items))
 
     @property
     def times(self) -> list[float]:
@@ -537,7 +537,7 @@ class CancellingSink(Sink):
         super().__init__()
         self.scope: trio.CancelScope | None = None
 
-    async def __call__(self, items: list[Any]) -> int:
+    async def __call__(self, items: list[Any]) -> Written:
         if self.scope is not None:
             scope, self.scope = self.scope, None
             scope.cancel()

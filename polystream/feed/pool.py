@@ -13,7 +13,8 @@ Per connection (docs/protocol.md, "Subscribing" to "Heartbeat"):
 * ``max_message_size`` is raised: an initial book dump can exceed 1 MiB.
 
 The reader task only parses and hands events to the router over a bounded
-channel; it never waits on the database.
+channel; it never waits on the database. An optional :data:`FrameTap`
+(``polystream record``) sees every message before it is parsed.
 
 A big frame (at least :data:`BIG_FRAME_BYTES`: an initial dump, hundreds of
 books in one JSON array) is parsed in slices of about :data:`SLICE_SECONDS`
@@ -72,6 +73,7 @@ __all__ = [
     "SLICE_SECONDS",
     "FeedPool",
     "FrameEvents",
+    "FrameTap",
     "Shard",
     "StaleCheck",
     "describe_failure",
@@ -84,6 +86,13 @@ FEED_ERRORS = (OSError, trio.BrokenResourceError, FeedError)
 
 StaleCheck = Callable[[list[str]], Awaitable[str | None]]
 """``await check(asset_ids)``: how those assets' prices moved (over REST), None if not."""
+FrameTap = Callable[[Message, int], Awaitable[None]]
+"""
+``await tap(message, received_ms)``: every message a shard receives, as
+received (see :data:`~polystream.feed.transport.Message`: ``PONG`` and bad
+frames included), with when (unix milliseconds, ``time.time_ns()``), before it
+is parsed; the shard reads on when it returns (it may wait: backpressure).
+"""
 _CLOSE_KINDS = {1007: "not_utf8", 1009: "frame_too_large"}  # RFC 6455, section 7.4.1
 _REFUSED_WITHIN = 1.0  # seconds: a close frame this soon, before any data, refuses the subscribe
 _MIN_SUBSCRIBE_BYTES = 200  # one 77-digit id and the envelope
@@ -245,6 +254,9 @@ class FeedPool:
 
     Assets stay in their shard while subscribed; new ones fill the
     lowest-numbered shard with room, else a new shard.
+
+    ``tap`` (a :data:`FrameTap`, None: off) is awaited with each message
+    before it is parsed.
     """
 
     config: FeedConfig
@@ -259,6 +271,7 @@ class FeedPool:
     _parser: FrameParser = attrs.field(factory=FrameParser)
     _big_frame: MessageGate = attrs.field(factory=lambda: MessageGate(BIG_FRAME_BYTES))
     stale_check: StaleCheck | None = None
+    tap: FrameTap | None = None
 
     def set_assets(self, desired: set[str]) -> None:
         """Make the subscribed set equal ``desired`` (asset ids)."""
@@ -498,6 +511,8 @@ class FeedPool:
         try:
             while True:
                 message = await ws.receive()
+                if self.tap is not None:
+                    await self.tap(message, time.time_ns() // 1_000_000)
                 if len(message) >= BIG_FRAME_BYTES:
                     if not isinstance(message, bytearray):
                         await self._big(message, shard, beat)

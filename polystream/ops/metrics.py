@@ -37,7 +37,7 @@ from polystream.errors import BAD_INPUT_KINDS
 from polystream.feed.protocol import KNOWN_EVENT_TYPES
 from polystream.monitor.engine import DEFERRAL_REASONS
 from polystream.monitor.rules import DECISION_KINDS
-from polystream.stats import BOOK_HASHES, ShardStats, Stats
+from polystream.stats import BOOK_HASHES, CacheStats, ShardStats, Stats
 
 __all__ = ["FAMILIES", "Family", "StatsCollector", "registry_of"]
 
@@ -82,6 +82,11 @@ def _per_shard(value: Callable[[ShardStats, float], float | None]) -> Read:
         return [((index,), v) for index, v in samples if v is not None]
 
     return read
+
+
+def _cache(value: Callable[[CacheStats], float]) -> Read:
+    """A value of the Redis invalidation's stats; nothing when ``cache.redis_url`` is off."""
+    return lambda stats, _now: [] if stats.cache is None else [((), value(stats.cache))]
 
 
 def _book_hashes(stats: Stats, _now: float) -> Iterable[Sample]:
@@ -224,6 +229,34 @@ FAMILIES: tuple[Family, ...] = (
         (),
         lambda s, _now: [] if s.cluster_member is None else [((), s.cluster_members)],
     ),
+    Family(
+        "cache_up",
+        "1 when the last Redis invalidation round trip worked (cache.redis_url; absent when off)",
+        "gauge",
+        (),
+        _cache(lambda c: 1.0 if c.up else 0.0),
+    ),
+    Family(
+        "cache_invalidated_keys",
+        "Redis keys invalidated after committed flushes",
+        "counter",
+        (),
+        _cache(lambda c: c.keys),
+    ),
+    Family(
+        "cache_errors",
+        "Failed Redis invalidation round trips (retried with the same keys)",
+        "counter",
+        (),
+        _cache(lambda c: c.errors),
+    ),
+    Family(
+        "cache_pending_keys",
+        "Redis keys waiting to be invalidated",
+        "gauge",
+        (),
+        _cache(lambda c: c.pending),
+    ),
     Family("db_errors", "Failed database round trips", "counter", (), _one(lambda s: s.db_errors)),
     Family("subscribed_assets", "Assets", "gauge", ("shard",), _per_shard(lambda s, _: s.assets)),
     Family(
@@ -303,6 +336,8 @@ def registry_of(stats: Stats) -> CollectorRegistry:
     registry.register(stats.db_seconds)
     registry.register(stats.db_batch_rows)
     registry.register(stats.loop_lag)
+    if stats.cache is not None:
+        registry.register(stats.cache.delay)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

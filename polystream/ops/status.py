@@ -81,6 +81,7 @@ def render_health(doc: dict[str, Any]) -> str:
         f"last write {_age(database.get('last_write_age_s'))} ago, errors {database.get('errors', 0)}",
         _monitor_line(doc.get("monitor") or {}),
         _poll_line(doc.get("poll")),
+        _cache_line(doc.get("cache")),
         "",
         f"{'shard':>5}  {'state':<10} {'assets':>6} {'w/data':>6} {'silent':>6} {'frames':>8} "
         f"{'last frame':>10} {'rtt':>8} {'reconn':>6}  books ok/bad/unverif.",
@@ -125,6 +126,23 @@ def _resync_line(resync: dict[str, Any] | None) -> str:
     return (
         f"book resync: {resync.get('pending', 0)} pending, {resync.get('fetched', 0)} fetched, "
         f"requested {_counts(resync.get('requested', {}))}, {resync.get('failures', 0)} failures"
+    )
+
+
+def _cache_line(cache: dict[str, Any] | None) -> str:
+    if not cache:
+        return "cache invalidation: off"
+    up = cache.get("up")
+    if up is False:
+        state = (
+            f"Redis DOWN for {_age(cache.get('down_for_s'))} ({cache.get('last_error')}), "
+            "price writes go on"
+        )
+    else:
+        state = "Redis up" if up else "Redis not used yet"
+    return (
+        f"cache invalidation: {state}; {cache.get('target')}, {cache.get('keys', 0)} keys "
+        f"invalidated, {cache.get('pending', 0)} pending, {cache.get('errors', 0)} errors"
     )
 
 

@@ -17,6 +17,7 @@ sets").
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -32,7 +33,7 @@ from polystream.cluster import Fence
 from polystream.config import PriceChoice
 from polystream.errors import DatabaseError
 from polystream.stats import Stats
-from polystream.timing import Backoff, Debouncer, TokenBucket
+from polystream.timing import Backoff, Debouncer, TokenBucket, run_flushes
 
 __all__ = [
     "FINAL_FLUSH_SECONDS",
@@ -40,11 +41,13 @@ __all__ = [
     "NOTIFY_PAYLOAD_BYTES",
     "POSITIONS_PRICED_CHANNEL",
     "POSITION_ROWS_PER_TRANSACTION",
+    "AfterWrite",
     "Batches",
     "MarketRow",
     "MarketWriter",
     "PositionWriter",
     "Sink",
+    "Written",
     "notify_ids",
     "write_markets",
     "write_positions",
@@ -142,13 +145,13 @@ FROM updated
 MARKETS_CHANNEL = "polystream_markets"
 """
 NOTIFY channel of the markets rows written: after each committed flush, payload
-``{"ids": ["<markets.id>", ...]}`` (docs/architecture.md, "The database contract").
+``{"ids": ["<markets.id>", ...], "sent_ms": <unix ms>}`` (docs/architecture.md, "The database contract").
 """
 
 POSITIONS_PRICED_CHANNEL = "polystream_positions_priced"
 """
 NOTIFY channel of the positions repriced: after each committed flush, payload
-``{"users": ["<positions.user_id>", ...]}``, each user whose positions changed once.
+``{"users": ["<positions.user_id>", ...], "sent_ms": <unix ms>}``, each user whose positions changed once.
 """
 
 NOTIFY_PAYLOAD_BYTES = 7_900
@@ -156,6 +159,20 @@ NOTIFY_PAYLOAD_BYTES = 7_900
 
 _NO_ID_ABOVE = 2**63 - 1
 """The end of the last span: ``bigint``'s maximum."""
+
+
+@attrs.frozen
+class Written:
+    """
+    What one flush committed: ``rows`` updated, and ``ids``, each once:
+    the ``markets.id`` written (:func:`write_markets`) or the
+    ``positions.user_id`` whose positions were repriced
+    (:func:`write_positions_in_chunks`). The writers hand ``ids`` to their
+    ``after_write`` (the Redis invalidation: polystream.cache).
+    """
+
+    rows: int
+    ids: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -179,15 +196,19 @@ class MarketRow:
 
 def notify_ids(conn: psycopg.Connection[Any], channel: str, key: str, ids: Sequence[str]) -> int:
     """
-    ``NOTIFY channel`` with ``{"<key>": [ids...]}``, split into as many payloads
-    of at most :data:`NOTIFY_PAYLOAD_BYTES` as needed, each id in one of them
-    once; delivered when the caller's transaction commits (none if it rolls
-    back). Returns how many notifications were queued.
+    ``NOTIFY channel`` with ``{"<key>": [ids...], "sent_ms": <unix ms>}``,
+    split into as many payloads of at most :data:`NOTIFY_PAYLOAD_BYTES` as
+    needed, each id in one of them once; delivered when the caller's
+    transaction commits (none if it rolls back). ``sent_ms`` is this
+    process's wall clock when the payloads were queued, just before the
+    commit (a listener's lag is its receive time minus ``sent_ms``). Returns
+    how many notifications were queued.
 
     Raises:
         ValueError: one id alone does not fit in a payload.
     """
-    prefix = len(orjson.dumps({key: []}))
+    sent_ms = int(time.time() * 1000)
+    prefix = len(orjson.dumps({key: [], "sent_ms": sent_ms}))
     batches: list[list[str]] = []
     size = NOTIFY_PAYLOAD_BYTES
     for value in ids:
@@ -200,30 +221,36 @@ def notify_ids(conn: psycopg.Connection[Any], channel: str, key: str, ids: Seque
         batches[-1].append(value)
         size += cost
     for batch in batches:
-        conn.execute("SELECT pg_notify(%s, %s)", [channel, orjson.dumps({key: batch}).decode()])
+        payload = orjson.dumps({key: batch, "sent_ms": sent_ms}).decode()
+        conn.execute("SELECT pg_notify(%s, %s)", [channel, payload])
     return len(batches)
 
 
 def write_markets(
-    conn: psycopg.Connection[Any], rows: Sequence[MarketRow], fence: Fence | None = None
-) -> int:
+    conn: psycopg.Connection[Any],
+    rows: Sequence[MarketRow],
+    fence: Fence | None = None,
+    notify: bool = True,
+) -> Written:
     """
-    Update ``markets`` from ``rows`` in one statement; returns rows updated,
-    and tells :data:`MARKETS_CHANNEL` which (at commit: :func:`notify_ids`).
-    With a cluster ``fence``, only the rows of the partitions this daemon
-    holds (checked and share-locked in this transaction: polystream.cluster).
+    Update ``markets`` from ``rows`` in one statement; returns the rows and
+    ids updated, and, with ``notify``, tells :data:`MARKETS_CHANNEL` which
+    (at commit: :func:`notify_ids`). With a cluster ``fence``, only the rows
+    of the partitions this daemon holds (checked and share-locked in this
+    transaction: polystream.cluster).
     """
     if fence is not None:
         held = fence.held(conn)
         rows = [row for row in rows if fence.owns_market(held, row.market_id)]
         if not rows:
-            return 0
+            return Written(0)
     columns = list(zip(*(attrs.astuple(row) for row in rows), strict=True))
     with conn.cursor() as cur:
         cur.execute(_WRITE_MARKETS + " RETURNING m.id", [list(column) for column in columns])
-        written = [str(market_id) for (market_id,) in cur.fetchall()]
-    notify_ids(conn, MARKETS_CHANNEL, "ids", written)
-    return len(written)
+        written = tuple(str(market_id) for (market_id,) in cur.fetchall())
+    if notify:
+        notify_ids(conn, MARKETS_CHANNEL, "ids", written)
+    return Written(len(written), written)
 
 
 def write_positions(
@@ -260,18 +287,19 @@ def write_positions_in_chunks(
     prices: Sequence[tuple[str, Decimal]],
     limit: int = POSITION_ROWS_PER_TRANSACTION,
     fence: Fence | None = None,
-) -> int:
+    notify: bool = True,
+) -> Written:
     """
     :func:`write_positions` of every position, about ``limit`` rows per
     transaction, so a TP/SL decision never waits long for the rows' locks;
-    returns rows updated. One scan finds them all (the first transaction);
+    returns the rows updated and the users whose positions they are. One scan finds them all (the first transaction);
     the next ones each write an id span (a position that became due
     meanwhile inside a span is written with it). ``conn`` must be outside a
     transaction (``DbLink.call_in_transactions``): all of them in one call,
     one thread hop. With a cluster ``fence``, each transaction writes only
     the tokens of the partitions held then (checked and share-locked in it).
-    Then :data:`POSITIONS_PRICED_CHANNEL` is told which users' positions
-    changed, once for the whole flush (:func:`notify_ids`).
+    Then, with ``notify``, :data:`POSITIONS_PRICED_CHANNEL` is told which
+    users' positions changed, once for the whole flush (:func:`notify_ids`).
 
     Raises:
         psycopg.Error: the rows written before stay written and the caller
@@ -288,7 +316,7 @@ def write_positions_in_chunks(
     with conn.transaction():
         mine = fenced()
         if not mine:
-            return 0
+            return Written(0)
         total, starts, users = write_positions(conn, mine, None, limit)
     priced = set(users)
     ends = [*starts[1:], _NO_ID_ABOVE] if starts else []
@@ -299,10 +327,11 @@ def write_positions_in_chunks(
                 written, _, users = write_positions(conn, mine, (low, high))
                 total += written
                 priced.update(users)
-    if priced:  # once per flush, after its last transaction committed
+    told = tuple(sorted(priced))
+    if told and notify:  # once per flush, after its last transaction committed
         with conn.transaction():
-            notify_ids(conn, POSITIONS_PRICED_CHANNEL, "users", sorted(priced))
-    return total
+            notify_ids(conn, POSITIONS_PRICED_CHANNEL, "users", told)
+    return Written(total, told)
 
 
 # ------------------------------------------------------------------ writers
@@ -331,7 +360,8 @@ class Batches:
             await self._written.wait()
 
 
-Sink = Callable[[list[Any]], Awaitable[int]]
+Sink = Callable[[list[Any]], Awaitable[Written]]
+AfterWrite = Callable[[tuple[str, ...]], None]
 
 
 @attrs.define(eq=False)
@@ -339,9 +369,10 @@ class MarketWriter:
     """
     Coalesces touched markets and writes them every ``interval`` seconds.
 
-    ``sink`` receives a list of :class:`MarketRow` and returns rows written;
-    a :class:`DatabaseError` keeps the markets dirty for the next try (after
-    backoff), so nothing but time is lost.
+    ``sink`` receives a list of :class:`MarketRow` and returns what it
+    committed (:class:`Written`, ``ids`` the ``markets.id``), which goes to
+    ``after_write`` when set; a :class:`DatabaseError` keeps the markets
+    dirty for the next try (after backoff), so nothing but time is lost.
     """
 
     books: Books
@@ -350,8 +381,9 @@ class MarketWriter:
     sink: Sink
     interval: float
     retry_max: float = 30.0
+    after_write: AfterWrite | None = None
     dirty: set[str] = attrs.field(factory=set)
-    _wake: trio.Event = attrs.field(factory=trio.Event)
+    wake: trio.Event = attrs.field(factory=trio.Event)
     batches: Batches = attrs.field(factory=Batches)
 
     async def next_write(self) -> None:
@@ -361,7 +393,7 @@ class MarketWriter:
     def touch(self, key: MarketKey) -> None:
         """Mark market key ``key`` for the next flush."""
         self.dirty.add(key)
-        self._wake.set()
+        self.wake.set()
 
     def _row(self, key: str) -> MarketRow | None:
         tokens = self.catalog.tokens.get(key)
@@ -402,7 +434,9 @@ class MarketWriter:
         finally:
             if written is None:  # failed or cancelled mid-write: keep them for the next flush
                 self.dirty |= markets
-        self.stats.rows_written["markets"] += written
+        self.stats.rows_written["markets"] += written.rows
+        if self.after_write is not None and written.ids:
+            self.after_write(written.ids)
         self.batches.wrote()
         self.stats.pending_markets = len(self.dirty)
         return True
@@ -410,20 +444,13 @@ class MarketWriter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Flush every ``interval`` while markets change; final flush on cancel."""
         backoff = Backoff(self.interval, self.retry_max)
-        try:
-            task_status.started()
-            while True:
-                await self._wake.wait()
-                await trio.sleep(self.interval)
-                self._wake = trio.Event()
-                if await self.flush():
-                    backoff.reset()
-                else:
-                    self._wake.set()
-                    await trio.sleep(backoff.next_delay())
-        finally:
-            with trio.move_on_after(FINAL_FLUSH_SECONDS, shield=True):
-                await self.flush()
+        await run_flushes(
+            self,
+            backoff,
+            delay=self.interval,
+            final_seconds=FINAL_FLUSH_SECONDS,
+            task_status=task_status,
+        )
 
 
 @attrs.define(eq=False)
@@ -436,7 +463,9 @@ class PositionWriter:
     at most ``rate`` position rows per second (:class:`TokenBucket`): due
     markets that do not fit wait, coalesced, until tokens return.
 
-    ``sink`` receives ``[(token_id, price), ...]`` and returns rows written.
+    ``sink`` receives ``[(token_id, price), ...]`` and returns what it
+    committed (:class:`Written`, ``ids`` the users whose positions were
+    repriced), which goes to ``after_write`` when set.
     """
 
     books: Books
@@ -447,6 +476,7 @@ class PositionWriter:
     debounce: float
     rate: float
     retry_max: float = 30.0
+    after_write: AfterWrite | None = None
     _debouncer: Debouncer[str] = attrs.field(init=False)
     _bucket: TokenBucket = attrs.field(init=False)
     _ready: dict[str, None] = attrs.field(factory=dict)
@@ -510,7 +540,9 @@ class PositionWriter:
         finally:
             if written is None:  # failed or cancelled mid-write: keep them, first in line
                 self._ready = dict.fromkeys(markets) | self._ready
-        self.stats.rows_written["positions"] += written
+        self.stats.rows_written["positions"] += written.rows
+        if self.after_write is not None and written.ids:
+            self.after_write(written.ids)
         self.batches.wrote()
         return True
 

@@ -25,7 +25,7 @@ RETRY_AFTER_MAX = 60.0
 T = TypeVar("T")
 
 
-def retry_delay(exc: Exception) -> bool | float:
+def retry_delay(exc: BaseException) -> bool | float:
     """
     Backoff hook for stamina's ``retry(on=...)``: True (retry with backoff)
     for transport errors and 5xx, the ``Retry-After`` seconds (clamped to
