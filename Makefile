@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python -m bench.pricing
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.scaleout
+	$(BIN)/python -m bench.orders
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -43,6 +43,7 @@ from polystream.memory import release_free_memory
 from polystream.monitor.engine import Monitor
 from polystream.monitor.executor import TRIGGER_STATEMENTS, Executor, write_decisions_direct
 from polystream.monitor.loader import RuleLoader
+from polystream.monitor.orders import OrderPlacer, OrderSigner
 from polystream.ops.health import run_lag_probe, serve_health
 from polystream.pipeline.fallback import ShardWatch, run_poller
 from polystream.pipeline.metadata import MetadataFiller, run_metadata_filler
@@ -61,6 +62,7 @@ from polystream.store.link import DbLink
 from polystream.store.listen import Notes, run_listener
 from polystream.venue.clob import ClobClient, open_clob_client, prices_moved
 from polystream.venue.gamma import GammaClient, open_gamma_client
+from polystream.venue.http import open_http
 
 __all__ = ["ASYNC_COMMIT_LINKS", "DRAIN_SECONDS", "LINKS", "App", "build", "run"]
 
@@ -97,6 +99,7 @@ class App:
     Attributes:
         cluster: this daemon's membership when ``feed.cluster`` is on, else None.
         cache: the Redis invalidation when ``cache.redis_url`` is set, else None.
+        placer: the CLOB order placer when ``execute.mode = "clob"``, once started.
         events: the feed readers' end of the router's channel (frames of events).
         frames: the router's end.
         filler: the Gamma metadata filler, once started.
@@ -123,6 +126,7 @@ class App:
     frames: trio.MemoryReceiveChannel[list[FeedEvent]]
     cluster: Cluster | None = None
     cache: CacheInvalidator | None = None
+    placer: OrderPlacer | None = None
     filler: MetadataFiller | None = None
     health_urls: list[str] = attrs.Factory(list)
     cluster_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -343,10 +347,41 @@ async def _route(app: App) -> None:
 
 
 async def _start_outputs(app: App, nursery: trio.Nursery) -> None:
-    """Writers, executor, rules and the router: they outlive intake, to flush at shutdown."""
+    """Writers, executor, orders, rules and the router: they outlive intake, to flush at shutdown."""
     for part in (app.markets, app.positions, app.executor, app.loader, app.monitor):
         await nursery.start(part.run)
+    if app.placer is not None:
+        await nursery.start(app.placer.run)
     nursery.start_soon(_route, app)
+
+
+@asynccontextmanager
+async def _order_placer(app: App, account: OrderSigner | None) -> AsyncIterator[OrderPlacer | None]:
+    """The order placer of ``execute.mode = "clob"`` (its HTTP client and link closed on exit)."""
+    execute = app.config.execute
+    if execute.mode != "clob" or account is None:
+        yield None
+        return
+    link = DbLink(
+        dsn=app.dsn,
+        name="orders",
+        stats=app.stats,
+        statement_timeout=app.config.database.statement_timeout,
+    )
+    try:
+        async with open_http(execute.clob_url, execute.request_timeout) as http:
+            placer = OrderPlacer(
+                config=execute,
+                link=link,
+                http=http,
+                signer=account,
+                stats=app.stats,
+                member=app.stats.cluster_member or f"{socket.gethostname()}:{os.getpid()}",
+            )
+            app.executor.on_written = placer.submit
+            yield placer
+    finally:
+        link.close()
 
 
 async def _start_resync(app: App, clob: ClobClient, nursery: trio.Nursery) -> None:
@@ -481,6 +516,7 @@ async def run(
     config: Config,
     dsn: str,
     *,
+    account: OrderSigner | None = None,
     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -489,15 +525,27 @@ async def run(
     Args:
         config: the validated configuration.
         dsn: the database to use (``database.dsn`` or the embedded server's).
+        account: what signs orders in ``execute.mode = "clob"`` (tests, the
+            demo); by default the ``POLYMARKET_*`` environment variables.
         task_status: receives the :class:`App` once every part has started
             and the first reconcile has run.
 
     Raises:
         OSError: ``health.listen`` cannot be bound.
+        ConfigError: ``execute.mode = "clob"`` without ``account`` and without
+            the credentials in the environment (docs/execution.md).
     """
+    if config.execute.mode == "clob" and account is None:
+        from polystream.venue.orders import TradingAccount  # the signing library: only here
+
+        account = TradingAccount.from_environment(dict(os.environ), config.execute.signature_type)
     app = build(config, dsn)
     try:
-        async with _venue_clients(config) as (clob, gamma), trio.open_nursery() as last:
+        async with (
+            _venue_clients(config) as (clob, gamma),
+            _order_placer(app, account) as app.placer,
+            trio.open_nursery() as last,
+        ):
             if app.cache is not None:  # stops after the writers' last flush: it sends its keys
                 await last.start(app.cache.run)
             try:

@@ -562,6 +562,23 @@ def replay(
             "on this port (0 = any free port; the URL is logged as rest_url).",
         ),
     ] = None,
+    clob_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT",
+            help="Also serve a fake CLOB trading API (orders, heartbeats; signatures checked) "
+            "on this port for a throwaway account (0 = any free port; logged as clob_url).",
+        ),
+    ] = None,
+    clob_env: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            dir_okay=False,
+            help="With --clob-port: write that account's POLYMARKET_* variables here (0600), "
+            "for polystream run in execute.mode clob.",
+        ),
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """
@@ -574,6 +591,7 @@ def replay(
     _check_seconds("--speed", speed)
     _check_port("--port", port)
     _check_port("--rest-port", rest_port)
+    _check_port("--clob-port", clob_port)
     for flag, count in (
         ("--synthesize", synthesize),
         ("--max-subscribe-bytes", max_subscribe_bytes),
@@ -604,7 +622,14 @@ def replay(
     try:
         with _sigterm_as_interrupt():
             run_replay_cli(
-                paths, options, host=host, port=port, rest_port=rest_port, exit_at_end=exit_at_end
+                paths,
+                options,
+                host=host,
+                port=port,
+                rest_port=rest_port,
+                exit_at_end=exit_at_end,
+                clob_port=clob_port,
+                clob_env=clob_env,
             )
     except KeyboardInterrupt:  # a signal while the captures were still loading
         logger.info("replay_stopped")

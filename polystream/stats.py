@@ -168,6 +168,7 @@ class Stats:
     # failed, refused, dry_run, retried, recovered, rate_limited, heartbeats, heartbeat_failed.
     orders: Counter[str] | None = None
     orders_pending: Callable[[], int] | None = None
+    orders_sent: bool = False  # execute.enabled: orders go to the venue (else a dry run)
     pending_markets: int = 0
     pending_positions: int = 0
     shards: dict[int, ShardStats] = attrs.field(factory=dict)
@@ -267,6 +268,7 @@ class Stats:
             "orders": None
             if self.orders is None
             else {
+                "sending": self.orders_sent,
                 "outcomes": dict(self.orders),
                 "pending": 0 if self.orders_pending is None else self.orders_pending(),
             },

@@ -198,3 +198,31 @@ def insert_rules(
         )
         found[pid] = (kind, first_crossing(path[token], kind, Decimal(level)))
     return found
+
+
+async def serve_updown(nursery: Any) -> Any:
+    """The demo capture served at maximum speed on a free port (a ``ReplayServer``)."""
+    from polystream.replay import serve_replay
+
+    return await nursery.start(
+        lambda task_status: serve_replay(
+            [Path(f"{UPDOWN}.jsonl.gz")], max_speed=True, task_status=task_status
+        )
+    )
+
+
+def replay_config(port: int, **sections: Any) -> Any:
+    """
+    A daemon ``Config`` for the replay server on ``port``: fast flushes
+    (market 0.05 s, debounce 0.1 s), ``/health`` on a free port, plus ``sections``.
+    """
+    from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
+
+    return Config(
+        **{
+            "feed": FeedConfig(url=f"ws://127.0.0.1:{port}/ws/market"),
+            "pipeline": PipelineConfig(market_flush_interval=0.05, debounce=0.1),
+            "health": HealthConfig(listen="127.0.0.1:0"),
+            **sections,
+        }
+    )

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import orjson
 import psycopg
@@ -25,14 +26,21 @@ import pytest
 import redis
 import trio
 import trio.testing
-from expected import UPDOWN, expected_assets, insert_position, mismatches
+from expected import (
+    UPDOWN,
+    expected_assets,
+    insert_position,
+    mismatches,
+    replay_config,
+    serve_updown,
+)
 
 from polystream.app import App, run
 from polystream.cache import KEYS_PER_COMMAND, CacheInvalidator, RedisSender, invalidator_of
 from polystream.catalog import Catalog
-from polystream.config import CacheConfig, Config, FeedConfig, HealthConfig, PipelineConfig
+from polystream.config import CacheConfig, Config
 from polystream.ops.status import render_health
-from polystream.replay import ReplayServer, serve_replay
+from polystream.replay import ReplayServer
 from polystream.stats import Stats
 from polystream.store.markets import import_markets_file
 
@@ -126,21 +134,13 @@ def _watched_keys(dsn: str) -> tuple[list[str], list[str]]:
 
 
 def _config(port: int, redis_url: str, **cache: Any) -> Config:
-    return Config(
-        feed=FeedConfig(url=f"ws://127.0.0.1:{port}/ws/market", reconcile_interval=30.0),
-        pipeline=PipelineConfig(market_flush_interval=0.05, debounce=0.2),
-        cache=CacheConfig(redis_url=redis_url, **cache),
-        health=HealthConfig(listen="127.0.0.1:0"),
-    )
+    config: Config = replay_config(port, cache=CacheConfig(redis_url=redis_url, **cache))
+    return attrs.evolve(config, feed=attrs.evolve(config.feed, reconcile_interval=30.0))
 
 
 async def _replayed(nursery: trio.Nursery, redis_server: RedisServer, dsn: str) -> App:
     """The daemon (cache on ``redis_server``) once it wrote the whole demo capture exactly."""
-    server: ReplayServer = await nursery.start(
-        lambda task_status: serve_replay(
-            [Path(f"{UPDOWN}.jsonl.gz")], max_speed=True, task_status=task_status
-        )
-    )
+    server: ReplayServer = await serve_updown(nursery)
     app: App = await nursery.start(run, _config(server.port, redis_server.url), dsn)
     await server.finished.wait()
     expected = expected_assets(UPDOWN)

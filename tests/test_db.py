@@ -28,6 +28,7 @@ EXPECTED_COLUMNS = {
         "id", "condition_id", "question", "slug", "outcomes", "clob_token_ids",
         "outcome_prices", "best_bid", "best_ask", "last_mid_price", "last_trade_price",
         "tick_size", "source", "updated_at", "end_date", "active", "closed", "created_at",
+        "neg_risk",
     },
     "positions": {
         "id", "user_id", "market_id", "outcome", "token_id", "size", "entry_price",
@@ -42,7 +43,9 @@ EXPECTED_COLUMNS = {
     },
     "triggers": {
         "id", "kind", "position_id", "prediction_id", "dedupe_key", "price", "reason",
-        "status", "created_at", "executed_at",
+        "status", "created_at", "executed_at", "order_id", "order_body", "order_side",
+        "order_size", "order_price", "notional", "order_status", "filled_size", "error",
+        "attempts", "signed_at", "sent_at", "claimed_by",
     },
     "schema_migrations": {"version", "name", "applied_at"},
 }  # fmt: skip

@@ -22,11 +22,13 @@ from expected import (
     UPDOWN,
     apply_frame,
     insert_rules,
+    replay_config,
+    serve_updown,
 )
 
 from polystream.app import App, run
 from polystream.book import Books
-from polystream.config import Config, FeedConfig, HealthConfig, PipelineConfig
+from polystream.config import Config, FeedConfig, HealthConfig
 from polystream.replay import ReplayServer, serve_replay
 from polystream.store.markets import import_markets_file
 
@@ -55,16 +57,8 @@ async def _run_daemons(dsn: str, count: int) -> list[tuple[int, int, int]]:
     Returns per daemon: (rules fired in memory, triggers written, duplicates refused).
     """
     async with trio.open_nursery() as nursery:
-        server: ReplayServer = await nursery.start(
-            lambda task_status: serve_replay(
-                [Path(f"{UPDOWN}.jsonl.gz")], max_speed=True, task_status=task_status
-            )
-        )
-        config = Config(
-            feed=FeedConfig(url=f"ws://127.0.0.1:{server.port}/ws/market"),
-            pipeline=PipelineConfig(market_flush_interval=0.05, debounce=0.1),
-            health=HealthConfig(listen="127.0.0.1:0"),
-        )
+        server: ReplayServer = await serve_updown(nursery)
+        config = replay_config(server.port)
         apps: list[App] = [await nursery.start(run, config, dsn) for _ in range(count)]
         await server.finished.wait()
         for app in apps:

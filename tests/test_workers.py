@@ -122,16 +122,18 @@ def _started(nursery: trio.Nursery, supervisor: Supervisor) -> list[int]:
 async def test_a_child_that_exits_is_started_again_after_the_backoff(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
     code = f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(3)"
-    supervisor = Supervisor([_worker(0, code)], backoff_initial=0.05, backoff_max=0.2)
+    supervisor = Supervisor([_worker(0, code)], backoff_initial=0.05, backoff_max=0.4)
     with structlog.testing.capture_logs() as logs, trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             result = _started(nursery, supervisor)
-            # The 5th start comes after the 4th exit's worker_exited line.
-            await _until(lambda: starts.exists() and len(starts.read_text()) >= 5, 15)
+            # Stop inside the 0.4 s backoff after the 5th exit: no child is running then
+            # (stopping right after the 5th start could catch that child exiting with 3).
+            await _until(lambda: sum(e["event"] == "worker_exited" for e in logs) >= 5, 15)
             supervisor.stop()
     exits = [e for e in logs if e["event"] == "worker_exited" and "restart_in_s" in e]
-    assert [e["exit_code"] for e in exits[:3]] == [3, 3, 3]
-    assert [e["restart_in_s"] for e in exits[:4]] == [0.05, 0.1, 0.2, 0.2]
+    assert len(starts.read_text()) == 5
+    assert [e["exit_code"] for e in exits[:5]] == [3, 3, 3, 3, 3]
+    assert [e["restart_in_s"] for e in exits[:5]] == [0.05, 0.1, 0.2, 0.4, 0.4]
     assert result == [0]  # no child was running at the stop
 
 

@@ -90,11 +90,13 @@ class Outcome:
     """
     What the database holds after a run: every ``triggers`` row (id, kind,
     position id, prediction id, price, reason) and every prediction's
-    (status, decision price, decision reason, decided_at epoch s).
+    (status, decision price, decision reason, decided_at epoch s); ``orders``:
+    trigger id -> (status, order id, filled shares) of the triggers with an order.
     """
 
     triggers: list[tuple[Any, ...]]
     predictions: dict[int, PredictionRow]
+    orders: dict[int, tuple[str, str, Any]] = attrs.field(factory=dict)
 
 
 def read_outcome(dsn: str) -> Outcome:
@@ -109,12 +111,16 @@ def read_outcome(dsn: str) -> Outcome:
             "SELECT id, status, decision_price, decision_reason, extract(epoch FROM decided_at)"
             " FROM predictions"
         ).fetchall()
+        orders = conn.execute(
+            "SELECT id, status, order_id, filled_size FROM triggers WHERE order_id IS NOT NULL"
+        ).fetchall()
     return Outcome(
         triggers,
         {
             int(pid): (str(status), price, reason, None if at is None else float(at))
             for pid, status, price, reason, at in rows
         },
+        {int(tid): (str(status), str(oid), filled) for tid, status, oid, filled in orders},
     )
 
 

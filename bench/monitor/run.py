@@ -56,6 +56,7 @@ class RunSpec:
     predictions: int
     repeat: int
     speed: float | None
+    settings: dict[str, object] = attrs.field(factory=dict)  # more daemon settings
 
 
 @attrs.frozen
@@ -223,7 +224,7 @@ async def _measure(spec: RunSpec, ctx: Context, dsn: str, planned_at: float) -> 
     profile = None
     if ctx.profile_dir is not None and spec.name == "loaded":
         profile = ctx.profile_dir / f"daemon-{spec.name}.txt"
-    settings = {"feed__ping_interval": PING_INTERVAL}
+    settings = {"feed__ping_interval": PING_INTERVAL, **spec.settings}
     async with open_daemon(dsn, ctx.sender.url, log_path, settings=settings, cwd=ROOT) as daemon:
         with trio.fail_after(120):
             await daemon.wait_for(playback.connected)

@@ -178,8 +178,9 @@ class Executor:
     """
     Hands decisions on. ``mode = "outbox"``: the trigger row and its
     NOTIFY are the hand-off to the service that trades. ``mode = "log"``: dry
-    run, decisions are only logged. (Live CLOB order placement would be a
-    third mode behind the same ``submit``.)
+    run, decisions are only logged. ``mode = "clob"``: as ``outbox``, and each
+    trigger id written goes to ``on_written`` (the order placer:
+    polystream.monitor.orders).
 
     With ``link`` (the trigger path's own :class:`DirectLink`, statements
     prepared by its ``warm_up``), a decision goes out without waiting behind
@@ -200,6 +201,7 @@ class Executor:
     stats: Stats
     retry: float = 1.0
     link: DirectLink | None = None
+    on_written: Callable[[int], None] | None = None
     _pending: list[Decision] = attrs.field(factory=list)
     _in_flight: list[Decision] = attrs.field(factory=list)  # sent by link.send_now, unanswered
     _in_sink: int = 0  # decisions being written through sink
@@ -226,7 +228,7 @@ class Executor:
         :data:`POLL_INTERVAL` s), then send what is pending if the link is
         free.
         """
-        if self.link is None or self.mode != "outbox":
+        if self.link is None or self.mode == "log":
             return
         if self._in_flight:
             now = time.perf_counter()
@@ -292,6 +294,8 @@ class Executor:
             else:
                 self.stats.triggers_written += 1
                 self._written.append((trigger_id, decision))
+                if self.on_written is not None:
+                    self.on_written(trigger_id)
         if self._written:
             self._wake.set()
 

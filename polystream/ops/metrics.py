@@ -36,6 +36,7 @@ import polystream
 from polystream.errors import BAD_INPUT_KINDS
 from polystream.feed.protocol import KNOWN_EVENT_TYPES
 from polystream.monitor.engine import DEFERRAL_REASONS
+from polystream.monitor.orders import ORDER_OUTCOMES
 from polystream.monitor.rules import DECISION_KINDS
 from polystream.stats import BOOK_HASHES, CacheStats, ShardStats, Stats
 
@@ -256,6 +257,26 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         (),
         _cache(lambda c: c.pending),
+    ),
+    Family(
+        "orders",
+        "CLOB orders by outcome (execute.mode = clob; absent otherwise): signed, placed, "
+        "filled, canceled, rejected, failed, refused, dry_run, retried, recovered, "
+        "rate_limited, heartbeats, heartbeat_failed",
+        "counter",
+        ("outcome",),
+        lambda s, _now: (
+            []
+            if s.orders is None
+            else [((k,), s.orders.get(k, 0)) for k in dict.fromkeys([*ORDER_OUTCOMES, *s.orders])]
+        ),
+    ),
+    Family(
+        "orders_pending",
+        "Triggers whose order is queued or being worked on",
+        "gauge",
+        (),
+        lambda s, _now: [] if s.orders_pending is None else [((), s.orders_pending())],
     ),
     Family("db_errors", "Failed database round trips", "counter", (), _one(lambda s: s.db_errors)),
     Family("subscribed_assets", "Assets", "gauge", ("shard",), _per_shard(lambda s, _: s.assets)),

@@ -82,6 +82,7 @@ def render_health(doc: dict[str, Any]) -> str:
         _monitor_line(doc.get("monitor") or {}),
         _poll_line(doc.get("poll")),
         _cache_line(doc.get("cache")),
+        _orders_line(doc.get("orders")),
         "",
         f"{'shard':>5}  {'state':<10} {'assets':>6} {'w/data':>6} {'silent':>6} {'frames':>8} "
         f"{'last frame':>10} {'rtt':>8} {'reconn':>6}  books ok/bad/unverif.",
@@ -127,6 +128,12 @@ def _resync_line(resync: dict[str, Any] | None) -> str:
         f"book resync: {resync.get('pending', 0)} pending, {resync.get('fetched', 0)} fetched, "
         f"requested {_counts(resync.get('requested', {}))}, {resync.get('failures', 0)} failures"
     )
+
+
+def _orders_line(orders: dict[str, Any] | None) -> str:
+    if not orders:
+        return "orders: off (execute.mode is not clob)"
+    return f"orders: {_counts(orders.get('outcomes', {}))}; {orders.get('pending', 0)} in progress"
 
 
 def _cache_line(cache: dict[str, Any] | None) -> str:

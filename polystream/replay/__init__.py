@@ -24,6 +24,9 @@ The modules, each importing only from those above it:
   :class:`FaultRecord`);
 * :mod:`~polystream.replay.injector`: what each fault does to connections;
 * :mod:`~polystream.replay.rest`: the CLOB REST app;
+* :mod:`~polystream.replay.orders`: :class:`FakeClob`, the CLOB V2 trading API
+  (orders, cancels, heartbeats) for execution tests; import it from there (the
+  package does not, so replaying never loads py-clob-client-v2);
 * :mod:`~polystream.replay.options`: :class:`ReplayOptions`, every option in one value;
 * :mod:`~polystream.replay.pacing`: when each frame is due; pause and resume;
 * :mod:`~polystream.replay.server`: :class:`ReplayServer`, the protocol;

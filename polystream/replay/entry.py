@@ -59,6 +59,42 @@ async def serve_replay(
     await server.serve(host=host, port=port, rest_port=rest_port, task_status=task_status)
 
 
+async def _serve_fake_clob(
+    host: str,
+    port: int,
+    env_file: Path | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The fake CLOB for a new throwaway account, its credentials in ``env_file``."""
+    import base64
+    import os
+    import uuid
+
+    from polystream.replay.orders import FakeClob
+    from polystream.venue.orders import ApiCredentials, TradingKey
+
+    key_hex = os.urandom(32).hex()
+    key = TradingKey.from_hex(key_hex)
+    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    credentials = ApiCredentials(str(uuid.uuid4()), secret, uuid.uuid4().hex)
+    fake = FakeClob.for_account(credentials, key.address)
+    if env_file is not None:
+        lines = [
+            f"POLYMARKET_PRIVATE_KEY={key_hex}",
+            f"POLYMARKET_API_KEY={credentials.api_key}",
+            f"POLYMARKET_API_SECRET={secret}",
+            f"POLYMARKET_API_PASSPHRASE={credentials.api_passphrase}",
+        ]
+        descriptor = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(fake.serve, host=host, port=port))
+        logger.info("clob_listening", clob_url=fake.url, address=key.address, env_file=env_file)
+        task_status.started()
+
+
 def run_replay_cli(
     paths: Iterable[Path],
     options: ReplayOptions | None = None,
@@ -67,9 +103,17 @@ def run_replay_cli(
     port: int = 8765,
     rest_port: int | None = None,
     exit_at_end: bool = False,
+    clob_port: int | None = None,
+    clob_env: Path | None = None,
 ) -> None:
     """
     Run the replay server (``polystream replay PATH...``) until Ctrl-C.
+
+    With ``clob_port`` (0 = a free port) also serve the fake CLOB trading
+    API (:class:`~polystream.replay.orders.FakeClob`, logged as ``clob_url``)
+    for a throwaway account whose ``POLYMARKET_*`` variables are written to
+    ``clob_env`` (mode 0600; an ``EnvironmentFile`` for ``polystream run`` in
+    ``execute.mode = "clob"``).
 
     Logs ``replay_listening`` with the URL (and ``rest_url`` with
     ``rest_port``, 0 = a free port), then ``replay_finished`` with a summary
@@ -86,6 +130,8 @@ def run_replay_cli(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(server.serve, host=host, port=port, rest_port=rest_port))
+            if clob_port is not None:
+                await nursery.start(partial(_serve_fake_clob, host, clob_port, clob_env))
             if exit_at_end:
                 await server.finished.wait()
                 await server.close_clients()

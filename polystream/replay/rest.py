@@ -28,7 +28,7 @@ from polystream.ops.health import Receive, Scope, Send, answer_lifespan
 from polystream.replay.books import Event
 from polystream.replay.stats import ReplayStats
 
-__all__ = ["MAX_BOOKS_PER_REQUEST", "ClobRest", "RestRequest", "rest_book"]
+__all__ = ["MAX_BOOKS_PER_REQUEST", "ClobRest", "RestRequest", "read_body", "rest_book"]
 
 MAX_BOOKS_PER_REQUEST = 500
 """Most items in one ``POST /books`` body; more is answered 400 (docs/protocol.md, "CLOB REST")."""
@@ -140,7 +140,7 @@ class ClobRest:
             return
         if scope["type"] != "http":
             return
-        body, parsed = _parse_json(await _read_body(receive))
+        body, parsed = _parse_json(await read_body(receive))
         method, path = str(scope["method"]), str(scope["path"])
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
         if self.fail_next:
@@ -229,7 +229,7 @@ async def _respond(send: Send, status: int, answer: Any) -> None:
     await send({"type": "http.response.body", "body": orjson.dumps(answer)})
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     """The whole body of an ASGI HTTP request."""
     chunks: list[bytes] = []
     while True:

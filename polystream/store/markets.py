@@ -163,6 +163,8 @@ class GammaMarket:
         active, closed: Gamma's flags, None when absent.
         tick_size: ``orderPriceMinTickSize``, e.g. ``Decimal("0.01")``.
         best_bid, best_ask, last_trade_price: Gamma's snapshot, in [0, 1].
+        neg_risk: Gamma's ``negRisk``: orders of a neg-risk market are signed for the
+            neg-risk exchange (docs/execution.md), None when absent.
     """
 
     id: str
@@ -179,6 +181,7 @@ class GammaMarket:
     best_bid: Decimal | None
     best_ask: Decimal | None
     last_trade_price: Decimal | None
+    neg_risk: bool | None = None
 
     @classmethod
     def from_gamma(cls, obj: object) -> GammaMarket:
@@ -218,6 +221,7 @@ class GammaMarket:
             best_bid=bid_or_none(_price(obj, market_id, "bestBid")),  # 0: no bid
             best_ask=ask_or_none(_price(obj, market_id, "bestAsk")),  # 1: no ask
             last_trade_price=_price(obj, market_id, "lastTradePrice"),
+            neg_risk=_flag(obj, market_id, "negRisk"),
         )
 
 
@@ -261,14 +265,14 @@ def parse_gamma_payload(data: bytes) -> list[GammaMarket]:
 _UPSERT = """
 INSERT INTO markets AS m (
     id, condition_id, question, slug, outcomes, clob_token_ids, outcome_prices,
-    end_date, active, closed, tick_size, best_bid, best_ask, last_trade_price,
+    end_date, active, closed, tick_size, best_bid, best_ask, last_trade_price, neg_risk,
     source, updated_at
 )
 SELECT u.*, 'gamma', now()
 FROM unnest(
     %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[], %s::jsonb[], %s::jsonb[],
     %s::timestamptz[], %s::boolean[], %s::boolean[], %s::numeric[], %s::numeric[],
-    %s::numeric[], %s::numeric[]
+    %s::numeric[], %s::numeric[], %s::boolean[]
 ) AS u
 ON CONFLICT (id) DO UPDATE SET
     condition_id = EXCLUDED.condition_id,
@@ -283,6 +287,7 @@ ON CONFLICT (id) DO UPDATE SET
     end_date = EXCLUDED.end_date,
     active = EXCLUDED.active,
     closed = EXCLUDED.closed,
+    neg_risk = coalesce(EXCLUDED.neg_risk, m.neg_risk),
     tick_size = CASE WHEN m.source IS NULL OR m.source = 'gamma'
         THEN coalesce(EXCLUDED.tick_size, m.tick_size)
         ELSE coalesce(m.tick_size, EXCLUDED.tick_size) END,
@@ -304,7 +309,7 @@ ON CONFLICT (id) DO UPDATE SET
 def _columns(markets: Iterable[GammaMarket]) -> list[list[Any]]:
     """Column-wise parameters for ``_UPSERT``; a repeated id keeps its last record."""
     unique = {market.id: market for market in markets}
-    columns: list[list[Any]] = [[] for _ in range(14)]
+    columns: list[list[Any]] = [[] for _ in range(15)]
     for m in unique.values():
         row = (
             m.id,
@@ -321,6 +326,7 @@ def _columns(markets: Iterable[GammaMarket]) -> list[list[Any]]:
             m.best_bid,
             m.best_ask,
             m.last_trade_price,
+            m.neg_risk,
         )
         for column, value in zip(columns, row, strict=True):
             column.append(value)

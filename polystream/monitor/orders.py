@@ -1,0 +1,906 @@
+"""
+Closing orders on the CLOB (``execute.mode = "clob"``; docs/execution.md):
+each TP/SL trigger, and with ``execute.predictions`` each decided
+prediction, becomes one signed order, placed exactly once across crashes,
+restarts and daemons.
+
+The trigger row is the order's record (migration ``0003_orders``):
+
+1. **facts**: one query reads the trigger with its position (token, size in
+   shares) or prediction (stake in USDC, limit) and its market (tick size,
+   neg risk); :func:`plan_order` turns them into side, size and limit.
+2. **sign**: py-clob-client-v2 builds and signs the order in a worker thread
+   (CPU only, a few ms; :class:`OrderSigner`). The order id is the signed
+   order's EIP-712 hash, known before anything is sent.
+3. **claim**: one transaction checks the daily notional cap (serialised by a
+   transaction advisory lock), moves the row ``pending -> signed`` (or
+   ``dry_run`` / ``refused``) with the order id and body (compare-and-set: of
+   two daemons one wins, the other's signature is thrown away unsent), and
+   takes a session advisory lock on the trigger, held while this daemon
+   works on the order. The commit is synchronous: the order is on disk
+   before its first byte goes to the venue.
+4. **send**: ``POST /order`` with L2 headers, at most
+   ``execute.orders_per_second``.
+5. **record**: the answer on the row (``placed`` / ``filled`` /
+   ``rejected``, the venue's order status, filled shares, error); a filled
+   order closes its position; the lock is released.
+
+A row left ``signed`` (a crash after the claim, an answer lost, the venue
+down) is taken up by whichever daemon gets its lock (:meth:`OrderPlacer.scan`):
+it asks the venue first (``GET /data/order/{id}``) and sends the **stored**
+body again only when the venue does not know the order (never signed anew:
+a new signature is a new order), with backoff (429: ``Retry-After``), until
+``execute.retry_window`` after signing; then the row is ``failed``.
+Resting orders (``GTC``) are followed (``GET /data/order/{id}``) until filled
+or cancelled, and the CLOB's order heartbeat (``POST /v1/heartbeats``) is
+kept while any rests: if polystream stops, the venue cancels them.
+
+Sources: CLOB V2 order and heartbeat API, https://docs.polymarket.com
+(``/developers/CLOB/orders``, "Heartbeat"); rate limits
+https://docs.polymarket.com/api-reference/rate-limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from decimal import ROUND_DOWN, ROUND_FLOOR, Decimal
+from typing import Any, Literal, Protocol
+
+import attrs
+import httpx
+import orjson
+import psycopg
+import structlog
+import trio
+from psycopg.types.json import Jsonb
+
+from polystream.config import ExecuteConfig
+from polystream.errors import DatabaseError
+from polystream.logs import RateLimitedLog
+from polystream.stats import Stats
+from polystream.store.link import DbLink
+from polystream.timing import Backoff, TokenBucket
+from polystream.venue.orders import MAX_BATCH_ORDERS, SignedOrder
+
+__all__ = [
+    "ORDER_LOCK",
+    "ORDER_OUTCOMES",
+    "OrderFacts",
+    "OrderPlacer",
+    "OrderPlan",
+    "OrderSigner",
+    "Verdict",
+    "judge_answer",
+    "judge_order",
+    "plan_order",
+]
+
+logger = structlog.get_logger(__name__)
+
+Side = Literal["BUY", "SELL"]
+
+ORDER_OUTCOMES = (
+    "signed", "placed", "filled", "canceled", "rejected", "failed", "refused", "dry_run",
+    "retried", "recovered", "rate_limited", "heartbeats", "heartbeat_failed",
+)  # fmt: skip
+"""What :attr:`OrderPlacer.outcomes` counts (``polystream_orders_total{outcome}``)."""
+
+ORDER_LOCK = 0x706F6C79  # "poly": the first key of the advisory locks of orders
+_CAP_LOCK = 0  # second key of the daily cap's transaction lock (trigger ids start at 1)
+SIZE_STEP = Decimal("0.01")
+"""Order sizes are whole hundredths of a share (py-clob-client-v2 ``ROUNDING_CONFIG``)."""
+
+WORKERS = 8
+"""Orders worked on at once (a fixed set of tasks, never one per order)."""
+SCAN_INTERVAL = 1.0
+"""Seconds between looks for orders to take up (pending, unconfirmed, resting)."""
+HEARTBEAT_INTERVAL = 5.0
+"""Seconds between order heartbeats while an order rests (the venue cancels after 10 s)."""
+RECOVER_AFTER = 2.0
+"""Seconds a ``signed`` row must be old before another task or daemon takes it up."""
+
+
+# ------------------------------------------------------------------ the order
+
+
+@attrs.frozen
+class OrderFacts:
+    """
+    What the database says about one trigger's order.
+
+    Attributes:
+        trigger_id: ``triggers.id``.
+        kind: ``take_profit``, ``stop_loss``, ``prediction`` (others are never ordered).
+        status: the row's status now.
+        price: the trigger price, probability in [0, 1].
+        token_id: the CLOB token (asset) id to trade, or None when unknown.
+        size: the position's size in shares (TP/SL), else None.
+        stake: the prediction's stake in USDC, else None.
+        limit: the prediction's limit price, else None.
+        tick: the market's tick size, e.g. ``Decimal("0.01")``, or None when unknown.
+        neg_risk: the market is neg-risk (Gamma ``negRisk``).
+        order_id, body, attempts, signed_at: what an earlier claim stored
+            (``signed_at`` unix seconds).
+    """
+
+    trigger_id: int
+    kind: str
+    status: str
+    price: Decimal | None
+    token_id: str | None
+    size: Decimal | None
+    stake: Decimal | None
+    limit: Decimal | None
+    tick: Decimal | None
+    neg_risk: bool
+    order_id: str | None = None
+    body: dict[str, Any] | None = None
+    attempts: int = 0
+    signed_at: float | None = None
+
+
+@attrs.frozen
+class OrderPlan:
+    """One order to sign: ``side`` of ``size`` shares at ``price`` (limit, in [tick, 1 - tick])."""
+
+    side: Side
+    size: Decimal
+    price: Decimal
+    tick: Decimal
+
+    @property
+    def notional(self) -> Decimal:
+        """USDC at the limit: ``size * price``."""
+        return self.size * self.price
+
+
+def _round(value: Decimal, tick: Decimal, rounding: str) -> Decimal:
+    return (value / tick).to_integral_value(rounding=rounding) * tick
+
+
+def plan_order(facts: OrderFacts, max_slippage: Decimal) -> OrderPlan | str:
+    """
+    The closing order of ``facts``, or why there is none (a short reason).
+
+    A TP/SL sells the position (``size`` shares, rounded down to
+    :data:`SIZE_STEP`) no lower than ``price - max_slippage`` rounded down to
+    the tick; a prediction buys ``stake / limit`` shares (rounded down) at its
+    limit, rounded to the tick. The limit stays in [tick, 1 - tick], the
+    venue's price range. Sizes in shares, prices probabilities in [0, 1].
+    """
+    if facts.token_id is None:
+        return "no token id"
+    tick = facts.tick
+    if tick is None or not Decimal(0) < tick < Decimal(1):
+        return "no tick size for the market"
+    low, high = tick, Decimal(1) - tick
+    if facts.kind == "prediction":
+        if facts.stake is None or facts.limit is None or facts.limit <= 0:
+            return "prediction without stake or limit"
+        price = min(max(_round(facts.limit, tick, ROUND_FLOOR), low), high)
+        size = (facts.stake / price).quantize(SIZE_STEP, rounding=ROUND_DOWN)
+        side: Side = "BUY"
+    elif facts.kind in ("take_profit", "stop_loss"):
+        if facts.size is None or facts.price is None:
+            return "position without size or trigger price"
+        price = min(max(_round(facts.price - max_slippage, tick, ROUND_FLOOR), low), high)
+        size = facts.size.quantize(SIZE_STEP, rounding=ROUND_DOWN)
+        side = "SELL"
+    else:
+        return f"{facts.kind} is not ordered"
+    if size <= 0:
+        return "size rounds to 0 shares"
+    return OrderPlan(side=side, size=size, price=price, tick=tick)
+
+
+class OrderSigner(Protocol):
+    """
+    Signs orders and requests with the account's key
+    (:class:`polystream.venue.orders.TradingAccount`).
+    """
+
+    @property
+    def owner(self) -> str:
+        """The API key: the ``owner`` of every order body."""
+        ...
+
+    def sign(
+        self,
+        *,
+        token_id: str,
+        side: Side,
+        price: Decimal,
+        size: Decimal,
+        tick: Decimal,
+        neg_risk: bool,
+        order_type: Any,
+    ) -> SignedOrder:
+        """Build and sign one order (blocking CPU: call from a worker thread)."""
+        ...
+
+    def headers(self, method: str, path: str, body: str) -> dict[str, str]:
+        """The L2 authentication headers of one request (``path`` without its query)."""
+        ...
+
+
+# ------------------------------------------------------------------ the venue's answers
+
+
+@attrs.frozen
+class Verdict:
+    """
+    What an answer of the venue means for the row.
+
+    ``status``: the row's next status (``placed``, ``filled``, ``canceled``,
+    ``rejected``), or None when the answer settles nothing (retry, after asking).
+    ``retry_after``: seconds the venue asked to wait (429), else None.
+    """
+
+    status: str | None
+    order_status: str | None = None
+    filled: Decimal | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+def _amount(value: Any) -> Decimal | None:
+    try:
+        return Decimal(str(value)) if value not in (None, "") else None
+    except ArithmeticError:
+        return None
+
+
+def judge_answer(
+    status_code: int, answer: Any, side: Side, size: Decimal, retry_after: str | None = None
+) -> Verdict:
+    """
+    The verdict of a ``POST /order`` answer: HTTP ``status_code``, parsed
+    JSON ``answer`` (shapes: docs/execution.md, "What the venue answers").
+    A duplicate refusal means the venue has the order: settle it by asking.
+    """
+    if status_code == 200 and isinstance(answer, dict):
+        if not answer.get("success", False) or answer.get("errorMsg"):
+            return Verdict("rejected", error=str(answer.get("errorMsg") or "success false"))
+        order_status = str(answer.get("status") or "")
+        # SELL: making = shares given; BUY: taking = shares received.
+        filled = _amount(answer.get("makingAmount" if side == "SELL" else "takingAmount"))
+        if order_status == "unmatched":
+            return Verdict("rejected", order_status, filled, "unmatched")
+        if order_status == "matched" and filled is not None and filled >= size:
+            return Verdict("filled", order_status, filled)
+        return Verdict("placed", order_status, filled)
+    error = answer.get("error") if isinstance(answer, dict) else None
+    text = str(error or answer or f"HTTP {status_code}")[:300]
+    if status_code == 429:
+        try:
+            wait = float(retry_after) if retry_after else None
+        except ValueError:
+            wait = None
+        return Verdict(None, error=f"429 {text}", retry_after=wait)
+    if status_code >= 500:
+        return Verdict(None, error=f"{status_code} {text}")
+    if "duplicat" in text.lower():
+        return Verdict(None, error="duplicate: the venue has it")
+    return Verdict("rejected", error=f"{status_code} {text}")
+
+
+def judge_order(order: Any, size: Decimal) -> Verdict | None:
+    """
+    The verdict of ``GET /data/order/{id}``'s answer ``order``, or None when
+    the venue does not know the order (null, ``{}``, no ``id``).
+    """
+    if not isinstance(order, dict) or not order.get("id"):
+        return None
+    status = str(order.get("status") or "").upper().removeprefix("ORDER_STATUS_")
+    matched = _amount(order.get("size_matched")) or Decimal(0)
+    if status == "MATCHED" or matched >= size:
+        return Verdict("filled", status.lower(), matched)
+    if status.startswith("CANCEL") or status in ("INVALID", "UNMATCHED"):
+        return Verdict("canceled", status.lower(), matched)
+    return Verdict("placed", status.lower(), matched)
+
+
+# ------------------------------------------------------------------ SQL
+
+_FACTS = """
+SELECT t.id, t.kind, t.status, t.price, coalesce(p.token_id, r.token_id),
+       p.size, r.stake_usdc, r.limit_price, m.tick_size, coalesce(m.neg_risk, false),
+       t.order_id, t.order_body, t.attempts, extract(epoch FROM t.signed_at)::float8
+FROM triggers AS t
+LEFT JOIN positions AS p ON p.id = t.position_id
+LEFT JOIN predictions AS r ON r.id = t.prediction_id
+LEFT JOIN markets AS m ON m.id = coalesce(p.market_id, r.market_id)
+WHERE t.id = ANY(%s)
+"""
+
+_SPENT_TODAY = """
+SELECT coalesce(sum(notional), 0) FROM triggers
+WHERE status IN ('signed', 'placed', 'filled', 'canceled')
+  AND signed_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+"""
+
+_CLAIM = """
+UPDATE triggers AS t SET status = c.status, order_id = c.order_id, order_body = c.body,
+    order_side = c.side, order_size = c.size, order_price = c.price,
+    notional = c.notional, error = c.error, signed_at = now(), claimed_by = %(member)s
+FROM unnest(%(id)s::bigint[], %(status)s::text[], %(order_id)s::text[], %(body)s::jsonb[],
+            %(side)s::text[], %(size)s::numeric[], %(price)s::numeric[],
+            %(notional)s::numeric[], %(error)s::text[])
+    AS c(id, status, order_id, body, side, size, price, notional, error)
+WHERE t.id = c.id AND t.status = 'pending'
+RETURNING t.id, t.status, t.error
+"""
+
+_REFUSE = """
+UPDATE triggers SET status = 'refused', error = %s WHERE id = %s AND status = 'pending'
+"""
+
+_RECORD = """
+WITH t AS (
+    UPDATE triggers SET
+        status = coalesce(%(status)s, status),
+        order_status = coalesce(%(order_status)s, order_status),
+        filled_size = coalesce(%(filled)s, filled_size),
+        error = %(error)s,
+        attempts = attempts + %(sent)s,
+        sent_at = CASE WHEN %(sent)s > 0 THEN coalesce(sent_at, now()) ELSE sent_at END,
+        executed_at = CASE WHEN %(status)s IN ('placed', 'filled')
+            THEN coalesce(executed_at, now()) ELSE executed_at END
+    WHERE id = %(id)s
+    RETURNING position_id, status
+)
+UPDATE positions AS p SET status = 'closed', updated_at = now()
+FROM t WHERE p.id = t.position_id AND t.status = 'filled' AND p.status <> 'closed'
+"""
+
+_TAKE_UP = """
+SELECT id FROM triggers
+WHERE status IN ('pending', 'signed', 'placed')
+  AND (status <> 'signed' OR signed_at < now() - make_interval(secs => %s))
+  AND (kind IN ('take_profit', 'stop_loss') OR (kind = 'prediction' AND %s))
+ORDER BY id
+LIMIT 500
+"""
+
+
+_LOCK_ALL = """
+SELECT id FROM unnest(%s::bigint[]) AS id
+WHERE pg_try_advisory_lock(%s, (id %% 2147483647)::int)
+"""
+
+_UNLOCK_ALL = """
+SELECT pg_advisory_unlock(%s, (id %% 2147483647)::int) FROM unnest(%s::bigint[]) AS id
+"""
+
+
+def _unlock(conn: psycopg.Connection[Any], trigger_ids: list[int]) -> None:
+    """Release this session's locks of ``trigger_ids``."""
+    if trigger_ids:
+        conn.execute(_UNLOCK_ALL, [ORDER_LOCK, trigger_ids])
+
+
+def _facts_of(row: tuple[Any, ...]) -> OrderFacts:
+    """One row of :data:`_FACTS`."""
+    (tid, kind, status, price, token, size, stake, limit, tick, neg_risk) = row[:10]
+    order_id, body, attempts, signed_at = row[10:]
+    return OrderFacts(
+        int(tid), kind, status, price, token, size, stake, limit, tick, bool(neg_risk),
+        order_id, body, int(attempts), signed_at,
+    )  # fmt: skip
+
+
+def _read_facts(conn: psycopg.Connection[Any], trigger_ids: list[int]) -> list[OrderFacts]:
+    """
+    The facts of those of ``trigger_ids`` this session could lock (the others
+    are being worked on by another task or daemon), locks kept.
+    """
+    locked = [int(tid) for (tid,) in conn.execute(_LOCK_ALL, [trigger_ids, ORDER_LOCK])]
+    found = [_facts_of(row) for row in conn.execute(_FACTS, [locked]).fetchall()]
+    _unlock(conn, sorted(set(locked) - {f.trigger_id for f in found}))  # gone meanwhile
+    return found
+
+
+@attrs.frozen
+class _Claim:
+    """One signed order to claim: its trigger, plan, id and stored body (no ``owner``)."""
+
+    facts: OrderFacts
+    plan: OrderPlan
+    order_id: str
+    body: dict[str, Any]
+
+
+def _claim(
+    conn: psycopg.Connection[Any], claims: list[_Claim], status: str, cap: Decimal, member: str
+) -> dict[int, tuple[str, str | None]]:
+    """
+    Move each ``pending`` row to ``status`` with its signed order, in one
+    statement (in the caller's transaction). Orders that would pass the
+    daily cap (``cap`` USDC, all signed today, serialised by a transaction
+    lock) become ``refused``. Returns trigger id -> (status written, error)
+    for the rows still pending (another daemon took the rest).
+    """
+    errors: list[str | None] = [None] * len(claims)
+    statuses = [status] * len(claims)
+    if status == "signed":
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", [ORDER_LOCK, _CAP_LOCK])
+        row = conn.execute(_SPENT_TODAY).fetchone()
+        spent = Decimal(row[0]) if row else Decimal(0)
+        for index, claim in enumerate(claims):
+            notional = claim.plan.notional
+            if spent + notional > cap:
+                statuses[index] = "refused"
+                errors[index] = f"daily notional cap: {spent} + {notional} > {cap} USDC"
+            else:
+                spent += notional
+    rows = conn.execute(
+        _CLAIM,
+        {
+            "id": [c.facts.trigger_id for c in claims],
+            "status": statuses,
+            "order_id": [c.order_id for c in claims],
+            "body": [Jsonb(c.body) for c in claims],
+            "side": [c.plan.side for c in claims],
+            "size": [c.plan.size for c in claims],
+            "price": [c.plan.price for c in claims],
+            "notional": [c.plan.notional for c in claims],
+            "error": errors,
+            "member": member,
+        },
+    ).fetchall()
+    return {int(tid): (str(written), error) for tid, written, error in rows}
+
+
+def _record(
+    conn: psycopg.Connection[Any], results: list[tuple[int, Verdict, int]], unlock: bool
+) -> None:
+    """
+    The venue's word on each ``(trigger id, verdict, POSTs made)`` (in the
+    caller's transaction), then, with ``unlock``, their locks released. The
+    commit does not wait for the WAL flush: lost in a crash, a row is still
+    ``signed`` and the venue is asked again; only a claim must be durable.
+    """
+    conn.execute("SET LOCAL synchronous_commit = off")
+    for trigger_id, verdict, sent in results:
+        conn.execute(
+            _RECORD,
+            {
+                "id": trigger_id,
+                "status": verdict.status,
+                "order_status": verdict.order_status,
+                "filled": verdict.filled,
+                "error": verdict.error,
+                "sent": sent,
+            },
+        )
+    if unlock:
+        _unlock(conn, [trigger_id for trigger_id, _, _ in results])
+
+
+# ------------------------------------------------------------------ the placer
+
+
+@attrs.define(eq=False)
+class OrderPlacer:
+    """
+    Places the orders of triggers (see the module's text): :meth:`submit`
+    from the executor once a trigger row is written, :meth:`scan` every
+    :data:`SCAN_INTERVAL` s for rows to take up; :data:`WORKERS` tasks work
+    on them; one task keeps the order heartbeat while orders rest.
+
+    ``http`` is an :class:`httpx.AsyncClient` whose ``base_url`` is
+    ``execute.clob_url``; ``link`` a :class:`DbLink` of its own (synchronous
+    commits; its session holds the orders' advisory locks).
+
+    Attributes:
+        outcomes: orders by outcome (``stats.orders``): signed, placed, filled,
+            rejected, failed, refused, dry_run, retried, recovered,
+            rate_limited, heartbeats, heartbeat_failed.
+    """
+
+    config: ExecuteConfig
+    link: DbLink
+    http: httpx.AsyncClient
+    signer: OrderSigner
+    stats: Stats
+    member: str = "polystream"
+    _todo: dict[int, None] = attrs.field(factory=dict)
+    _busy: set[int] = attrs.field(factory=set)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    outcomes: Counter[str] = attrs.field(init=False)
+    _bucket: TokenBucket = attrs.field(init=False)
+    _bucket_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _resting: set[int] = attrs.field(factory=set)
+    _released: set[int] = attrs.field(factory=set)  # settled: unlocked with the record
+    _heartbeat_id: str = ""
+    _refusals: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(1.0))
+
+    def __attrs_post_init__(self) -> None:
+        rate = self.config.orders_per_second
+        self._bucket = TokenBucket(rate, capacity=max(1.0, rate * 1.5), now=trio.current_time())
+        self.outcomes = self.stats.orders = Counter()
+        self.stats.orders_pending = lambda: self.pending
+        self.stats.orders_sent = self.config.enabled
+
+    @property
+    def pending(self) -> int:
+        """Triggers queued or being worked on."""
+        return len(self._todo) + len(self._busy)
+
+    def submit(self, trigger_id: int) -> None:
+        """Queue ``trigger_id`` (its row is written); never blocks."""
+        if trigger_id not in self._busy:
+            self._todo[trigger_id] = None
+            self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Workers, the scan and the heartbeat, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for index in range(WORKERS):
+                nursery.start_soon(self._work, index)
+            nursery.start_soon(self._scan_loop)
+            nursery.start_soon(self._heartbeat_loop)
+            task_status.started()
+
+    # -------------------------------------------------------------- taking work
+
+    async def scan(self) -> None:
+        """Queue every trigger with an order to make, confirm or follow (see :data:`_TAKE_UP`)."""
+        rows = await self.link.call(
+            lambda conn: conn.execute(_TAKE_UP, [RECOVER_AFTER, self.config.predictions]).fetchall()
+        )
+        for (trigger_id,) in rows:
+            self.submit(int(trigger_id))
+
+    async def _scan_loop(self) -> None:
+        while True:
+            try:
+                await self.scan()
+            except DatabaseError:
+                pass  # counted and logged by the link; the next look retries
+            await trio.sleep(SCAN_INTERVAL)
+
+    async def _work(self, index: int) -> None:
+        """One worker, with a database session of its own (its orders' locks live in it)."""
+        base = self.link
+        link = DbLink(
+            dsn=base.dsn,
+            name=f"{base.name}-{index}",
+            stats=base.stats,
+            statement_timeout=base.statement_timeout,
+        )
+        try:
+            await self._work_with(link)
+        finally:
+            link.close()
+
+    async def _work_with(self, link: DbLink) -> None:
+        while True:
+            while not self._todo:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            batch = list(itertools.islice(self._todo, MAX_BATCH_ORDERS))
+            for trigger_id in batch:
+                del self._todo[trigger_id]
+            self._busy.update(batch)
+            try:
+                await self._handle(batch, link)
+            except DatabaseError:
+                pass  # the rows keep their state; the next scan takes them up again
+            finally:
+                self._busy.difference_update(batch)
+
+    async def _handle(self, trigger_ids: list[int], link: DbLink) -> None:
+        found = await link.call(_read_facts, trigger_ids)
+        try:
+            new = [f for f in found if f.status == "pending"]
+            if new:
+                await self._place(new, link)
+            for facts in found:
+                if facts.status == "signed":
+                    await self._confirm(facts, link)
+                elif facts.status == "placed":
+                    await self._follow(facts, link)
+        finally:
+            held = [f.trigger_id for f in found if f.trigger_id not in self._released]
+            self._released.difference_update(f.trigger_id for f in found)
+            if held:
+                with trio.CancelScope(shield=True):
+                    await link.call(_unlock, held)
+
+    # -------------------------------------------------------------- new orders
+
+    async def _place(self, new: list[OrderFacts], link: DbLink) -> None:
+        """
+        Plan, sign (one worker-thread hop), claim (one durable commit) and
+        send (one ``POST /order`` or ``POST /orders``) a batch of new orders.
+        """
+        slippage = Decimal(str(self.config.max_slippage))
+        planned: list[tuple[OrderFacts, OrderPlan]] = []
+        refused: list[tuple[int, str]] = []
+        for facts in new:
+            if facts.kind == "prediction" and not self.config.predictions:
+                continue
+            plan = plan_order(facts, slippage)
+            if isinstance(plan, str):
+                refused.append((facts.trigger_id, plan))
+            else:
+                planned.append((facts, plan))
+        signed = await trio.to_thread.run_sync(self._sign_all, planned)
+        claims = []
+        for (facts, plan), order in zip(planned, signed, strict=True):
+            if isinstance(order, str):
+                refused.append((facts.trigger_id, order))
+            else:  # the API key (owner) is not stored: added at each send
+                body = {k: v for k, v in order.body.items() if k != "owner"}
+                claims.append(_Claim(facts, plan, order.order_id, body))
+        if refused:
+            await link.call(lambda conn: conn.executemany(_REFUSE, [(r, t) for t, r in refused]))
+            for trigger_id, reason in refused:
+                self._count("refused", trigger_id, reason)
+        if not claims:
+            return
+        status = "signed" if self.config.enabled else "dry_run"
+        cap = Decimal(str(self.config.max_daily_notional))
+        claimed = await link.call(_claim, claims, status, cap, self.member)
+        sending = []
+        for claim in claims:
+            written, error = claimed.get(claim.facts.trigger_id, (None, None))
+            if written == "signed":
+                self.outcomes["signed"] += 1
+                sending.append(claim)
+            elif written is not None:  # dry_run, refused; None: decided elsewhere, never sent
+                plan = claim.plan
+                self._count(
+                    written,
+                    claim.facts.trigger_id,
+                    error or f"{plan.side} {plan.size} @ {plan.price}",
+                )
+        if sending:
+            await self._send_batch(sending, link)
+
+    def _sign_all(self, planned: list[tuple[OrderFacts, OrderPlan]]) -> list[SignedOrder | str]:
+        """Sign each planned order (in a worker thread); a failure is its reason, never the key."""
+        signed: list[SignedOrder | str] = []
+        for facts, plan in planned:
+            assert facts.token_id is not None
+            try:
+                signed.append(
+                    self.signer.sign(
+                        token_id=facts.token_id,
+                        side=plan.side,
+                        price=plan.price,
+                        size=plan.size,
+                        tick=plan.tick,
+                        neg_risk=facts.neg_risk,
+                        order_type=self.config.order_type,
+                    )
+                )
+            except (ValueError, RuntimeError) as exc:  # their messages never hold the key
+                signed.append(f"cannot sign: {exc}"[:300])
+        return signed
+
+    async def _send_batch(self, sending: list[_Claim], link: DbLink) -> None:
+        """One request for the batch; settled answers recorded together, the rest retried."""
+        now = time.time()
+        verdicts = await self._post([c.body for c in sending], [c.plan for c in sending])
+        settled = [
+            (c.facts.trigger_id, v, 1) for c, v in zip(sending, verdicts, strict=True) if v.status
+        ]
+        if settled:
+            await link.call(_record, settled, True)
+        for claim, verdict in zip(sending, verdicts, strict=True):
+            facts = attrs.evolve(
+                claim.facts, status="signed", order_id=claim.order_id, body=claim.body,
+                signed_at=now,
+            )  # fmt: skip
+            if verdict.status is not None:
+                self._released.add(facts.trigger_id)
+                self._told(facts, verdict, claim.plan.side)
+            else:
+                await self._send_until_settled(
+                    facts, claim.plan.side, claim.plan.size, link, first=verdict
+                )
+
+    # -------------------------------------------------------------- an unconfirmed order
+
+    async def _confirm(self, facts: OrderFacts, link: DbLink) -> None:
+        """A ``signed`` row of an earlier try or life: ask the venue before anything is sent."""
+        assert facts.order_id is not None and facts.body is not None
+        side, size = self._side_size(facts)
+        verdict = await self._ask(facts.order_id, size)
+        if verdict is not None:
+            self.outcomes["recovered"] += 1
+            await self._settle(facts, verdict, link, sent=0, side=side)
+            return
+        await self._send_until_settled(facts, side, size, link)
+
+    @staticmethod
+    def _side_size(facts: OrderFacts) -> tuple[Side, Decimal]:
+        assert facts.body is not None
+        order = facts.body["order"]
+        side: Side = "BUY" if order["side"] == "BUY" else "SELL"
+        shares = Decimal(order["takerAmount" if side == "BUY" else "makerAmount"]) / 1_000_000
+        return side, shares
+
+    async def _send_until_settled(
+        self,
+        facts: OrderFacts,
+        side: Side,
+        size: Decimal,
+        link: DbLink,
+        first: Verdict | None = None,
+    ) -> None:
+        """
+        POST the stored body (unless ``first`` is the answer to a POST just
+        made); when the answer settles nothing, wait (backoff or
+        ``Retry-After``), ask the venue, and send the same body again, until
+        ``execute.retry_window`` after signing.
+        """
+        assert facts.order_id is not None and facts.body is not None
+        backoff = Backoff(0.2, 5.0)
+        deadline = (facts.signed_at or time.time()) + self.config.retry_window
+        plan = OrderPlan(side, size, Decimal(0), Decimal(0))
+        while True:
+            if first is None:
+                (verdict,) = await self._post([facts.body], [plan])
+            else:
+                verdict, first = first, None
+            if verdict.status is not None:
+                await self._settle(facts, verdict, link, sent=1, side=side)
+                return
+            await link.call(_record, [(facts.trigger_id, verdict, 1)], False)
+            self.outcomes["retried"] += 1
+            self._log_refusal(facts.trigger_id, verdict.error)
+            wait = verdict.retry_after if verdict.retry_after is not None else backoff.next_delay()
+            if time.time() + wait > deadline:
+                failed = Verdict("failed", error=f"not confirmed: {verdict.error}")
+                await self._settle(facts, failed, link, sent=0, side=side)
+                return
+            await trio.sleep(wait)
+            asked_now = await self._ask(facts.order_id, size)
+            if asked_now is not None:
+                await self._settle(facts, asked_now, link, sent=0, side=side)
+                return
+
+    async def _post(self, bodies: list[dict[str, Any]], plans: list[OrderPlan]) -> list[Verdict]:
+        """
+        ``POST /order`` of one stored body, or ``POST /orders`` of several (at
+        most :data:`MAX_BATCH_ORDERS`), each with ``owner`` added; a verdict per order.
+        """
+        await self._take_token(len(bodies))
+        owner = self.signer.owner
+        texts = [orjson.dumps({**body, "owner": owner}).decode() for body in bodies]
+        path, text = (
+            ("/order", texts[0]) if len(texts) == 1 else ("/orders", f"[{','.join(texts)}]")
+        )
+        headers = self.signer.headers("POST", path, text)
+        headers["content-type"] = "application/json"
+        try:
+            response = await self.http.post(path, content=text, headers=headers)
+        except httpx.HTTPError as exc:
+            return [Verdict(None, error=f"{type(exc).__name__}: {exc}"[:300])] * len(bodies)
+        try:
+            answer = orjson.loads(response.content) if response.content else None
+        except orjson.JSONDecodeError:
+            answer = response.text[:300]
+        if response.status_code == 429:
+            self.outcomes["rate_limited"] += 1
+        after = response.headers.get("retry-after")
+        code = response.status_code
+        if (
+            path == "/orders"
+            and code == 200
+            and isinstance(answer, list)
+            and len(answer) == len(plans)
+        ):
+            return [
+                judge_answer(code, a, p.side, p.size, after)
+                for a, p in zip(answer, plans, strict=True)
+            ]
+        return [judge_answer(code, answer, p.side, p.size, after) for p in plans]
+
+    async def _take_token(self, cost: int) -> None:
+        """Wait for ``cost`` orders' room in the order bucket (one worker at a time)."""
+        async with self._bucket_lock:
+            ready = self._bucket.ready_at(cost, trio.current_time())
+            await trio.sleep_until(ready)
+            self._bucket.try_take(cost, max(ready, trio.current_time()))
+
+    async def _ask(self, order_id: str, size: Decimal) -> Verdict | None:
+        """The venue's word on ``order_id`` (None: unknown to it, or it cannot be asked)."""
+        path = f"/data/order/{order_id}"
+        try:
+            response = await self.http.get(path, headers=self.signer.headers("GET", path, ""))
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200 or not response.content:
+            return None
+        try:
+            return judge_order(orjson.loads(response.content), size)
+        except orjson.JSONDecodeError:
+            return None
+
+    async def _settle(
+        self, facts: OrderFacts, verdict: Verdict, link: DbLink, *, sent: int, side: Side
+    ) -> None:
+        await link.call(_record, [(facts.trigger_id, verdict, sent)], True)
+        self._released.add(facts.trigger_id)
+        self._told(facts, verdict, side)
+
+    def _told(self, facts: OrderFacts, verdict: Verdict, side: Side) -> None:
+        """Count and log a settled order; remember it while it rests."""
+        status = verdict.status or "placed"
+        if status == "placed" and verdict.order_status in ("live", "delayed", ""):
+            self._resting.add(facts.trigger_id)
+        else:
+            self._resting.discard(facts.trigger_id)
+        self._count(status, facts.trigger_id, verdict.error, order_id=facts.order_id, side=side)
+
+    # -------------------------------------------------------------- a resting order
+
+    async def _follow(self, facts: OrderFacts, link: DbLink) -> None:
+        if facts.order_id is None or facts.body is None:
+            return
+        side, size = self._side_size(facts)
+        verdict = await self._ask(facts.order_id, size)
+        if verdict is None:
+            return
+        if verdict.status == "placed":
+            self._resting.add(facts.trigger_id)
+            await link.call(_record, [(facts.trigger_id, verdict, 0)], False)
+            return
+        await self._settle(facts, verdict, link, sent=0, side=side)
+
+    async def _heartbeat_loop(self) -> None:
+        """``POST /v1/heartbeats`` every :data:`HEARTBEAT_INTERVAL` s while an order rests."""
+        while True:
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            if self._resting and self.config.enabled:
+                await self.heartbeat()
+
+    async def heartbeat(self) -> bool:
+        """
+        One order heartbeat, chained by ``heartbeat_id`` (a stale id is
+        answered 400 with the expected one: sent again once with it).
+        Returns whether the venue accepted it.
+        """
+        for _ in range(2):
+            text = orjson.dumps({"heartbeat_id": self._heartbeat_id}).decode()
+            path = "/v1/heartbeats"
+            headers = self.signer.headers("POST", path, text)
+            headers["content-type"] = "application/json"
+            try:
+                response = await self.http.post(path, content=text, headers=headers)
+                answer = orjson.loads(response.content) if response.content else {}
+            except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+                self.outcomes["heartbeat_failed"] += 1
+                self._log_refusal(None, f"heartbeat: {type(exc).__name__}")
+                return False
+            expected = answer.get("heartbeat_id") if isinstance(answer, dict) else None
+            if response.status_code == 200:
+                self._heartbeat_id = str(expected or self._heartbeat_id)
+                self.outcomes["heartbeats"] += 1
+                return True
+            if response.status_code == 400 and expected:
+                self._heartbeat_id = str(expected)
+                continue
+            break
+        self.outcomes["heartbeat_failed"] += 1
+        return False
+
+    # -------------------------------------------------------------- telling
+
+    def _count(self, outcome: str, trigger_id: int, detail: str | None, **fields: Any) -> None:
+        self.outcomes[outcome] += 1
+        if outcome in ("rejected", "failed", "refused"):
+            logger.warning("order_" + outcome, trigger_id=trigger_id, reason=detail, **fields)
+        else:
+            logger.info("order_" + outcome, trigger_id=trigger_id, detail=detail, **fields)
+
+    def _log_refusal(self, trigger_id: int | None, error: str | None) -> None:
+        suppressed = self._refusals.allow(str(error)[:40], time.monotonic())
+        if suppressed is not None:
+            logger.warning("order_retry", trigger_id=trigger_id, error=error, suppressed=suppressed)

@@ -1,0 +1,406 @@
+"""
+Closing orders on the CLOB (``execute.mode = "clob"``, polystream.monitor.orders)
+on a real PostgreSQL and the fake CLOB (polystream.replay.orders) over real
+HTTP on loopback: each TP/SL gives one signed order of the right side, size
+and limit, recovered by the signature; two daemons give one order; a crash
+after the send gives no second order after the restart; a venue that is down
+is retried within bounds and reported; a dry run sends nothing; the cap
+refuses; a refusal is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import ROUND_FLOOR, Decimal
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import psycopg
+import pytest
+import trio
+from expected import UPDOWN, insert_position, insert_rules, replay_config, serve_updown
+
+from polystream.app import App, run
+from polystream.config import (
+    ExecuteConfig,
+    load_config,
+)
+from polystream.errors import ConfigError
+from polystream.monitor.executor import write_decisions
+from polystream.monitor.orders import OrderFacts, OrderPlacer, OrderPlan, plan_order
+from polystream.monitor.rules import Decision
+from polystream.replay import ReplayServer
+from polystream.replay.orders import FakeClob, Outcome
+from polystream.stats import Stats
+from polystream.store.link import DbLink
+from polystream.store.markets import import_markets_file
+from polystream.venue.orders import ApiCredentials, TradingAccount, TradingKey
+
+D = Decimal
+RULES = [  # (market id, outcome, kind, level): each crossed in the recording
+    ("900003", "Up", "take_profit", "0.60"),
+    ("900003", "Up", "stop_loss", "0.40"),
+    ("900005", "Up", "take_profit", "0.60"),
+    ("900005", "Down", "stop_loss", "0.40"),
+]
+
+
+def _account() -> TradingAccount:
+    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    credentials = ApiCredentials(str(uuid.uuid4()), secret, "pass-phrase")
+    return TradingAccount(TradingKey.create(), credentials)
+
+
+@pytest.fixture
+def account() -> TradingAccount:
+    return _account()
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery, account: TradingAccount) -> FakeClob:
+    clob = FakeClob.for_account(account.credentials, account.address)
+    served: FakeClob = await nursery.start(clob.serve)
+    return served
+
+
+def _rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def _limit(price: Decimal) -> Decimal:
+    """The SELL limit: 0.02 under ``price``, down to the 0.01 tick, at least one tick."""
+    tick = D("0.01")
+    return max(((price - D("0.02")) / tick).to_integral_value(ROUND_FLOOR) * tick, tick)
+
+
+def _posts(fake: FakeClob) -> list[Any]:
+    return [r for r in fake.requests if r.method == "POST" and r.path == "/order"]
+
+
+# ------------------------------------------------------------------ end to end
+
+
+async def _run_daemons(
+    dsn: str, fake: FakeClob, account: TradingAccount, count: int, **execute: Any
+) -> list[App]:
+    """``count`` daemons in clob mode over one max-speed replay, until every order settled."""
+    async with trio.open_nursery() as nursery:
+        server: ReplayServer = await serve_updown(nursery)
+        execute_config = ExecuteConfig(mode="clob", clob_url=fake.url, **execute)
+        config = replay_config(server.port, execute=execute_config)
+        apps: list[App] = []
+        for _ in range(count):
+            apps.append(await nursery.start(partial(run, config, dsn, account=account)))
+        await server.finished.wait()
+        while _rows(dsn, "SELECT 1 FROM triggers WHERE status IN ('pending', 'signed')") or any(
+            a.executor.pending or (a.placer and a.placer.pending) for a in apps
+        ):
+            await trio.sleep(0.05)
+        for app in apps:
+            app.stop()
+        nursery.cancel_scope.cancel()
+    return apps
+
+
+async def test_each_tpsl_places_one_signed_closing_order_with_two_daemons(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    with psycopg.connect(db_dsn) as conn:
+        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
+        rules = insert_rules(conn, RULES, user="tpsl")
+    assert all(crossing is not None for _, crossing in rules.values())
+
+    with trio.fail_after(120):
+        apps = await _run_daemons(db_dsn, fake, account, count=2, enabled=True)
+
+    posts = _posts(fake)
+    assert len(posts) == 4  # one per rule, although two daemons saw every crossing
+    assert {p.signer for p in posts} == {account.address}  # recovered from the signature
+    assert all(p.outcome == "fill" for p in posts)
+    rows = _rows(
+        db_dsn,
+        "SELECT t.position_id, t.status, t.order_id, t.order_side, t.order_size, t.order_price,"
+        " t.filled_size, t.attempts, p.status, t.price FROM triggers t"
+        " JOIN positions p ON p.id = t.position_id",
+    )
+    assert len(rows) == 4
+    for pid, status, order_id, side, size, limit, filled, attempts, position, price in rows:
+        _, crossing = rules[pid]
+        assert price == crossing
+        assert (status, side, size, filled, attempts, position) == (
+            "filled", "SELL", D("10"), D("10"), 1, "closed"
+        )  # fmt: skip
+        assert limit == _limit(crossing)
+        order = fake.orders[order_id]  # the venue's id is the one stored before the send
+        assert (order.side, order.original_size, order.price) == ("SELL", D("10"), limit)
+        assert order.body["order"]["makerAmount"] == "10000000"  # 10 shares
+        assert order.body["order"]["takerAmount"] == str(int(limit * 10 * 1_000_000))
+    filled = sum(a.stats.orders["filled"] for a in apps if a.stats.orders is not None)
+    assert filled == 4
+
+
+async def test_a_crash_after_the_send_places_no_second_order(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    with psycopg.connect(db_dsn) as conn:
+        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
+        insert_rules(conn, RULES[:1])
+    fake.script.append(Outcome.accept_then_drop())  # the venue fills it, the answer never comes
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server: ReplayServer = await serve_updown(nursery)
+            execute = ExecuteConfig(mode="clob", clob_url=fake.url, enabled=True)
+            config = replay_config(server.port, execute=execute)
+            await nursery.start(partial(run, config, db_dsn, account=account))
+            await fake.wait_requests(1, path="/order")
+            nursery.cancel_scope.cancel()  # dies before it learns the answer
+    ((status, order_id),) = _rows(db_dsn, "SELECT status, order_id FROM triggers")
+    assert status == "signed" and order_id in fake.orders  # sent, not confirmed
+
+    async with _placer(db_dsn, fake, account, enabled=True) as placer:  # the restarted daemon
+        await placer.scan()
+        await _settled(db_dsn)
+    assert _rows(db_dsn, "SELECT status, attempts, filled_size FROM triggers") == [
+        ("filled", 0, D("10"))
+    ]
+    assert len(_posts(fake)) == 1  # asked, not sent again
+    assert placer.outcomes["recovered"] == 1
+
+
+# ------------------------------------------------------------------ one placer
+
+
+@asynccontextmanager
+async def _placer(
+    dsn: str, fake: FakeClob, account: TradingAccount, **execute: Any
+) -> AsyncIterator[OrderPlacer]:
+    config = ExecuteConfig(mode="clob", clob_url=fake.url, **execute)
+    link = DbLink(dsn=dsn, name="orders-test", stats=Stats())
+    try:
+        async with (
+            httpx.AsyncClient(base_url=fake.url, timeout=config.request_timeout) as http,
+            trio.open_nursery() as nursery,
+        ):
+            placer = OrderPlacer(config=config, link=link, http=http, signer=account, stats=Stats())
+            await nursery.start(placer.run)
+            yield placer
+            nursery.cancel_scope.cancel()
+    finally:
+        link.close()
+
+
+def _decide(dsn: str, *, size: str = "10", price: str = "0.70") -> int:
+    """One position on 900003 Up and its take-profit trigger row (pending); the trigger id."""
+    with psycopg.connect(dsn) as conn:
+        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
+        pid, _ = insert_position(conn, "900003", "Up", size, "0.5", take_profit="0.65")
+        decision = Decision("take_profit", f"position:{pid}:tp", D(price), "test", position_id=pid)
+        (trigger_id,) = write_decisions(conn, [decision])
+    assert trigger_id is not None
+    return trigger_id
+
+
+async def _settled(dsn: str) -> str:
+    while True:
+        ((status,),) = await trio.to_thread.run_sync(
+            lambda: _rows(dsn, "SELECT status FROM triggers")
+        )
+        if status not in ("pending", "signed"):
+            return str(status)
+        await trio.sleep(0.02)
+
+
+async def test_two_placers_on_one_trigger_send_one_order(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    trigger_id = _decide(db_dsn)
+    fake.script.append(Outcome.live())
+    async with (
+        _placer(db_dsn, fake, account, enabled=True) as one,
+        _placer(db_dsn, fake, account, enabled=True) as other,
+    ):
+        one.submit(trigger_id)
+        other.submit(trigger_id)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "placed"
+    assert len(_posts(fake)) == 1
+    assert one.outcomes["placed"] + other.outcomes["placed"] == 1
+
+
+async def test_a_venue_that_is_down_is_retried_then_the_order_placed(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    trigger_id = _decide(db_dsn)
+    fake.script.extend([Outcome.unavailable(), Outcome.rate_limited(0.1), Outcome.fill()])
+    async with _placer(db_dsn, fake, account, enabled=True) as placer:
+        placer.submit(trigger_id)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "filled"
+    assert [p.status for p in _posts(fake)] == [503, 429, 200]
+    assert _rows(db_dsn, "SELECT attempts, error FROM triggers") == [(3, None)]
+    assert placer.outcomes["retried"] == 2 and placer.outcomes["rate_limited"] == 1
+    assert len({p.order_id for p in _posts(fake) if p.order_id}) <= 1  # one order, never re-signed
+
+
+async def test_a_venue_down_past_the_retry_window_fails_the_order_visibly(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    trigger_id = _decide(db_dsn)
+    fake.default = Outcome.unavailable()  # down for good
+    async with _placer(db_dsn, fake, account, enabled=True, retry_window=1.0) as placer:
+        placer.submit(trigger_id)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "failed"
+    ((attempts, error, position),) = _rows(
+        db_dsn,
+        "SELECT t.attempts, t.error, p.status FROM triggers t JOIN positions p"
+        " ON p.id = t.position_id",
+    )
+    assert 1 <= attempts <= 10 and error.startswith("not confirmed: 503")
+    assert position == "closing"  # never closed by a failed order
+    assert placer.outcomes["failed"] == 1
+
+
+async def test_a_refusal_of_the_venue_is_recorded_with_its_reason(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    trigger_id = _decide(db_dsn)
+    fake.script.append(Outcome.reject("not enough balance / allowance"))
+    async with _placer(db_dsn, fake, account, enabled=True) as placer:
+        placer.submit(trigger_id)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "rejected"
+    ((error,),) = _rows(db_dsn, "SELECT error FROM triggers")
+    assert "not enough balance / allowance" in error
+    assert placer.outcomes["rejected"] == 1 and len(_posts(fake)) == 1
+
+
+async def test_a_dry_run_signs_and_stores_but_sends_nothing(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    trigger_id = _decide(db_dsn)
+    async with _placer(db_dsn, fake, account) as placer:  # execute.enabled defaults to false
+        placer.submit(trigger_id)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "dry_run"
+    ((order_id, body, side, size, price),) = _rows(
+        db_dsn, "SELECT order_id, order_body, order_side, order_size, order_price FROM triggers"
+    )
+    assert order_id.startswith("0x") and (side, size, price) == ("SELL", D("10"), D("0.68"))
+    assert "owner" not in body  # the API key is not stored
+    assert fake.requests == []
+
+
+async def test_the_daily_cap_refuses_an_order_that_would_pass_it(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    trigger_id = _decide(db_dsn, size="100")  # 100 shares at 0.68: 68 USDC
+    async with _placer(db_dsn, fake, account, enabled=True, max_daily_notional=50.0) as placer:
+        placer.submit(trigger_id)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "refused"
+    ((error,),) = _rows(db_dsn, "SELECT error FROM triggers")
+    assert error.startswith("daily notional cap") and fake.requests == []
+
+
+async def test_a_resting_order_is_followed_and_kept_alive_by_the_heartbeat(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    trigger_id = _decide(db_dsn)
+    fake.script.append(Outcome.live())
+    async with _placer(db_dsn, fake, account, enabled=True) as placer:
+        placer.submit(trigger_id)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "placed"
+        assert await placer.heartbeat() and await placer.heartbeat()  # chained ids
+        ((order_id,),) = _rows(db_dsn, "SELECT order_id FROM triggers")
+        fake.match(order_id)  # a counterparty takes the rest
+        await placer.scan()
+        with trio.fail_after(30):
+            while _rows(db_dsn, "SELECT 1 FROM triggers WHERE status = 'filled'") == []:
+                await trio.sleep(0.05)
+    assert _rows(db_dsn, "SELECT status FROM positions") == [("closed",)]
+    assert fake.counts["heartbeat"] >= 2 and placer.outcomes["heartbeats"] == 2
+
+
+# ------------------------------------------------------------------ planning, config
+
+
+def _facts(**changes: Any) -> OrderFacts:
+    base = OrderFacts(
+        trigger_id=1, kind="take_profit", status="pending", price=D("0.655"), token_id="t",
+        size=D("12.349"), stake=None, limit=None, tick=D("0.01"), neg_risk=False,
+    )  # fmt: skip
+    return attrs.evolve(base, **changes)
+
+
+def test_a_close_sells_the_size_held_no_lower_than_the_slippage_allows() -> None:
+    assert plan_order(_facts(), D("0.02")) == OrderPlan("SELL", D("12.34"), D("0.63"), D("0.01"))
+    assert plan_order(_facts(price=D("0.015")), D("0.02")).price == D("0.01")  # type: ignore[union-attr]
+    assert plan_order(_facts(tick=None), D("0.02")) == "no tick size for the market"
+    assert plan_order(_facts(size=D("0.004")), D("0.02")) == "size rounds to 0 shares"
+
+
+def test_a_prediction_buys_stake_over_limit_shares_at_its_limit() -> None:
+    facts = _facts(kind="prediction", size=None, stake=D("25"), limit=D("0.333"))
+    assert plan_order(facts, D("0.02")) == OrderPlan("BUY", D("75.75"), D("0.33"), D("0.01"))
+
+
+def test_clob_mode_without_credentials_stops_with_the_names_only() -> None:
+    config = load_config(None, {"POLYSTREAM_EXECUTE__MODE": "clob"})
+    with pytest.raises(ConfigError, match="POLYMARKET_PRIVATE_KEY, POLYMARKET_API_KEY"):
+        TradingAccount.from_environment({}, config.execute.signature_type)
+    secret = "0x" + "11" * 32
+    environ = {
+        "POLYMARKET_PRIVATE_KEY": secret,
+        "POLYMARKET_API_KEY": "key",
+        "POLYMARKET_API_SECRET": "c2VjcmV0",
+        "POLYMARKET_API_PASSPHRASE": "passphrase-value",
+    }
+    account = TradingAccount.from_environment(environ, "eoa")
+    assert secret[2:] not in repr(account) and "passphrase-value" not in repr(account)
+    with pytest.raises(ConfigError, match="POLYMARKET_FUNDER"):
+        TradingAccount.from_environment(environ, "gnosis_safe")
+    with pytest.raises(ConfigError) as bad:
+        TradingAccount.from_environment(environ | {"POLYMARKET_PRIVATE_KEY": "0x12"}, "eoa")
+    assert "0x12" not in str(bad.value)
+
+
+async def test_replay_clob_port_serves_a_fake_clob_for_the_account_it_writes(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """``polystream replay --clob-port --clob-env``: the demo's venue, end to end."""
+    import subprocess
+    import sys
+
+    from cli_process import clean_env, free_port
+
+    port, clob_port, env_file = free_port(), free_port(), tmp_path / "clob.env"
+    command = [sys.executable, "-m", "polystream", "replay", f"{UPDOWN}.jsonl.gz"]
+    command += ["--port", str(port), "--clob-port", str(clob_port), "--clob-env", str(env_file)]
+    process = subprocess.Popen(command, env=clean_env(), stdout=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(30):
+            while not (env_file.exists() and env_file.read_text().count("\n") == 4):
+                await trio.sleep(0.05)
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        environ = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        account = TradingAccount.from_environment(environ, "eoa")
+        trigger_id = _decide(db_dsn)
+        url = f"http://127.0.0.1:{clob_port}"
+        fake = attrs.evolve(FakeClob.for_account(account.credentials, account.address), url=url)
+        async with _placer(db_dsn, fake, account, enabled=True) as placer:
+            placer.submit(trigger_id)
+            with trio.fail_after(30):
+                assert await _settled(db_dsn) == "filled"  # signed, checked and filled there
+    finally:
+        process.terminate()
+        process.wait(10)
