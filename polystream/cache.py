@@ -32,14 +32,12 @@ from typing import Any
 
 import attrs
 import orjson
-import redis
 import structlog
 import trio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from polystream.catalog import Catalog
 from polystream.config import CacheConfig
+from polystream.errors import CacheError
 from polystream.logs import RateLimitedLog, masked_dsn
 from polystream.stats import CacheStats, Stats
 from polystream.timing import Backoff, run_flushes
@@ -81,24 +79,33 @@ class RedisSender:
         Invalidate ``keys`` (Redis key names) in one round trip.
 
         Raises:
-            redis.RedisError: Redis refused, timed out (``timeout`` seconds)
-                or cannot be reached; nothing is retried here.
+            CacheError: Redis refused, timed out (``timeout`` seconds) or
+                cannot be reached (redis-py's error, one line, no password);
+                nothing is retried here.
         """
-        if self._client is None:
-            self._client = redis.Redis.from_url(
-                self.url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 0),  # our own backoff retries, with the latest keys
-            )
-        pipe = self._client.pipeline(transaction=False)
-        for start in range(0, len(keys), KEYS_PER_COMMAND):
-            chunk = keys[start : start + KEYS_PER_COMMAND]
-            if self.mode == "publish":
-                pipe.publish(self.channel, orjson.dumps({"keys": chunk}))
-            else:
-                pipe.unlink(*chunk)
-        pipe.execute()
+        import redis  # here: the daemon without [cache] never loads the client (10 MiB)
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        try:
+            if self._client is None:
+                self._client = redis.Redis.from_url(
+                    self.url,
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                    retry=Retry(NoBackoff(), 0),  # our own backoff retries, with the latest keys
+                )
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(keys), KEYS_PER_COMMAND):
+                chunk = keys[start : start + KEYS_PER_COMMAND]
+                if self.mode == "publish":
+                    pipe.publish(self.channel, orjson.dumps({"keys": chunk}))
+                else:
+                    pipe.unlink(*chunk)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CacheError(masked_dsn(message)) from None
 
     def close(self) -> None:
         """Close the client's connections (idempotent)."""
@@ -114,7 +121,7 @@ class CacheInvalidator:
     task (:meth:`run`), retrying with backoff while Redis is down.
 
     ``send`` invalidates a batch of keys (blocking; run in a worker thread);
-    it raises ``redis.RedisError`` or ``OSError`` when Redis fails.
+    it raises :class:`~polystream.errors.CacheError` when Redis fails.
     """
 
     config: CacheConfig
@@ -163,7 +170,7 @@ class CacheInvalidator:
                 self.send, list(batch), limiter=self._limiter, abandon_on_cancel=True
             )
             sent = True
-        except (redis.RedisError, OSError) as exc:
+        except CacheError as exc:
             self._failed(exc, len(batch))
             return False
         finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "BAD_INPUT_KINDS",
+    "CacheError",
     "ClobError",
     "ConfigError",
     "DatabaseError",
@@ -147,6 +148,10 @@ class ClobError(VenueError):
 
 class GammaError(VenueError):
     """The Gamma API (market metadata) failed."""
+
+
+class CacheError(PolystreamError):
+    """Redis (``cache.redis_url``) refused, timed out or cannot be reached."""
 
 
 class ImportDataError(PolystreamError):

@@ -39,6 +39,7 @@ from polystream.app import App, run
 from polystream.cache import KEYS_PER_COMMAND, CacheInvalidator, RedisSender, invalidator_of
 from polystream.catalog import Catalog
 from polystream.config import CacheConfig, Config
+from polystream.errors import CacheError
 from polystream.ops.status import render_health
 from polystream.replay import ReplayServer
 from polystream.stats import Stats
@@ -271,7 +272,7 @@ async def test_redis_down_keeps_the_keys_and_retries_with_backoff(
 ) -> None:
     stats = Stats()
     calls: list[list[str]] = []
-    answers = [redis.ConnectionError("Connection refused"), redis.TimeoutError("Timeout"), None]
+    answers = [CacheError("Connection refused"), CacheError("Timeout"), None]
 
     in_flight = threading.Event()
 
@@ -306,6 +307,6 @@ def test_a_sender_without_redis_raises_a_redis_error() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed: nothing listens there
     sender = RedisSender(url=f"redis://127.0.0.1:{port}/0", mode="delete", channel="c", timeout=0.5)
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(CacheError, match=r"127\.0\.0\.1"):
         sender.send(["k"])
     sender.close()

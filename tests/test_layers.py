@@ -83,3 +83,20 @@ def test_importing_starts_nothing() -> None:
         if info.name != "polystream.__main__":  # runs the CLI by design
             importlib.import_module(info.name)
     assert threading.active_count() == before
+
+
+def test_the_daemon_loads_the_optional_clients_only_when_configured() -> None:
+    """
+    The signing library (about 30 MiB) and the Redis client (about 10 MiB)
+    are imported only in ``execute.mode = "clob"`` / with ``cache.redis_url``:
+    a daemon without them keeps its memory (bench.scale's RSS goal).
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, polystream.app, polystream.cli, polystream.ops.metrics;"
+        "print(sorted(m for m in ('redis', 'py_clob_client_v2', 'eth_account') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -46,7 +46,7 @@ import itertools
 import time
 from collections import Counter
 from decimal import ROUND_DOWN, ROUND_FLOOR, Decimal
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 import httpx
@@ -62,7 +62,9 @@ from polystream.logs import RateLimitedLog
 from polystream.stats import Stats
 from polystream.store.link import DbLink
 from polystream.timing import Backoff, TokenBucket
-from polystream.venue.orders import MAX_BATCH_ORDERS, SignedOrder
+
+if TYPE_CHECKING:  # the signing library is heavy (30 MiB): loaded only in clob mode
+    from polystream.venue.orders import SignedOrder
 
 __all__ = [
     "ORDER_LOCK",
@@ -204,6 +206,11 @@ class OrderSigner(Protocol):
     @property
     def owner(self) -> str:
         """The API key: the ``owner`` of every order body."""
+        ...
+
+    @property
+    def max_batch(self) -> int:
+        """Most orders in one ``POST /orders``."""
         ...
 
     def sign(
@@ -581,7 +588,7 @@ class OrderPlacer:
             while not self._todo:
                 self._wake = trio.Event()
                 await self._wake.wait()
-            batch = list(itertools.islice(self._todo, MAX_BATCH_ORDERS))
+            batch = list(itertools.islice(self._todo, self.signer.max_batch))
             for trigger_id in batch:
                 del self._todo[trigger_id]
             self._busy.update(batch)
@@ -768,7 +775,7 @@ class OrderPlacer:
     async def _post(self, bodies: list[dict[str, Any]], plans: list[OrderPlan]) -> list[Verdict]:
         """
         ``POST /order`` of one stored body, or ``POST /orders`` of several (at
-        most :data:`MAX_BATCH_ORDERS`), each with ``owner`` added; a verdict per order.
+        most ``signer.max_batch``), each with ``owner`` added; a verdict per order.
         """
         await self._take_token(len(bodies))
         owner = self.signer.owner

@@ -595,6 +595,11 @@ class TradingAccount:
         """The signing key's address (``POLY_ADDRESS``)."""
         return self.key.address
 
+    @property
+    def max_batch(self) -> int:
+        """Most orders in one ``POST /orders``: :data:`MAX_BATCH_ORDERS`."""
+        return MAX_BATCH_ORDERS
+
     def sign(
         self,
         *,
