@@ -42,6 +42,7 @@ https://docs.polymarket.com/api-reference/rate-limits.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -488,6 +489,13 @@ def _record(
 
 # ------------------------------------------------------------------ the placer
 
+_WARM_UP = (
+    OrderFacts(0, "take_profit", "pending", Decimal("0.5"), "1", Decimal(1), None, None,
+               Decimal("0.01"), False),
+    OrderPlan("SELL", Decimal(1), Decimal("0.5"), Decimal("0.01")),
+)  # fmt: skip
+"""A made-up order signed once at start-up (never stored, never sent)."""
+
 
 @attrs.define(eq=False)
 class OrderPlacer:
@@ -544,6 +552,9 @@ class OrderPlacer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Workers, the scan and the heartbeat, until cancelled."""
+        # One order signed and thrown away: the library's first signature builds its
+        # caches (tens of ms), which must not fall on the first real order.
+        await trio.to_thread.run_sync(self._sign_all, [_WARM_UP])
         async with trio.open_nursery() as nursery:
             for index in range(WORKERS):
                 nursery.start_soon(self._work, index)
@@ -579,6 +590,8 @@ class OrderPlacer:
             statement_timeout=base.statement_timeout,
         )
         try:
+            with contextlib.suppress(DatabaseError):  # connected before the first order needs it
+                await link.call(lambda conn: None)
             await self._work_with(link)
         finally:
             link.close()
