@@ -404,3 +404,49 @@ async def test_replay_clob_port_serves_a_fake_clob_for_the_account_it_writes(
     finally:
         process.terminate()
         process.wait(10)
+
+
+async def test_a_kill_9_after_the_send_places_no_second_order(
+    db_dsn: str, nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Real processes: ``polystream run`` is killed (SIGKILL) while the venue
+    holds the answer to the order it has already filled; a new process asks
+    the venue, records the fill and sends nothing more.
+    """
+    import signal
+
+    from polystream.ops.daemon import open_daemon
+
+    key_hex = os.urandom(32).hex()
+    account = attrs.evolve(_account(), key=TradingKey.from_hex(key_hex))
+    credentials = account.credentials
+    for name, value in {  # what the children read: POLYMARKET_* from the environment
+        "POLYMARKET_PRIVATE_KEY": key_hex,
+        "POLYMARKET_API_KEY": credentials.api_key,
+        "POLYMARKET_API_SECRET": credentials.api_secret,
+        "POLYMARKET_API_PASSPHRASE": credentials.api_passphrase,
+    }.items():
+        monkeypatch.setenv(name, value)
+    fake: FakeClob = await nursery.start(FakeClob.for_account(credentials, account.address).serve)
+    with psycopg.connect(db_dsn) as conn:
+        import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
+        insert_rules(conn, RULES[:1])
+    settings = {"execute__mode": "clob", "execute__enabled": "true", "execute__clob_url": fake.url}
+    fake.script.append(Outcome.accept_then_drop())  # filled at the venue, the answer held
+    with trio.fail_after(90):
+        server: ReplayServer = await serve_updown(nursery)
+        async with open_daemon(db_dsn, server.url, tmp_path / "1.log", settings=settings) as first:
+            await first.wait_ready()
+            await fake.wait_requests(1, path="/order")
+            os.kill(first.pid, signal.SIGKILL)
+            assert await first.stop() == -signal.SIGKILL
+        ((status, order_id),) = _rows(db_dsn, "SELECT status, order_id FROM triggers")
+        assert status == "signed" and order_id in fake.orders  # sent, never confirmed
+        async with open_daemon(db_dsn, server.url, tmp_path / "2.log", settings=settings) as second:
+            await second.wait_ready()
+            assert await _settled(db_dsn) == "filled"
+            assert await second.stop() == 0
+    assert len(_posts(fake)) == 1  # asked, not sent again
+    assert _rows(db_dsn, "SELECT attempts, filled_size FROM triggers") == [(0, D("10"))]
+    assert b"order_filled" in (tmp_path / "2.log").read_bytes()
