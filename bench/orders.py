@@ -37,12 +37,10 @@ the tick; no other order; every trigger ``filled`` with 10 shares.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from decimal import ROUND_FLOOR, Decimal
@@ -67,26 +65,11 @@ from bench.monitor.rules import RuleBook, make_rules
 from bench.monitor.run import Context, RunRecord, RunSpec, run_daemon
 from bench.monitor.sender import Sender
 from polystream.replay.orders import FakeClob
-from polystream.venue.orders import ApiCredentials, TradingKey
+from polystream.venue.orders import throwaway_account
 
 SLIPPAGE = Decimal("0.02")
 TICK = Decimal("0.01")  # the capture's markets (orderPriceMinTickSize)
 SHARES = Decimal(10)  # bench.monitor.rules: every position holds 10 shares
-
-
-def _account() -> tuple[TradingKey, ApiCredentials, dict[str, str]]:
-    """A throwaway key and API credentials, and the environment that hands them to the daemon."""
-    key_hex = os.urandom(32).hex()
-    key = TradingKey.from_hex(key_hex)
-    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    credentials = ApiCredentials(str(uuid.uuid4()), secret, "bench-passphrase")
-    environ = {
-        "POLYMARKET_PRIVATE_KEY": key_hex,
-        "POLYMARKET_API_KEY": credentials.api_key,
-        "POLYMARKET_API_SECRET": secret,
-        "POLYMARKET_API_PASSPHRASE": credentials.api_passphrase,
-    }
-    return key, credentials, environ
 
 
 def _limit(price: Decimal) -> Decimal:
@@ -231,7 +214,6 @@ def _ms(value: float | None) -> str:
 def _one_run(
     args: argparse.Namespace,
     dsn: str,
-    stack: contextlib.ExitStack,
     recording: Recording,
     crossed: int,
     log_dir: Any,
@@ -242,9 +224,9 @@ def _one_run(
     largest = max(Counter(c.frame for c in book.expected.values()).values())
     progress(f"run: {len(book.rows):,} positions, {crossed:,} crossed, at most {largest} a frame")
     with templates(dsn, book, markets) as (rules_db, _plain):
-        key, credentials, environ = _account()
+        account, environ = throwaway_account()
         os.environ.update(environ)  # the daemon child inherits them; never logged
-        fake = FakeClob.for_account(credentials, key.address)
+        fake = FakeClob.for_account(account.credentials, account.address)
         ctx = Context(
             dsn, recording, AskFacts.of(recording, markets), markets, Sender(), log_dir, None,
             args.seed,
@@ -258,7 +240,7 @@ def _one_run(
             "execute__orders_per_second": str(40 * args.speed),
         }
         spec = RunSpec(f"orders-{crossed}", rules_db, book, 0, 1, args.speed, settings=settings)
-        run, orders = trio.run(measure, ctx, spec, book, fake, key.address)
+        run, orders = trio.run(measure, ctx, spec, book, fake, account.address)
     differences = orders["differences"] + [
         f"tpsl: {k} {v}" for k, v in run["tpsl"]["counts"].items() if v
     ]
@@ -285,8 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recording = Recording.load(CAPTURE_TAPE)
         log_dir = log_directory(stack, args.log_dir, "polystream-benchorders-logs-")
         runs = [
-            _one_run(args, dsn, stack, recording, int(n), log_dir)
-            for n in str(args.crossed).split(",")
+            _one_run(args, dsn, recording, int(n), log_dir) for n in str(args.crossed).split(",")
         ]
     differences: list[str] = [d for run in runs for d in run["differences"]]
     doc = {

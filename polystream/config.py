@@ -462,9 +462,9 @@ class ExecuteConfig:
     max_slippage: float = setting(
         0.02,
         (lambda v: 0 <= v < 1, "a probability in [0, 1), e.g. 0.02"),
-        "How far past the trigger price a closing order may fill: a SELL's limit is the\n"
-        "trigger price minus this, a BUY's plus it, rounded to the market's tick away\n"
-        "from the trigger and kept inside [tick, 1 - tick].",
+        "How far past the trigger price a closing order may fill: its (SELL) limit is the\n"
+        "trigger price minus this, rounded down to the market's tick, kept inside\n"
+        "[tick, 1 - tick]. A prediction's BUY is placed at its own limit_price.",
     )
     order_type: Literal["GTC", "FAK", "FOK"] = setting(
         "GTC",

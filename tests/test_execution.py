@@ -10,9 +10,7 @@ refuses; a refusal is recorded with its reason.
 
 from __future__ import annotations
 
-import base64
 import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import ROUND_FLOOR, Decimal
@@ -41,7 +39,7 @@ from polystream.replay.orders import FakeClob, Outcome
 from polystream.stats import Stats
 from polystream.store.link import DbLink
 from polystream.store.markets import import_markets_file
-from polystream.venue.orders import ApiCredentials, TradingAccount, TradingKey
+from polystream.venue.orders import TradingAccount, throwaway_account
 
 D = Decimal
 RULES = [  # (market id, outcome, kind, level): each crossed in the recording
@@ -52,15 +50,9 @@ RULES = [  # (market id, outcome, kind, level): each crossed in the recording
 ]
 
 
-def _account() -> TradingAccount:
-    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    credentials = ApiCredentials(str(uuid.uuid4()), secret, "pass-phrase")
-    return TradingAccount(TradingKey.create(), credentials)
-
-
 @pytest.fixture
 def account() -> TradingAccount:
-    return _account()
+    return throwaway_account()[0]
 
 
 @pytest.fixture
@@ -418,17 +410,11 @@ async def test_a_kill_9_after_the_send_places_no_second_order(
 
     from polystream.ops.daemon import open_daemon
 
-    key_hex = os.urandom(32).hex()
-    account = attrs.evolve(_account(), key=TradingKey.from_hex(key_hex))
-    credentials = account.credentials
-    for name, value in {  # what the children read: POLYMARKET_* from the environment
-        "POLYMARKET_PRIVATE_KEY": key_hex,
-        "POLYMARKET_API_KEY": credentials.api_key,
-        "POLYMARKET_API_SECRET": credentials.api_secret,
-        "POLYMARKET_API_PASSPHRASE": credentials.api_passphrase,
-    }.items():
+    account, environ = throwaway_account()
+    for name, value in environ.items():  # what the children read: POLYMARKET_*
         monkeypatch.setenv(name, value)
-    fake: FakeClob = await nursery.start(FakeClob.for_account(credentials, account.address).serve)
+    fake = FakeClob.for_account(account.credentials, account.address)
+    fake = await nursery.start(fake.serve)
     with psycopg.connect(db_dsn) as conn:
         import_markets_file(conn, Path(f"{UPDOWN}.markets.json"))
         insert_rules(conn, RULES[:1])

@@ -6,24 +6,25 @@ restarts and daemons.
 
 The trigger row is the order's record (migration ``0003_orders``):
 
-1. **facts**: one query reads the trigger with its position (token, size in
-   shares) or prediction (stake in USDC, limit) and its market (tick size,
-   neg risk); :func:`plan_order` turns them into side, size and limit.
-2. **sign**: py-clob-client-v2 builds and signs the order in a worker thread
-   (CPU only, a few ms; :class:`OrderSigner`). The order id is the signed
-   order's EIP-712 hash, known before anything is sent.
+1. **facts**: a session advisory lock on each trigger (held while this
+   daemon works on its order: no other task or daemon touches it), then
+   one query reads the trigger with its position (token, size in shares) or
+   prediction (stake in USDC, limit) and its market (tick size, neg risk);
+   :func:`plan_order` turns them into side, size and limit.
+2. **sign**: py-clob-client-v2 builds and signs the orders in a worker thread
+   (CPU only, about 1 ms each; :class:`OrderSigner`). An order's id is the
+   signed order's EIP-712 hash, known before anything is sent.
 3. **claim**: one transaction checks the daily notional cap (serialised by a
-   transaction advisory lock), moves the row ``pending -> signed`` (or
-   ``dry_run`` / ``refused``) with the order id and body (compare-and-set: of
-   two daemons one wins, the other's signature is thrown away unsent), and
-   takes a session advisory lock on the trigger, held while this daemon
-   works on the order. The commit is synchronous: the order is on disk
+   transaction advisory lock) and moves the rows ``pending -> signed`` (or
+   ``dry_run`` / ``refused``) with their order ids and bodies
+   (compare-and-set: of two daemons one wins, the other's signatures are
+   thrown away unsent). The commit is synchronous: an order is on disk
    before its first byte goes to the venue.
-4. **send**: ``POST /order`` with L2 headers, at most
-   ``execute.orders_per_second``.
-5. **record**: the answer on the row (``placed`` / ``filled`` /
+4. **send**: ``POST /order``, or ``POST /orders`` for a batch, with L2
+   headers, at most ``execute.orders_per_second``.
+5. **record**: the answers on the rows (``placed`` / ``filled`` /
    ``rejected``, the venue's order status, filled shares, error); a filled
-   order closes its position; the lock is released.
+   order closes its position; the locks are released.
 
 A row left ``signed`` (a crash after the claim, an answer lost, the venue
 down) is taken up by whichever daemon gets its lock (:meth:`OrderPlacer.scan`):
@@ -648,7 +649,7 @@ class OrderPlacer:
                 refused.append((facts.trigger_id, plan))
             else:
                 planned.append((facts, plan))
-        signed = await trio.to_thread.run_sync(self._sign_all, planned)
+        signed = await trio.to_thread.run_sync(self._sign_all, planned) if planned else []
         claims = []
         for (facts, plan), order in zip(planned, signed, strict=True):
             if isinstance(order, str):
@@ -705,7 +706,8 @@ class OrderPlacer:
     async def _send_batch(self, sending: list[_Claim], link: DbLink) -> None:
         """One request for the batch; settled answers recorded together, the rest retried."""
         now = time.time()
-        verdicts = await self._post([c.body for c in sending], [c.plan for c in sending])
+        orders = [(c.body, c.plan.side, c.plan.size) for c in sending]
+        verdicts = await self._post(orders)
         settled = [
             (c.facts.trigger_id, v, 1) for c, v in zip(sending, verdicts, strict=True) if v.status
         ]
@@ -762,10 +764,9 @@ class OrderPlacer:
         assert facts.order_id is not None and facts.body is not None
         backoff = Backoff(0.2, 5.0)
         deadline = (facts.signed_at or time.time()) + self.config.retry_window
-        plan = OrderPlan(side, size, Decimal(0), Decimal(0))
         while True:
             if first is None:
-                (verdict,) = await self._post([facts.body], [plan])
+                (verdict,) = await self._post([(facts.body, side, size)])
             else:
                 verdict, first = first, None
             if verdict.status is not None:
@@ -785,23 +786,22 @@ class OrderPlacer:
                 await self._settle(facts, asked_now, link, sent=0, side=side)
                 return
 
-    async def _post(self, bodies: list[dict[str, Any]], plans: list[OrderPlan]) -> list[Verdict]:
+    async def _post(self, orders: list[tuple[dict[str, Any], Side, Decimal]]) -> list[Verdict]:
         """
         ``POST /order`` of one stored body, or ``POST /orders`` of several (at
-        most ``signer.max_batch``), each with ``owner`` added; a verdict per order.
+        most ``signer.max_batch``), each ``(body, side, size in shares)`` with
+        ``owner`` added; a verdict per order.
         """
-        await self._take_token(len(bodies))
+        await self._take_token(len(orders))
         owner = self.signer.owner
-        texts = [orjson.dumps({**body, "owner": owner}).decode() for body in bodies]
+        texts = [orjson.dumps({**body, "owner": owner}).decode() for body, _, _ in orders]
         path, text = (
             ("/order", texts[0]) if len(texts) == 1 else ("/orders", f"[{','.join(texts)}]")
         )
-        headers = self.signer.headers("POST", path, text)
-        headers["content-type"] = "application/json"
         try:
-            response = await self.http.post(path, content=text, headers=headers)
+            response = await self._request("POST", path, text)
         except httpx.HTTPError as exc:
-            return [Verdict(None, error=f"{type(exc).__name__}: {exc}"[:300])] * len(bodies)
+            return [Verdict(None, error=f"{type(exc).__name__}: {exc}"[:300])] * len(orders)
         try:
             answer = orjson.loads(response.content) if response.content else None
         except orjson.JSONDecodeError:
@@ -810,17 +810,26 @@ class OrderPlacer:
             self.outcomes["rate_limited"] += 1
         after = response.headers.get("retry-after")
         code = response.status_code
-        if (
-            path == "/orders"
-            and code == 200
-            and isinstance(answer, list)
-            and len(answer) == len(plans)
-        ):
-            return [
-                judge_answer(code, a, p.side, p.size, after)
-                for a, p in zip(answer, plans, strict=True)
-            ]
-        return [judge_answer(code, answer, p.side, p.size, after) for p in plans]
+        # One answer per order from a batch; else the whole answer (an error) for each.
+        answers: list[Any] = [answer] * len(orders)
+        if path == "/orders" and code == 200 and isinstance(answer, list):
+            answers = answer if len(answer) == len(orders) else answers
+        return [
+            judge_answer(code, item, side, size, after)
+            for item, (_, side, size) in zip(answers, orders, strict=True)
+        ]
+
+    async def _request(self, method: str, path: str, text: str = "") -> httpx.Response:
+        """
+        One L2-authenticated request to the CLOB (``text``: the JSON body).
+
+        Raises:
+            httpx.HTTPError: the request failed or timed out (``execute.request_timeout``).
+        """
+        headers = self.signer.headers(method, path, text)
+        if text:
+            headers["content-type"] = "application/json"
+        return await self.http.request(method, path, content=text or None, headers=headers)
 
     async def _take_token(self, cost: int) -> None:
         """Wait for ``cost`` orders' room in the order bucket (one worker at a time)."""
@@ -831,9 +840,8 @@ class OrderPlacer:
 
     async def _ask(self, order_id: str, size: Decimal) -> Verdict | None:
         """The venue's word on ``order_id`` (None: unknown to it, or it cannot be asked)."""
-        path = f"/data/order/{order_id}"
         try:
-            response = await self.http.get(path, headers=self.signer.headers("GET", path, ""))
+            response = await self._request("GET", f"/data/order/{order_id}")
         except httpx.HTTPError:
             return None
         if response.status_code != 200 or not response.content:
@@ -889,11 +897,8 @@ class OrderPlacer:
         """
         for _ in range(2):
             text = orjson.dumps({"heartbeat_id": self._heartbeat_id}).decode()
-            path = "/v1/heartbeats"
-            headers = self.signer.headers("POST", path, text)
-            headers["content-type"] = "application/json"
             try:
-                response = await self.http.post(path, content=text, headers=headers)
+                response = await self._request("POST", "/v1/heartbeats", text)
                 answer = orjson.loads(response.content) if response.content else {}
             except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
                 self.outcomes["heartbeat_failed"] += 1

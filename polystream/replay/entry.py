@@ -67,31 +67,20 @@ async def _serve_fake_clob(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The fake CLOB for a new throwaway account, its credentials in ``env_file``."""
-    import base64
     import os
-    import uuid
 
     from polystream.replay.orders import FakeClob
-    from polystream.venue.orders import ApiCredentials, TradingKey
+    from polystream.venue.orders import throwaway_account
 
-    key_hex = os.urandom(32).hex()
-    key = TradingKey.from_hex(key_hex)
-    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    credentials = ApiCredentials(str(uuid.uuid4()), secret, uuid.uuid4().hex)
-    fake = FakeClob.for_account(credentials, key.address)
+    account, environ = throwaway_account()
+    fake = FakeClob.for_account(account.credentials, account.address)
     if env_file is not None:
-        lines = [
-            f"POLYMARKET_PRIVATE_KEY={key_hex}",
-            f"POLYMARKET_API_KEY={credentials.api_key}",
-            f"POLYMARKET_API_SECRET={secret}",
-            f"POLYMARKET_API_PASSPHRASE={credentials.api_passphrase}",
-        ]
         descriptor = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+            handle.writelines(f"{name}={value}\n" for name, value in environ.items())
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(fake.serve, host=host, port=port))
-        logger.info("clob_listening", clob_url=fake.url, address=key.address, env_file=env_file)
+        logger.info("clob_listening", clob_url=fake.url, address=account.address, env_file=env_file)
         task_status.started()
 
 

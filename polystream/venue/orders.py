@@ -30,7 +30,10 @@ docs/execution.md.
 
 from __future__ import annotations
 
+import base64
+import os
 import time
+import uuid
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Final, Literal, get_args
 from urllib.parse import urlsplit
@@ -82,6 +85,7 @@ __all__ = [
     "order_id_of",
     "order_typed_data",
     "sign_order",
+    "throwaway_account",
     "tick_text",
 ]
 
@@ -633,3 +637,16 @@ class TradingAccount:
     def __repr__(self) -> str:
         """``TradingAccount(address='0x…')``: never a secret."""
         return f"TradingAccount(address={self.key.address!r})"
+
+
+def throwaway_account() -> tuple[TradingAccount, dict[str, str]]:
+    """
+    A new random key with made-up API credentials, for the fake CLOB of the
+    tests, the demo (``polystream replay --clob-port``) and the benches, and
+    the :data:`ENV_KEYS` environment that gives a daemon the same account
+    (:meth:`TradingAccount.from_environment`). Never an account of the venue.
+    """
+    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    values = (os.urandom(32).hex(), str(uuid.uuid4()), secret, uuid.uuid4().hex)
+    environ = dict(zip(ENV_KEYS, values, strict=True))
+    return TradingAccount.from_environment(environ, "eoa"), environ
