@@ -227,6 +227,22 @@ async def test_two_placers_on_one_trigger_send_one_order(
     assert one.outcomes["placed"] + other.outcomes["placed"] == 1
 
 
+async def test_orders_held_by_the_venue_do_not_hold_up_the_next_one(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    """The placer's workers take orders in parallel: those waiting on the venue keep no other."""
+    fake.script.extend([Outcome.timeout(), Outcome.timeout(), Outcome.fill()])  # two held open
+    async with _placer(db_dsn, fake, account, enabled=True, request_timeout=60.0) as placer:
+        for count in (1, 2, 3):  # each decided once the one before is held by the venue
+            placer.submit(_decide(db_dsn))
+            with trio.fail_after(10):
+                await fake.wait_requests(count, path="/order")
+        with trio.fail_after(10):
+            while _rows(db_dsn, "SELECT status FROM triggers ORDER BY id")[-1] != ("filled",):
+                await trio.sleep(0.02)
+        assert _rows(db_dsn, "SELECT status FROM triggers ORDER BY id")[:2] == [("signed",)] * 2
+
+
 async def test_a_venue_that_is_down_is_retried_then_the_order_placed(
     db_dsn: str, fake: FakeClob, account: TradingAccount
 ) -> None:

@@ -524,7 +524,7 @@ class OrderPlacer:
     member: str = "polystream"
     _todo: dict[int, None] = attrs.field(factory=dict)
     _busy: set[int] = attrs.field(factory=set)
-    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _idle: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     outcomes: Counter[str] = attrs.field(init=False)
     _bucket: TokenBucket = attrs.field(init=False)
     _bucket_lock: trio.Lock = attrs.field(factory=trio.Lock)
@@ -549,7 +549,7 @@ class OrderPlacer:
         """Queue ``trigger_id`` (its row is written); never blocks."""
         if trigger_id not in self._busy:
             self._todo[trigger_id] = None
-            self._wake.set()
+            self._idle.unpark()  # one idle worker, if any (the others are busy)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Workers, the scan and the heartbeat, until cancelled."""
@@ -600,8 +600,7 @@ class OrderPlacer:
     async def _work_with(self, link: DbLink) -> None:
         while True:
             while not self._todo:
-                self._wake = trio.Event()
-                await self._wake.wait()
+                await self._idle.park()
             batch = list(itertools.islice(self._todo, self.signer.max_batch))
             for trigger_id in batch:
                 del self._todo[trigger_id]
