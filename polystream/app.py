@@ -378,7 +378,7 @@ async def _order_placer(app: App, account: OrderSigner | None) -> AsyncIterator[
                 stats=app.stats,
                 member=app.stats.cluster_member or f"{socket.gethostname()}:{os.getpid()}",
             )
-            app.executor.on_written = placer.submit
+            app.executor.on_written = placer.written
             yield placer
     finally:
         link.close()

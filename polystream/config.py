@@ -501,7 +501,8 @@ class ExecuteConfig:
         60.0,
         SECONDS,
         "Seconds an order the venue has not confirmed is retried (the same signed order,\n"
-        "with backoff; 429 waits Retry-After) before its trigger is marked failed.",
+        "with backoff; 429 waits Retry-After) before its trigger is marked failed; a\n"
+        "decision older than this that has no order yet is never ordered.",
     )
     orders_per_second: float = setting(
         40.0,

@@ -32,7 +32,7 @@ from polystream.config import (
 )
 from polystream.errors import ConfigError
 from polystream.monitor.executor import write_decisions
-from polystream.monitor.orders import OrderFacts, OrderPlacer, OrderPlan, plan_order
+from polystream.monitor.orders import ORDER_LOCK, OrderFacts, OrderPlacer, OrderPlan, plan_order
 from polystream.monitor.rules import Decision
 from polystream.replay import ReplayServer
 from polystream.replay.orders import FakeClob, Outcome
@@ -241,6 +241,101 @@ async def test_orders_held_by_the_venue_do_not_hold_up_the_next_one(
             while _rows(db_dsn, "SELECT status FROM triggers ORDER BY id")[-1] != ("filled",):
                 await trio.sleep(0.02)
         assert _rows(db_dsn, "SELECT status FROM triggers ORDER BY id")[:2] == [("signed",)] * 2
+
+
+async def test_a_placer_with_the_decisions_facts_and_one_reading_them_send_one_order(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    """
+    The executor's hand-off carries the order's facts (no read, the row is
+    locked by the claim); a second placer reading them locks first: one order.
+    """
+    trigger_id = _decide(db_dsn)
+    facts = OrderFacts(
+        trigger_id, "take_profit", "pending", D("0.70"), _token(db_dsn, trigger_id), D("10"),
+        None, None, D("0.01"), False,
+    )  # fmt: skip
+    fake.script.append(Outcome.live())
+    async with (
+        _placer(db_dsn, fake, account, enabled=True) as one,
+        _placer(db_dsn, fake, account, enabled=True) as other,
+    ):
+        other.submit(trigger_id)
+        one.submit(trigger_id, facts)
+        with trio.fail_after(30):
+            assert await _settled(db_dsn) == "placed"
+    assert len(_posts(fake)) == 1
+    assert one.outcomes["placed"] + other.outcomes["placed"] == 1
+    (post,) = _posts(fake)
+    assert post.body["order"]["makerAmount"] == "10000000"  # SELL 10 shares
+
+
+def test_the_claim_locks_its_rows_and_leaves_one_held_elsewhere(db_dsn: str) -> None:
+    """polystream_claim_orders (migration 0004): a row locked by another session is not claimed."""
+    trigger_id = _decide(db_dsn)
+    claim = (
+        "SELECT trigger_id, status FROM polystream_claim_orders(%s, 'signed', %s, %s, %s, %s,"
+        " %s, 1000, 'test', %s, %s)"
+    )
+    args = [[trigger_id], ["0xabc"], ['{"order": {}}'], ["SELL"], [D(10)], [D("0.68")]]
+    locks = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s"
+        " AND objid = %s AND pid = pg_backend_pid()"
+    )
+    with (
+        psycopg.connect(db_dsn, autocommit=True) as other,
+        psycopg.connect(db_dsn, autocommit=True) as conn,
+    ):
+        other.execute("SELECT pg_advisory_lock(%s, %s)", [ORDER_LOCK, trigger_id])
+        assert conn.execute(claim, [*args, ORDER_LOCK, [trigger_id]]).fetchall() == []
+        assert conn.execute(locks, [ORDER_LOCK, trigger_id]).fetchone() == (0,)
+        other.execute("SELECT pg_advisory_unlock(%s, %s)", [ORDER_LOCK, trigger_id])
+        rows = conn.execute(claim, [*args, ORDER_LOCK, [trigger_id]]).fetchall()
+        assert rows == [(trigger_id, "signed")]
+        assert conn.execute(locks, [ORDER_LOCK, trigger_id]).fetchone() == (1,)  # held on
+        assert conn.execute(claim, [*args, ORDER_LOCK, []]).fetchall() == []  # claimed once
+
+
+def _token(dsn: str, trigger_id: int) -> str:
+    ((token,),) = _rows(
+        dsn,
+        "SELECT p.token_id FROM triggers t JOIN positions p ON p.id = t.position_id"
+        " WHERE t.id = %s",
+        trigger_id,
+    )
+    return str(token)
+
+
+async def test_a_decision_left_pending_is_ordered_after_a_while_unless_it_is_stale(
+    db_dsn: str, fake: FakeClob, account: TradingAccount
+) -> None:
+    """
+    A pending row (a crash before the claim) is taken up once its decider had
+    its time, never when older than execute.retry_window (e.g. an outbox row
+    from before clob mode was enabled).
+    """
+    stale, left = _decide(db_dsn), _decide(db_dsn)
+    _rows_changed(
+        db_dsn, "UPDATE triggers SET created_at = now() - interval '1 hour' WHERE id = %s", stale
+    )
+    async with _placer(db_dsn, fake, account, enabled=True, retry_window=60.0) as placer:
+        await placer.scan()
+        assert placer.pending == 0  # the fresh one is its decider's for a while
+        _rows_changed(
+            db_dsn, "UPDATE triggers SET created_at = now() - interval '5 seconds' WHERE id = %s",
+            left,
+        )  # fmt: skip
+        await placer.scan()
+        with trio.fail_after(30):
+            while _rows(db_dsn, "SELECT status FROM triggers WHERE id = %s", left) != [("filled",)]:
+                await trio.sleep(0.02)
+    assert _rows(db_dsn, "SELECT status FROM triggers WHERE id = %s", stale) == [("pending",)]
+    assert len(_posts(fake)) == 1
+
+
+def _rows_changed(dsn: str, statement: str, *args: Any) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(statement, args)
 
 
 async def test_a_venue_that_is_down_is_retried_then_the_order_placed(

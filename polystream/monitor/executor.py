@@ -30,10 +30,12 @@ from polystream.store.direct import DirectLink, numbered
 from polystream.timing import Slices
 
 __all__ = [
+    "ORDER_COLUMNS",
     "POLL_INTERVAL",
     "TRIGGERS_CHANNEL",
     "TRIGGER_STATEMENTS",
     "Executor",
+    "OrderColumns",
     "write_decisions",
     "write_decisions_direct",
 ]
@@ -64,9 +66,13 @@ WITH d AS (
     SELECT d.kind, d.position_id, d.dedupe_key, d.price, d.reason
     FROM d JOIN moved ON moved.id = d.position_id
     ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING id, dedupe_key
+    RETURNING id, dedupe_key, position_id
 )
-SELECT dedupe_key, id, pg_notify('polystream_triggers', id::text) FROM inserted
+SELECT i.dedupe_key, i.id, pg_notify('polystream_triggers', i.id::text),
+       p.token_id, p.size, NULL::numeric, NULL::numeric, m.tick_size, coalesce(m.neg_risk, false)
+FROM inserted AS i
+LEFT JOIN positions AS p ON p.id = i.position_id
+LEFT JOIN markets AS m ON m.id = p.market_id
 """
 
 _WRITE_PREDICTION_TRIGGERS = """
@@ -91,10 +97,28 @@ WITH d AS (
     SELECT d.kind, d.prediction_id, d.dedupe_key, d.price, d.reason
     FROM d JOIN moved ON moved.id = d.prediction_id
     ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING id, dedupe_key
+    RETURNING id, dedupe_key, prediction_id
 )
-SELECT dedupe_key, id, pg_notify('polystream_triggers', id::text) FROM inserted
+SELECT i.dedupe_key, i.id, pg_notify('polystream_triggers', i.id::text),
+       r.token_id, NULL::numeric, r.stake_usdc, r.limit_price, m.tick_size,
+       coalesce(m.neg_risk, false)
+FROM inserted AS i
+LEFT JOIN predictions AS r ON r.id = i.prediction_id
+LEFT JOIN markets AS m ON m.id = r.market_id
 """
+
+ORDER_COLUMNS = ("token_id", "size", "stake", "limit", "tick_size", "neg_risk")
+"""
+What the decision statements return of each trigger written, after its
+dedupe key, id and NOTIFY, for a closing order (text values, as a
+:class:`~polystream.store.direct.DirectLink` reads them): the token (asset)
+id, the position's size in shares, the prediction's stake in USDC and limit
+price, the market's tick size and neg-risk flag (``t``/``f``); NULL where
+unknown or not that kind's.
+"""
+
+OrderColumns = tuple[str | None, ...]
+"""One trigger's :data:`ORDER_COLUMNS` values."""
 
 
 def _columns(decisions: list[Decision], names: list[str]) -> dict[str, list[Any]]:
@@ -139,7 +163,7 @@ async def write_decisions_direct(link: DirectLink, decisions: list[Decision]) ->
     found: dict[str, int] = {}
     for sql, params in _statements(decisions):
         text, names = _NUMBERED[sql]
-        for key, trigger_id, _ in await link.execute(text, [params[n] for n in names]):
+        for key, trigger_id, *_ in await link.execute(text, [params[n] for n in names]):
             assert key is not None and trigger_id is not None
             found[key] = int(trigger_id)
     return [found.get(d.dedupe_key) for d in decisions]
@@ -160,7 +184,7 @@ def write_decisions(conn: psycopg.Connection[Any], decisions: list[Decision]) ->
     """
     found: dict[str, int] = {}
     for sql, params in _statements(decisions):
-        for key, trigger_id, _ in conn.execute(sql, params).fetchall():
+        for key, trigger_id, *_ in conn.execute(sql, params).fetchall():
             found[key] = int(trigger_id)
     return [found.get(d.dedupe_key) for d in decisions]
 
@@ -179,8 +203,9 @@ class Executor:
     Hands decisions on. ``mode = "outbox"``: the trigger row and its
     NOTIFY are the hand-off to the service that trades. ``mode = "log"``: dry
     run, decisions are only logged. ``mode = "clob"``: as ``outbox``, and each
-    trigger id written goes to ``on_written`` (the order placer:
-    polystream.monitor.orders).
+    trigger written goes to ``on_written`` (the order placer:
+    polystream.monitor.orders) as ``(trigger id, decision, order columns or
+    None)`` (:data:`ORDER_COLUMNS`).
 
     With ``link`` (the trigger path's own :class:`DirectLink`, statements
     prepared by its ``warm_up``), a decision goes out without waiting behind
@@ -201,7 +226,7 @@ class Executor:
     stats: Stats
     retry: float = 1.0
     link: DirectLink | None = None
-    on_written: Callable[[int], None] | None = None
+    on_written: Callable[[int, Decision, OrderColumns | None], None] | None = None
     _pending: list[Decision] = attrs.field(factory=list)
     _in_flight: list[Decision] = attrs.field(factory=list)  # sent by link.send_now, unanswered
     _in_sink: int = 0  # decisions being written through sink
@@ -270,9 +295,14 @@ class Executor:
         return True
 
     def _answered(self, rows: list[tuple[str | None, ...]]) -> None:
-        found = {key: int(trigger_id) for key, trigger_id, _ in rows if key and trigger_id}
+        found = {row[0]: row for row in rows if row[0] and row[1]}
         batch, self._in_flight = self._in_flight, []
-        self._record(batch, [found.get(d.dedupe_key) for d in batch])
+        written = [found.get(d.dedupe_key) for d in batch]
+        self._record(
+            batch,
+            [None if row is None else int(row[1] or 0) for row in written],
+            [None if row is None else row[3:] for row in written],
+        )
 
     def _lost(self) -> None:
         """The statement on the wire failed or its connection broke: its decisions go again."""
@@ -282,20 +312,27 @@ class Executor:
 
     # ------------------------------------------------------------ the executor's task
 
-    def _record(self, batch: list[Decision], ids: list[int | None]) -> None:
+    def _record(
+        self,
+        batch: list[Decision],
+        ids: list[int | None],
+        columns: list[OrderColumns | None] | None = None,
+    ) -> None:
         """
-        Count what was written now; its ``trigger_written`` lines are the
+        Count what was written now, and hand each trigger written to
+        ``on_written`` (with its :data:`ORDER_COLUMNS` when the statement's
+        answer was read here, else None); its ``trigger_written`` lines are the
         executor's task's to write (:meth:`_log_written`), not the router's: a
         burst of a hundred lines is a few milliseconds the next frame would wait.
         """
-        for decision, trigger_id in zip(batch, ids, strict=True):
+        for index, (decision, trigger_id) in enumerate(zip(batch, ids, strict=True)):
             if trigger_id is None:
                 self.stats.triggers_duplicate += 1
             else:
                 self.stats.triggers_written += 1
                 self._written.append((trigger_id, decision))
                 if self.on_written is not None:
-                    self.on_written(trigger_id)
+                    self.on_written(trigger_id, decision, columns[index] if columns else None)
         if self._written:
             self._wake.set()
 

@@ -4,22 +4,28 @@ each TP/SL trigger, and with ``execute.predictions`` each decided
 prediction, becomes one signed order, placed exactly once across crashes,
 restarts and daemons.
 
-The trigger row is the order's record (migration ``0003_orders``):
+The trigger row is the order's record (migrations ``0003_orders``,
+``0004_claim_orders``). Each worker has a database session of its own
+(:class:`~polystream.store.direct.DirectLink`: statements run on the event
+loop, no worker-thread hop) whose session advisory locks mark the triggers
+it works on (no other task or daemon touches them):
 
-1. **facts**: a session advisory lock on each trigger (held while this
-   daemon works on its order: no other task or daemon touches it), then
-   one query reads the trigger with its position (token, size in shares) or
-   prediction (stake in USDC, limit) and its market (tick size, neg risk);
-   :func:`plan_order` turns them into side, size and limit.
-2. **sign**: py-clob-client-v2 builds and signs the orders in a worker thread
-   (CPU only, about 1 ms each; :class:`OrderSigner`). An order's id is the
-   signed order's EIP-712 hash, known before anything is sent.
-3. **claim**: one transaction checks the daily notional cap (serialised by a
-   transaction advisory lock) and moves the rows ``pending -> signed`` (or
-   ``dry_run`` / ``refused``) with their order ids and bodies
-   (compare-and-set: of two daemons one wins, the other's signatures are
-   thrown away unsent). The commit is synchronous: an order is on disk
-   before its first byte goes to the venue.
+1. **facts**: the decision statement that wrote the trigger returned its
+   order's facts (position: token, size in shares; prediction: stake in
+   USDC, limit; market: tick size, neg risk; ``executor.ORDER_COLUMNS``),
+   so a new order reads nothing. A trigger taken up later is locked and
+   read in one statement. :func:`plan_order` turns the facts into side,
+   size and limit.
+2. **sign**: py-clob-client-v2 builds and signs the orders on the loop
+   (CPU only, about 0.6 ms each; :class:`OrderSigner`). An order's id is
+   the signed order's EIP-712 hash, known before anything is sent.
+3. **claim**: one statement (``polystream_claim_orders``) locks the rows not
+   yet held, checks the daily notional cap (serialised by a transaction
+   advisory lock) and moves the rows ``pending -> signed`` (or ``dry_run`` /
+   ``refused``) with their order ids and bodies (compare-and-set: of two
+   daemons one wins, the other's signatures are thrown away unsent). The
+   commit is synchronous: an order is on disk before its first byte goes to
+   the venue.
 4. **send**: ``POST /order``, or ``POST /orders`` for a batch, with L2
    headers, at most ``execute.orders_per_second``.
 5. **record**: the answers on the rows (``placed`` / ``filled`` /
@@ -27,8 +33,9 @@ The trigger row is the order's record (migration ``0003_orders``):
    order closes its position; the locks are released.
 
 A row left ``signed`` (a crash after the claim, an answer lost, the venue
-down) is taken up by whichever daemon gets its lock (:meth:`OrderPlacer.scan`):
-it asks the venue first (``GET /data/order/{id}``) and sends the **stored**
+down), or left ``pending`` (a crash before it; not when older than
+``execute.retry_window``), is taken up by whichever daemon gets its lock
+(:meth:`OrderPlacer.scan`). For a ``signed`` one, it asks the venue first (``GET /data/order/{id}``) and sends the **stored**
 body again only when the venue does not know the order (never signed anew:
 a new signature is a new order), with backoff (429: ``Retry-After``), until
 ``execute.retry_window`` after signing; then the row is ``failed``.
@@ -43,7 +50,6 @@ https://docs.polymarket.com/api-reference/rate-limits.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections import Counter
@@ -53,15 +59,16 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import attrs
 import httpx
 import orjson
-import psycopg
 import structlog
 import trio
-from psycopg.types.json import Jsonb
 
 from polystream.config import ExecuteConfig
 from polystream.errors import DatabaseError
 from polystream.logs import RateLimitedLog
+from polystream.monitor.executor import OrderColumns
+from polystream.monitor.rules import Decision
 from polystream.stats import Stats
+from polystream.store.direct import DirectLink
 from polystream.store.link import DbLink
 from polystream.timing import Backoff, TokenBucket
 
@@ -92,7 +99,6 @@ ORDER_OUTCOMES = (
 """What :attr:`OrderPlacer.outcomes` counts (``polystream_orders_total{outcome}``)."""
 
 ORDER_LOCK = 0x706F6C79  # "poly": the first key of the advisory locks of orders
-_CAP_LOCK = 0  # second key of the daily cap's transaction lock (trigger ids start at 1)
 SIZE_STEP = Decimal("0.01")
 """Order sizes are whole hundredths of a share (py-clob-client-v2 ``ROUNDING_CONFIG``)."""
 
@@ -226,7 +232,7 @@ class OrderSigner(Protocol):
         neg_risk: bool,
         order_type: Any,
     ) -> SignedOrder:
-        """Build and sign one order (blocking CPU: call from a worker thread)."""
+        """Build and sign one order (CPU only, about 0.6 ms; never waits)."""
         ...
 
     def headers(self, method: str, path: str, body: str) -> dict[str, str]:
@@ -312,103 +318,140 @@ def judge_order(order: Any, size: Decimal) -> Verdict | None:
 
 
 # ------------------------------------------------------------------ SQL
+# Each a single statement run on the worker's DirectLink session (``$n``
+# placeholders, values read back as text); the session holds the orders' locks.
 
-_FACTS = """
-SELECT t.id, t.kind, t.status, t.price, coalesce(p.token_id, r.token_id),
+_FACTS_OF_IDS = """
+SELECT ids.id, t.kind, t.status, t.price, coalesce(p.token_id, r.token_id),
        p.size, r.stake_usdc, r.limit_price, m.tick_size, coalesce(m.neg_risk, false),
        t.order_id, t.order_body, t.attempts, extract(epoch FROM t.signed_at)::float8
-FROM triggers AS t
+FROM ids
+LEFT JOIN triggers AS t ON t.id = ids.id
 LEFT JOIN positions AS p ON p.id = t.position_id
 LEFT JOIN predictions AS r ON r.id = t.prediction_id
 LEFT JOIN markets AS m ON m.id = coalesce(p.market_id, r.market_id)
-WHERE t.id = ANY(%s)
 """
 
-_SPENT_TODAY = """
-SELECT coalesce(sum(notional), 0) FROM triggers
-WHERE status IN ('signed', 'placed', 'filled', 'canceled')
-  AND signed_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+_LOCKED_FACTS = (
+    """
+WITH ids AS (
+    SELECT id FROM unnest($1::bigint[]) AS id
+    WHERE pg_try_advisory_lock($2::int, mod(id, 2147483647)::int)
+)"""
+    + _FACTS_OF_IDS
+)
+"""Lock what it can of the trigger ids ``$1`` (session locks, key ``$2``) and read their facts."""
+
+_FACTS = "WITH ids AS (SELECT id FROM unnest($1::bigint[]) AS id)" + _FACTS_OF_IDS
+"""The facts of the trigger ids ``$1`` (already locked), read again."""
+
+_UNLOCK = """
+SELECT pg_advisory_unlock($1::int, mod(id, 2147483647)::int) FROM unnest($2::bigint[]) AS id
 """
 
 _CLAIM = """
-UPDATE triggers AS t SET status = c.status, order_id = c.order_id, order_body = c.body,
-    order_side = c.side, order_size = c.size, order_price = c.price,
-    notional = c.notional, error = c.error, signed_at = now(), claimed_by = %(member)s
-FROM unnest(%(id)s::bigint[], %(status)s::text[], %(order_id)s::text[], %(body)s::jsonb[],
-            %(side)s::text[], %(size)s::numeric[], %(price)s::numeric[],
-            %(notional)s::numeric[], %(error)s::text[])
-    AS c(id, status, order_id, body, side, size, price, notional, error)
-WHERE t.id = c.id AND t.status = 'pending'
-RETURNING t.id, t.status, t.error
+SELECT trigger_id, status, error FROM polystream_claim_orders(
+    $1::bigint[], $2::text, $3::text[], $4::text[], $5::text[], $6::numeric[],
+    $7::numeric[], $8::numeric, $9::text, $10::int, $11::bigint[])
 """
+"""The claim (migration ``0004_claim_orders``): cap, compare-and-set, durable commit."""
 
 _REFUSE = """
-UPDATE triggers SET status = 'refused', error = %s WHERE id = %s AND status = 'pending'
+UPDATE triggers AS t SET status = 'refused', error = r.error
+FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
+WHERE t.id = r.id AND t.status = 'pending'
 """
 
 _RECORD = """
-WITH t AS (
-    UPDATE triggers SET
-        status = coalesce(%(status)s, status),
-        order_status = coalesce(%(order_status)s, order_status),
-        filled_size = coalesce(%(filled)s, filled_size),
-        error = %(error)s,
-        attempts = attempts + %(sent)s,
-        sent_at = CASE WHEN %(sent)s > 0 THEN coalesce(sent_at, now()) ELSE sent_at END,
-        executed_at = CASE WHEN %(status)s IN ('placed', 'filled')
-            THEN coalesce(executed_at, now()) ELSE executed_at END
-    WHERE id = %(id)s
-    RETURNING position_id, status
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::numeric[], $5::text[],
+                         $6::int[])
+        AS r(id, status, order_status, filled, error, sent)
+), t AS (
+    UPDATE triggers AS t SET
+        status = coalesce(r.status, t.status),
+        order_status = coalesce(r.order_status, t.order_status),
+        filled_size = coalesce(r.filled, t.filled_size),
+        error = r.error,
+        attempts = t.attempts + r.sent,
+        sent_at = CASE WHEN r.sent > 0 THEN coalesce(t.sent_at, now()) ELSE t.sent_at END,
+        executed_at = CASE WHEN r.status IN ('placed', 'filled')
+            THEN coalesce(t.executed_at, now()) ELSE t.executed_at END
+    FROM r WHERE t.id = r.id
+    RETURNING t.position_id, t.status
 )
 UPDATE positions AS p SET status = 'closed', updated_at = now()
 FROM t WHERE p.id = t.position_id AND t.status = 'filled' AND p.status <> 'closed'
 """
 
+_STATEMENTS = (_LOCKED_FACTS, _FACTS, _UNLOCK, _CLAIM, _REFUSE, _RECORD)
+"""What each worker's session prepares when it connects."""
+
 _TAKE_UP = """
 SELECT id FROM triggers
 WHERE status IN ('pending', 'signed', 'placed')
-  AND (status <> 'signed' OR signed_at < now() - make_interval(secs => %s))
-  AND (kind IN ('take_profit', 'stop_loss') OR (kind = 'prediction' AND %s))
+  AND (status <> 'signed' OR signed_at < now() - make_interval(secs => %(recover)s))
+  AND (status <> 'pending' OR created_at BETWEEN now() - make_interval(secs => %(stale)s)
+                                             AND now() - make_interval(secs => %(recover)s))
+  AND (kind IN ('take_profit', 'stop_loss') OR (kind = 'prediction' AND %(predictions)s))
 ORDER BY id
 LIMIT 500
 """
-
-
-_LOCK_ALL = """
-SELECT id FROM unnest(%s::bigint[]) AS id
-WHERE pg_try_advisory_lock(%s, (id %% 2147483647)::int)
 """
-
-_UNLOCK_ALL = """
-SELECT pg_advisory_unlock(%s, (id %% 2147483647)::int) FROM unnest(%s::bigint[]) AS id
+The rows to take up: ``signed`` ones unconfirmed for :data:`RECOVER_AFTER` s,
+``placed`` ones (resting), and ``pending`` ones their decider left for
+:data:`RECOVER_AFTER` s (a crash before the claim) but not older than
+``execute.retry_window``: a decision that old is not acted on (its price is
+old news; rows written before ``clob`` mode was enabled are the outbox's).
 """
 
 
-def _unlock(conn: psycopg.Connection[Any], trigger_ids: list[int]) -> None:
-    """Release this session's locks of ``trigger_ids``."""
-    if trigger_ids:
-        conn.execute(_UNLOCK_ALL, [ORDER_LOCK, trigger_ids])
+def _decimal(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
 
 
-def _facts_of(row: tuple[Any, ...]) -> OrderFacts:
-    """One row of :data:`_FACTS`."""
+def _facts_of(row: tuple[str | None, ...]) -> OrderFacts | None:
+    """One row of :data:`_LOCKED_FACTS` (text values); None when the trigger is gone."""
     (tid, kind, status, price, token, size, stake, limit, tick, neg_risk) = row[:10]
     order_id, body, attempts, signed_at = row[10:]
+    if kind is None or status is None or tid is None:
+        return None
     return OrderFacts(
-        int(tid), kind, status, price, token, size, stake, limit, tick, bool(neg_risk),
-        order_id, body, int(attempts), signed_at,
+        int(tid), kind, status, _decimal(price), token, _decimal(size), _decimal(stake),
+        _decimal(limit), _decimal(tick), neg_risk == "t", order_id,
+        orjson.loads(body) if body else None, int(attempts or 0),
+        float(signed_at) if signed_at else None,
     )  # fmt: skip
 
 
-def _read_facts(conn: psycopg.Connection[Any], trigger_ids: list[int]) -> list[OrderFacts]:
+async def _read_facts(session: DirectLink, trigger_ids: list[int]) -> list[OrderFacts]:
     """
     The facts of those of ``trigger_ids`` this session could lock (the others
-    are being worked on by another task or daemon), locks kept.
+    are being worked on by another task or daemon), locks kept. A row not
+    ``pending`` is read again under its lock (the statement's snapshot
+    predates the lock: a row settled elsewhere in between would look
+    unsettled); a ``pending`` one needs not (its claim is a compare-and-set).
     """
-    locked = [int(tid) for (tid,) in conn.execute(_LOCK_ALL, [trigger_ids, ORDER_LOCK])]
-    found = [_facts_of(row) for row in conn.execute(_FACTS, [locked]).fetchall()]
-    _unlock(conn, sorted(set(locked) - {f.trigger_id for f in found}))  # gone meanwhile
+    rows = await session.execute(_LOCKED_FACTS, [trigger_ids, ORDER_LOCK])
+    found = [f for f in map(_facts_of, rows) if f is not None]
+    gone = sorted({int(row[0] or 0) for row in rows} - {f.trigger_id for f in found})
+    if gone:  # deleted meanwhile
+        await _unlock(session, gone)
+    older = [f.trigger_id for f in found if f.status != "pending"]
+    if older:
+        again = {
+            f.trigger_id: f
+            for f in map(_facts_of, await session.execute(_FACTS, [older]))
+            if f is not None
+        }
+        found = [again.get(f.trigger_id, f) for f in found]
     return found
+
+
+async def _unlock(session: DirectLink, trigger_ids: list[int]) -> None:
+    """Release this session's locks of ``trigger_ids``."""
+    if trigger_ids:
+        await session.execute(_UNLOCK, [ORDER_LOCK, trigger_ids])
 
 
 @attrs.frozen
@@ -421,71 +464,62 @@ class _Claim:
     body: dict[str, Any]
 
 
-def _claim(
-    conn: psycopg.Connection[Any], claims: list[_Claim], status: str, cap: Decimal, member: str
+async def _claim(
+    session: DirectLink,
+    claims: list[_Claim],
+    status: str,
+    cap: Decimal,
+    member: str,
+    to_lock: list[int],
 ) -> dict[int, tuple[str, str | None]]:
     """
     Move each ``pending`` row to ``status`` with its signed order, in one
-    statement (in the caller's transaction). Orders that would pass the
-    daily cap (``cap`` USDC, all signed today, serialised by a transaction
-    lock) become ``refused``. Returns trigger id -> (status written, error)
-    for the rows still pending (another daemon took the rest).
+    statement and one durable commit (``polystream_claim_orders``), first
+    locking the rows of ``to_lock`` (not yet held by ``session``; one held
+    elsewhere is not claimed). Orders that would pass the daily cap (``cap``
+    USDC, all signed today) become ``refused``. Returns trigger id ->
+    (status written, error) for the rows moved, which ``session`` holds.
     """
-    errors: list[str | None] = [None] * len(claims)
-    statuses = [status] * len(claims)
-    if status == "signed":
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", [ORDER_LOCK, _CAP_LOCK])
-        row = conn.execute(_SPENT_TODAY).fetchone()
-        spent = Decimal(row[0]) if row else Decimal(0)
-        for index, claim in enumerate(claims):
-            notional = claim.plan.notional
-            if spent + notional > cap:
-                statuses[index] = "refused"
-                errors[index] = f"daily notional cap: {spent} + {notional} > {cap} USDC"
-            else:
-                spent += notional
-    rows = conn.execute(
+    rows = await session.execute(
         _CLAIM,
-        {
-            "id": [c.facts.trigger_id for c in claims],
-            "status": statuses,
-            "order_id": [c.order_id for c in claims],
-            "body": [Jsonb(c.body) for c in claims],
-            "side": [c.plan.side for c in claims],
-            "size": [c.plan.size for c in claims],
-            "price": [c.plan.price for c in claims],
-            "notional": [c.plan.notional for c in claims],
-            "error": errors,
-            "member": member,
-        },
-    ).fetchall()
-    return {int(tid): (str(written), error) for tid, written, error in rows}
+        [
+            [c.facts.trigger_id for c in claims],
+            status,
+            [c.order_id for c in claims],
+            [orjson.dumps(c.body).decode() for c in claims],
+            [c.plan.side for c in claims],
+            [c.plan.size for c in claims],
+            [c.plan.price for c in claims],
+            cap,
+            member,
+            ORDER_LOCK,
+            to_lock,
+        ],
+    )
+    return {int(tid or 0): (str(written), error) for tid, written, error in rows}
 
 
-def _record(
-    conn: psycopg.Connection[Any], results: list[tuple[int, Verdict, int]], unlock: bool
+async def _record(
+    session: DirectLink, results: list[tuple[int, Verdict, int]], unlock: bool
 ) -> None:
     """
-    The venue's word on each ``(trigger id, verdict, POSTs made)`` (in the
-    caller's transaction), then, with ``unlock``, their locks released. The
-    commit does not wait for the WAL flush: lost in a crash, a row is still
-    ``signed`` and the venue is asked again; only a claim must be durable.
+    The venue's word on each ``(trigger id, verdict, POSTs made)`` in one
+    statement (a filled order closes its position), then, with ``unlock``,
+    their locks released.
     """
-    conn.execute("SET LOCAL synchronous_commit = off")
-    for trigger_id, verdict, sent in results:
-        conn.execute(
-            _RECORD,
-            {
-                "id": trigger_id,
-                "status": verdict.status,
-                "order_status": verdict.order_status,
-                "filled": verdict.filled,
-                "error": verdict.error,
-                "sent": sent,
-            },
-        )
+    await session.execute(
+        _RECORD,
+        [
+            [trigger_id for trigger_id, _, _ in results],
+            [verdict.status for _, verdict, _ in results],
+            [verdict.order_status for _, verdict, _ in results],
+            [verdict.filled for _, verdict, _ in results],
+            [verdict.error for _, verdict, _ in results],
+            [sent for _, _, sent in results],
+        ],
+    )
     if unlock:
-        _unlock(conn, [trigger_id for trigger_id, _, _ in results])
+        await _unlock(session, [trigger_id for trigger_id, _, _ in results])
 
 
 # ------------------------------------------------------------------ the placer
@@ -501,14 +535,16 @@ _WARM_UP = (
 @attrs.define(eq=False)
 class OrderPlacer:
     """
-    Places the orders of triggers (see the module's text): :meth:`submit`
-    from the executor once a trigger row is written, :meth:`scan` every
-    :data:`SCAN_INTERVAL` s for rows to take up; :data:`WORKERS` tasks work
-    on them; one task keeps the order heartbeat while orders rest.
+    Places the orders of triggers (see the module's text): :meth:`written`
+    from the executor once a trigger row is written (or :meth:`submit`),
+    :meth:`scan` every :data:`SCAN_INTERVAL` s for rows to take up;
+    :data:`WORKERS` tasks work on them, each with a database session of its
+    own (its orders' advisory locks live in it); one task keeps the order
+    heartbeat while orders rest.
 
     ``http`` is an :class:`httpx.AsyncClient` whose ``base_url`` is
-    ``execute.clob_url``; ``link`` a :class:`DbLink` of its own (synchronous
-    commits; its session holds the orders' advisory locks).
+    ``execute.clob_url``; ``link`` a :class:`DbLink` for the scan, whose DSN,
+    name, stats and statement timeout the workers' sessions take.
 
     Attributes:
         outcomes: orders by outcome (``stats.orders``): signed, placed, filled,
@@ -522,7 +558,7 @@ class OrderPlacer:
     signer: OrderSigner
     stats: Stats
     member: str = "polystream"
-    _todo: dict[int, None] = attrs.field(factory=dict)
+    _todo: dict[int, OrderFacts | None] = attrs.field(factory=dict)
     _busy: set[int] = attrs.field(factory=set)
     _idle: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     outcomes: Counter[str] = attrs.field(init=False)
@@ -545,17 +581,42 @@ class OrderPlacer:
         """Triggers queued or being worked on."""
         return len(self._todo) + len(self._busy)
 
-    def submit(self, trigger_id: int) -> None:
-        """Queue ``trigger_id`` (its row is written); never blocks."""
+    def submit(self, trigger_id: int, facts: OrderFacts | None = None) -> None:
+        """
+        Queue ``trigger_id`` (its row is written), with its ``facts`` when
+        known (then they are not read again); never blocks.
+        """
         if trigger_id not in self._busy:
-            self._todo[trigger_id] = None
+            if facts is not None or trigger_id not in self._todo:
+                self._todo[trigger_id] = facts
             self._idle.unpark()  # one idle worker, if any (the others are busy)
+
+    def written(self, trigger_id: int, decision: Decision, columns: OrderColumns | None) -> None:
+        """
+        The executor's hand-off (``Executor.on_written``): ``decision`` was
+        written as trigger ``trigger_id``, with its order columns as the
+        decision statement returned them (``executor.ORDER_COLUMNS``, text;
+        None when not read there). Queues a TP/SL, or a prediction with
+        ``execute.predictions``; other kinds are not ordered.
+        """
+        if decision.kind not in ("take_profit", "stop_loss") and not (
+            decision.kind == "prediction" and self.config.predictions
+        ):
+            return
+        facts = None
+        if columns is not None:
+            token, size, stake, limit, tick, neg_risk = columns
+            facts = OrderFacts(
+                trigger_id, decision.kind, "pending", decision.price, token, _decimal(size),
+                _decimal(stake), _decimal(limit), _decimal(tick), neg_risk == "t",
+            )  # fmt: skip
+        self.submit(trigger_id, facts)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Workers, the scan and the heartbeat, until cancelled."""
         # One order signed and thrown away: the library's first signature builds its
         # caches (tens of ms), which must not fall on the first real order.
-        await trio.to_thread.run_sync(self._sign_all, [_WARM_UP])
+        await trio.to_thread.run_sync(self._sign, *_WARM_UP)
         async with trio.open_nursery() as nursery:
             for index in range(WORKERS):
                 nursery.start_soon(self._work, index)
@@ -567,9 +628,12 @@ class OrderPlacer:
 
     async def scan(self) -> None:
         """Queue every trigger with an order to make, confirm or follow (see :data:`_TAKE_UP`)."""
-        rows = await self.link.call(
-            lambda conn: conn.execute(_TAKE_UP, [RECOVER_AFTER, self.config.predictions]).fetchall()
-        )
+        params = {
+            "recover": RECOVER_AFTER,
+            "stale": self.config.retry_window,
+            "predictions": self.config.predictions,
+        }
+        rows = await self.link.call(lambda conn: conn.execute(_TAKE_UP, params).fetchall())
         for (trigger_id,) in rows:
             self.submit(int(trigger_id))
 
@@ -582,60 +646,77 @@ class OrderPlacer:
             await trio.sleep(SCAN_INTERVAL)
 
     async def _work(self, index: int) -> None:
-        """One worker, with a database session of its own (its orders' locks live in it)."""
+        """
+        One worker, with a database session of its own (:class:`DirectLink`:
+        statements on the loop, no worker-thread hop; its orders' locks live
+        in it), connected and its statements prepared before the first order.
+        """
         base = self.link
-        link = DbLink(
+        session = DirectLink(
             dsn=base.dsn,
             name=f"{base.name}-{index}",
             stats=base.stats,
             statement_timeout=base.statement_timeout,
         )
         try:
-            with contextlib.suppress(DatabaseError):  # connected before the first order needs it
-                await link.call(lambda conn: None)
-            await self._work_with(link)
+            await session.warm_up(_STATEMENTS)
+            await self._work_with(session)
         finally:
-            link.close()
+            session.close()
 
-    async def _work_with(self, link: DbLink) -> None:
+    async def _work_with(self, session: DirectLink) -> None:
         while True:
             while not self._todo:
                 await self._idle.park()
-            batch = list(itertools.islice(self._todo, self.signer.max_batch))
-            for trigger_id in batch:
+            batch = list(itertools.islice(self._todo.items(), self.signer.max_batch))
+            for trigger_id, _ in batch:
                 del self._todo[trigger_id]
-            self._busy.update(batch)
+            ids = [trigger_id for trigger_id, _ in batch]
+            self._busy.update(ids)
             try:
-                await self._handle(batch, link)
+                await self._handle(batch, session)
             except DatabaseError:
                 pass  # the rows keep their state; the next scan takes them up again
             finally:
-                self._busy.difference_update(batch)
+                self._busy.difference_update(ids)
 
-    async def _handle(self, trigger_ids: list[int], link: DbLink) -> None:
-        found = await link.call(_read_facts, trigger_ids)
+    async def _handle(
+        self, batch: list[tuple[int, OrderFacts | None]], session: DirectLink
+    ) -> None:
+        """
+        Work on a batch: new orders of known facts are locked by their claim;
+        the others' facts are read (and their rows locked) first.
+        """
+        known = [facts for _, facts in batch if facts is not None]
+        unknown = [trigger_id for trigger_id, facts in batch if facts is None]
+        found = await _read_facts(session, unknown) if unknown else []
+        held = {f.trigger_id for f in found}  # this session's locks
         try:
-            new = [f for f in found if f.status == "pending"]
+            new = known + [f for f in found if f.status == "pending"]
             if new:
-                await self._place(new, link)
+                held |= await self._place(new, session, held)
             for facts in found:
                 if facts.status == "signed":
-                    await self._confirm(facts, link)
+                    await self._confirm(facts, session)
                 elif facts.status == "placed":
-                    await self._follow(facts, link)
+                    await self._follow(facts, session)
         finally:
-            held = [f.trigger_id for f in found if f.trigger_id not in self._released]
-            self._released.difference_update(f.trigger_id for f in found)
-            if held:
+            release = sorted(held - self._released)
+            self._released.difference_update(held)
+            if release:
                 with trio.CancelScope(shield=True):
-                    await link.call(_unlock, held)
+                    await _unlock(session, release)
 
     # -------------------------------------------------------------- new orders
 
-    async def _place(self, new: list[OrderFacts], link: DbLink) -> None:
+    async def _place(
+        self, new: list[OrderFacts], session: DirectLink, locked: set[int]
+    ) -> set[int]:
         """
-        Plan, sign (one worker-thread hop), claim (one durable commit) and
-        send (one ``POST /order`` or ``POST /orders``) a batch of new orders.
+        Plan, sign (on the loop), claim (one statement, one durable commit,
+        locking the rows not in ``locked``) and send (one ``POST /order`` or
+        ``POST /orders``) a batch of new orders. Returns the trigger ids
+        claimed (their rows locked by ``session``).
         """
         slippage = Decimal(str(self.config.max_slippage))
         planned: list[tuple[OrderFacts, OrderPlan]] = []
@@ -648,7 +729,7 @@ class OrderPlacer:
                 refused.append((facts.trigger_id, plan))
             else:
                 planned.append((facts, plan))
-        signed = await trio.to_thread.run_sync(self._sign_all, planned) if planned else []
+        signed = self._sign_all(planned)
         claims = []
         for (facts, plan), order in zip(planned, signed, strict=True):
             if isinstance(order, str):
@@ -657,14 +738,15 @@ class OrderPlacer:
                 body = {k: v for k, v in order.body.items() if k != "owner"}
                 claims.append(_Claim(facts, plan, order.order_id, body))
         if refused:
-            await link.call(lambda conn: conn.executemany(_REFUSE, [(r, t) for t, r in refused]))
+            await session.execute(_REFUSE, [[t for t, _ in refused], [r for _, r in refused]])
             for trigger_id, reason in refused:
                 self._count("refused", trigger_id, reason)
         if not claims:
-            return
+            return set()
         status = "signed" if self.config.enabled else "dry_run"
         cap = Decimal(str(self.config.max_daily_notional))
-        claimed = await link.call(_claim, claims, status, cap, self.member)
+        to_lock = [c.facts.trigger_id for c in claims if c.facts.trigger_id not in locked]
+        claimed = await _claim(session, claims, status, cap, self.member, to_lock)
         sending = []
         for claim in claims:
             written, error = claimed.get(claim.facts.trigger_id, (None, None))
@@ -679,30 +761,38 @@ class OrderPlacer:
                     error or f"{plan.side} {plan.size} @ {plan.price}",
                 )
         if sending:
-            await self._send_batch(sending, link)
+            await self._send_batch(sending, session)
+        return set(claimed)
 
     def _sign_all(self, planned: list[tuple[OrderFacts, OrderPlan]]) -> list[SignedOrder | str]:
-        """Sign each planned order (in a worker thread); a failure is its reason, never the key."""
+        """
+        Sign each planned order on the loop, at once: about 0.6 ms each, and
+        at most ``signer.max_batch`` in a batch (a worker thread would first
+        have to win the GIL back from the busy loop, several ms; letting
+        frames in between signatures delays the whole batch by their work).
+        """
         signed: list[SignedOrder | str] = []
         for facts, plan in planned:
-            assert facts.token_id is not None
-            try:
-                signed.append(
-                    self.signer.sign(
-                        token_id=facts.token_id,
-                        side=plan.side,
-                        price=plan.price,
-                        size=plan.size,
-                        tick=plan.tick,
-                        neg_risk=facts.neg_risk,
-                        order_type=self.config.order_type,
-                    )
-                )
-            except (ValueError, RuntimeError) as exc:  # their messages never hold the key
-                signed.append(f"cannot sign: {exc}"[:300])
+            signed.append(self._sign(facts, plan))
         return signed
 
-    async def _send_batch(self, sending: list[_Claim], link: DbLink) -> None:
+    def _sign(self, facts: OrderFacts, plan: OrderPlan) -> SignedOrder | str:
+        """One signed order, or why it cannot be signed (never the key)."""
+        assert facts.token_id is not None
+        try:
+            return self.signer.sign(
+                token_id=facts.token_id,
+                side=plan.side,
+                price=plan.price,
+                size=plan.size,
+                tick=plan.tick,
+                neg_risk=facts.neg_risk,
+                order_type=self.config.order_type,
+            )
+        except (ValueError, RuntimeError) as exc:  # their messages never hold the key
+            return f"cannot sign: {exc}"[:300]
+
+    async def _send_batch(self, sending: list[_Claim], session: DirectLink) -> None:
         """One request for the batch; settled answers recorded together, the rest retried."""
         now = time.time()
         orders = [(c.body, c.plan.side, c.plan.size) for c in sending]
@@ -711,7 +801,7 @@ class OrderPlacer:
             (c.facts.trigger_id, v, 1) for c, v in zip(sending, verdicts, strict=True) if v.status
         ]
         if settled:
-            await link.call(_record, settled, True)
+            await _record(session, settled, True)
         for claim, verdict in zip(sending, verdicts, strict=True):
             facts = attrs.evolve(
                 claim.facts, status="signed", order_id=claim.order_id, body=claim.body,
@@ -722,21 +812,21 @@ class OrderPlacer:
                 self._told(facts, verdict, claim.plan.side)
             else:
                 await self._send_until_settled(
-                    facts, claim.plan.side, claim.plan.size, link, first=verdict
+                    facts, claim.plan.side, claim.plan.size, session, first=verdict
                 )
 
     # -------------------------------------------------------------- an unconfirmed order
 
-    async def _confirm(self, facts: OrderFacts, link: DbLink) -> None:
+    async def _confirm(self, facts: OrderFacts, session: DirectLink) -> None:
         """A ``signed`` row of an earlier try or life: ask the venue before anything is sent."""
         assert facts.order_id is not None and facts.body is not None
         side, size = self._side_size(facts)
         verdict = await self._ask(facts.order_id, size)
         if verdict is not None:
             self.outcomes["recovered"] += 1
-            await self._settle(facts, verdict, link, sent=0, side=side)
+            await self._settle(facts, verdict, session, sent=0, side=side)
             return
-        await self._send_until_settled(facts, side, size, link)
+        await self._send_until_settled(facts, side, size, session)
 
     @staticmethod
     def _side_size(facts: OrderFacts) -> tuple[Side, Decimal]:
@@ -751,7 +841,7 @@ class OrderPlacer:
         facts: OrderFacts,
         side: Side,
         size: Decimal,
-        link: DbLink,
+        session: DirectLink,
         first: Verdict | None = None,
     ) -> None:
         """
@@ -769,20 +859,20 @@ class OrderPlacer:
             else:
                 verdict, first = first, None
             if verdict.status is not None:
-                await self._settle(facts, verdict, link, sent=1, side=side)
+                await self._settle(facts, verdict, session, sent=1, side=side)
                 return
-            await link.call(_record, [(facts.trigger_id, verdict, 1)], False)
+            await _record(session, [(facts.trigger_id, verdict, 1)], False)
             self.outcomes["retried"] += 1
             self._log_refusal(facts.trigger_id, verdict.error)
             wait = verdict.retry_after if verdict.retry_after is not None else backoff.next_delay()
             if time.time() + wait > deadline:
                 failed = Verdict("failed", error=f"not confirmed: {verdict.error}")
-                await self._settle(facts, failed, link, sent=0, side=side)
+                await self._settle(facts, failed, session, sent=0, side=side)
                 return
             await trio.sleep(wait)
             asked_now = await self._ask(facts.order_id, size)
             if asked_now is not None:
-                await self._settle(facts, asked_now, link, sent=0, side=side)
+                await self._settle(facts, asked_now, session, sent=0, side=side)
                 return
 
     async def _post(self, orders: list[tuple[dict[str, Any], Side, Decimal]]) -> list[Verdict]:
@@ -851,9 +941,9 @@ class OrderPlacer:
             return None
 
     async def _settle(
-        self, facts: OrderFacts, verdict: Verdict, link: DbLink, *, sent: int, side: Side
+        self, facts: OrderFacts, verdict: Verdict, session: DirectLink, *, sent: int, side: Side
     ) -> None:
-        await link.call(_record, [(facts.trigger_id, verdict, sent)], True)
+        await _record(session, [(facts.trigger_id, verdict, sent)], True)
         self._released.add(facts.trigger_id)
         self._told(facts, verdict, side)
 
@@ -868,7 +958,7 @@ class OrderPlacer:
 
     # -------------------------------------------------------------- a resting order
 
-    async def _follow(self, facts: OrderFacts, link: DbLink) -> None:
+    async def _follow(self, facts: OrderFacts, session: DirectLink) -> None:
         if facts.order_id is None or facts.body is None:
             return
         side, size = self._side_size(facts)
@@ -877,9 +967,9 @@ class OrderPlacer:
             return
         if verdict.status == "placed":
             self._resting.add(facts.trigger_id)
-            await link.call(_record, [(facts.trigger_id, verdict, 0)], False)
+            await _record(session, [(facts.trigger_id, verdict, 0)], False)
             return
-        await self._settle(facts, verdict, link, sent=0, side=side)
+        await self._settle(facts, verdict, session, sent=0, side=side)
 
     async def _heartbeat_loop(self) -> None:
         """``POST /v1/heartbeats`` every :data:`HEARTBEAT_INTERVAL` s while an order rests."""
