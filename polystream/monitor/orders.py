@@ -35,10 +35,11 @@ it works on (no other task or daemon touches them):
 A row left ``signed`` (a crash after the claim, an answer lost, the venue
 down), or left ``pending`` (a crash before it; not when older than
 ``execute.retry_window``), is taken up by whichever daemon gets its lock
-(:meth:`OrderPlacer.scan`). For a ``signed`` one, it asks the venue first (``GET /data/order/{id}``) and sends the **stored**
-body again only when the venue does not know the order (never signed anew:
-a new signature is a new order), with backoff (429: ``Retry-After``), until
-``execute.retry_window`` after signing; then the row is ``failed``.
+(:meth:`OrderPlacer.scan`). For a ``signed`` one, it asks the venue first
+(``GET /data/order/{id}``) and sends the **stored** body again only when the
+venue does not know the order (never signed anew: a new signature is a new
+order), with backoff (429: ``Retry-After``), until ``execute.retry_window``
+after signing; then the row is ``failed``.
 Resting orders (``GTC``) are followed (``GET /data/order/{id}``) until filled
 or cancelled, and the CLOB's order heartbeat (``POST /v1/heartbeats``) is
 kept while any rests: if polystream stops, the venue cancels them.
