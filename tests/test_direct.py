@@ -35,14 +35,15 @@ def _backends(dsn: str, name: str) -> int:
 async def test_warm_up_opens_the_connection_before_the_first_statement(db_dsn: str) -> None:
     link = DirectLink(dsn=db_dsn, name="warm-test", stats=Stats())
     try:
-        assert _backends(db_dsn, "polystream-warm-test") == 0
+        assert _backends(db_dsn, "polystream-warm-test") == 0 and not link.connected
         await link.warm_up()
-        assert _backends(db_dsn, "polystream-warm-test") == 1
+        assert _backends(db_dsn, "polystream-warm-test") == 1 and link.connected
         await link.warm_up()  # already open: nothing more
         assert await link.execute("SELECT $1::int + 1", [41]) == [("42",)]
         assert _backends(db_dsn, "polystream-warm-test") == 1
     finally:
         link.close()
+    assert not link.connected
 
 
 async def test_warm_up_against_a_database_that_is_down_is_counted_not_raised() -> None:
@@ -53,7 +54,7 @@ async def test_warm_up_against_a_database_that_is_down_is_counted_not_raised() -
         stats=stats,
     )
     await link.warm_up()
-    assert stats.db_errors == 1 and not stats.db_connected
+    assert stats.db_errors == 1 and not stats.db_connected and not link.connected
     assert stats.last_db_error is not None and "hunter2" not in stats.last_db_error
 
 

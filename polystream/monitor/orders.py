@@ -704,7 +704,7 @@ class OrderPlacer:
         finally:
             release = sorted(held - self._released)
             self._released.difference_update(held)
-            if release:
+            if release and session.connected:  # a closed session holds no lock
                 with trio.CancelScope(shield=True):
                     await _unlock(session, release)
 

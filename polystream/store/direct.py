@@ -91,7 +91,7 @@ class DirectLink:
     _waiter: trio.CancelScope | None = None  # finish() waiting on the socket
 
     async def _connected(self) -> psycopg.Connection[Any]:
-        if self._conn is not None and not self._conn.closed:
+        if self._conn is not None and self.connected:
             return self._conn
         self._prepared.clear()
         conn: psycopg.Connection[Any] = await trio.to_thread.run_sync(
@@ -169,16 +169,21 @@ class DirectLink:
     # ------------------------------------------------------------ send now, read later
 
     @property
+    def connected(self) -> bool:
+        """
+        Whether the connection is open (after a failure or a cancellation it
+        is closed, and what the session held, e.g. advisory locks, is gone).
+        """
+        return self._conn is not None and not self._conn.closed
+
+    @property
     def in_flight(self) -> bool:
         """Whether a :meth:`send_now` statement's answer is still to be read."""
         return self._sent_at is not None
 
     def can_send_now(self, sql: str) -> bool:
         """Whether :meth:`send_now` of ``sql`` would send now (a cheap look, nothing is sent)."""
-        conn = self._conn
-        return (
-            conn is not None and not conn.closed and sql in self._prepared and self._busy.value > 0
-        )
+        return self.connected and sql in self._prepared and self._busy.value > 0
 
     def send_now(self, sql: str, params: Sequence[Any]) -> bool:
         """
