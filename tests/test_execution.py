@@ -10,6 +10,7 @@ refuses; a refusal is recorded with its reason.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -432,6 +433,26 @@ async def test_a_resting_order_is_followed_and_kept_alive_by_the_heartbeat(
                 await trio.sleep(0.05)
     assert _rows(db_dsn, "SELECT status FROM positions") == [("closed",)]
     assert fake.counts["heartbeat"] >= 2 and placer.outcomes["heartbeats"] == 2
+
+
+async def test_orders_go_out_no_faster_than_the_order_bucket(
+    autojump_clock: trio.testing.MockClock, account: TradingAccount
+) -> None:
+    """execute.orders_per_second (protocol.md section 9): a burst of 1.5 s, then the rate."""
+    config = ExecuteConfig(mode="clob", orders_per_second=10.0)
+    async with httpx.AsyncClient() as http:
+        placer = OrderPlacer(
+            config=config, link=DbLink(dsn="unused", name="bucket"), http=http,
+            signer=account, stats=Stats(),
+        )  # fmt: skip
+        start = trio.current_time()
+        times = []
+        for _ in range(25):
+            await placer._take_token(1)
+            times.append(trio.current_time() - start)
+    assert times[:15] == [0.0] * 15  # the burst: capacity 1.5 s of the rate
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(times[15:])]
+    assert times[15] == pytest.approx(0.1) and gaps == [0.1] * 9
 
 
 # ------------------------------------------------------------------ planning, config
