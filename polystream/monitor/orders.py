@@ -51,6 +51,7 @@ https://docs.polymarket.com/api-reference/rate-limits.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -455,6 +456,19 @@ async def _unlock(session: DirectLink, trigger_ids: list[int]) -> None:
         await session.execute(_UNLOCK, [ORDER_LOCK, trigger_ids])
 
 
+async def _warm_up(session: DirectLink, member: str) -> None:
+    """
+    Run each statement of an order once on ``session``, on no row (trigger id
+    -1), so that the first real order does not pay for the new session's
+    first look at the tables and the claim function's compilation.
+    """
+    await session.execute(_LOCKED_FACTS, [[], ORDER_LOCK])
+    await session.execute(
+        _CLAIM, [[-1], "signed", [""], ["{}"], ["SELL"], [0], [0], 0, member, ORDER_LOCK, []]
+    )
+    await session.execute(_RECORD, [[-1], [None], [None], [None], [None], [0]])
+
+
 @attrs.frozen
 class _Claim:
     """One signed order to claim: its trigger, plan, id and stored body (no ``owner``)."""
@@ -661,6 +675,8 @@ class OrderPlacer:
         )
         try:
             await session.warm_up(_STATEMENTS)
+            with contextlib.suppress(DatabaseError):  # counted and logged; the first order retries
+                await _warm_up(session, self.member)
             await self._work_with(session)
         finally:
             session.close()
