@@ -160,7 +160,7 @@ async def test_a_crash_after_the_send_places_no_second_order(
 
     async with _placer(db_dsn, fake, account, enabled=True) as placer:  # the restarted daemon
         await placer.scan()
-        await _settled(db_dsn)
+        await _settled(db_dsn, placer)
     assert _rows(db_dsn, "SELECT status, attempts, filled_size FROM triggers") == [
         ("filled", 0, D("10"))
     ]
@@ -201,12 +201,16 @@ def _decide(dsn: str, *, size: str = "10", price: str = "0.70") -> int:
     return trigger_id
 
 
-async def _settled(dsn: str) -> str:
+async def _settled(dsn: str, *placers: OrderPlacer) -> str:
+    """
+    The one trigger's status once settled, and ``placers`` done with it (what
+    they count follows the row's commit: the test must not stop them before).
+    """
     while True:
         ((status,),) = await trio.to_thread.run_sync(
             lambda: _rows(dsn, "SELECT status FROM triggers")
         )
-        if status not in ("pending", "signed"):
+        if status not in ("pending", "signed") and not any(p.pending for p in placers):
             return str(status)
         await trio.sleep(0.02)
 
@@ -223,7 +227,7 @@ async def test_two_placers_on_one_trigger_send_one_order(
         one.submit(trigger_id)
         other.submit(trigger_id)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "placed"
+            assert await _settled(db_dsn, one, other) == "placed"
     assert len(_posts(fake)) == 1
     assert one.outcomes["placed"] + other.outcomes["placed"] == 1
 
@@ -264,7 +268,7 @@ async def test_a_placer_with_the_decisions_facts_and_one_reading_them_send_one_o
         other.submit(trigger_id)
         one.submit(trigger_id, facts)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "placed"
+            assert await _settled(db_dsn, one, other) == "placed"
     assert len(_posts(fake)) == 1
     assert one.outcomes["placed"] + other.outcomes["placed"] == 1
     (post,) = _posts(fake)
@@ -347,7 +351,7 @@ async def test_a_venue_that_is_down_is_retried_then_the_order_placed(
     async with _placer(db_dsn, fake, account, enabled=True) as placer:
         placer.submit(trigger_id)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "filled"
+            assert await _settled(db_dsn, placer) == "filled"
     assert [p.status for p in _posts(fake)] == [503, 429, 200]
     assert _rows(db_dsn, "SELECT attempts, error FROM triggers") == [(3, None)]
     assert placer.outcomes["retried"] == 2 and placer.outcomes["rate_limited"] == 1
@@ -362,7 +366,7 @@ async def test_a_venue_down_past_the_retry_window_fails_the_order_visibly(
     async with _placer(db_dsn, fake, account, enabled=True, retry_window=1.0) as placer:
         placer.submit(trigger_id)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "failed"
+            assert await _settled(db_dsn, placer) == "failed"
     ((attempts, error, position),) = _rows(
         db_dsn,
         "SELECT t.attempts, t.error, p.status FROM triggers t JOIN positions p"
@@ -381,7 +385,7 @@ async def test_a_refusal_of_the_venue_is_recorded_with_its_reason(
     async with _placer(db_dsn, fake, account, enabled=True) as placer:
         placer.submit(trigger_id)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "rejected"
+            assert await _settled(db_dsn, placer) == "rejected"
     ((error,),) = _rows(db_dsn, "SELECT error FROM triggers")
     assert "not enough balance / allowance" in error
     assert placer.outcomes["rejected"] == 1 and len(_posts(fake)) == 1
@@ -394,7 +398,7 @@ async def test_a_dry_run_signs_and_stores_but_sends_nothing(
     async with _placer(db_dsn, fake, account) as placer:  # execute.enabled defaults to false
         placer.submit(trigger_id)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "dry_run"
+            assert await _settled(db_dsn, placer) == "dry_run"
     ((order_id, body, side, size, price),) = _rows(
         db_dsn, "SELECT order_id, order_body, order_side, order_size, order_price FROM triggers"
     )
@@ -410,7 +414,7 @@ async def test_the_daily_cap_refuses_an_order_that_would_pass_it(
     async with _placer(db_dsn, fake, account, enabled=True, max_daily_notional=50.0) as placer:
         placer.submit(trigger_id)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "refused"
+            assert await _settled(db_dsn, placer) == "refused"
     ((error,),) = _rows(db_dsn, "SELECT error FROM triggers")
     assert error.startswith("daily notional cap") and fake.requests == []
 
@@ -423,7 +427,7 @@ async def test_a_resting_order_is_followed_and_kept_alive_by_the_heartbeat(
     async with _placer(db_dsn, fake, account, enabled=True) as placer:
         placer.submit(trigger_id)
         with trio.fail_after(30):
-            assert await _settled(db_dsn) == "placed"
+            assert await _settled(db_dsn, placer) == "placed"
         assert await placer.heartbeat() and await placer.heartbeat()  # chained ids
         ((order_id,),) = _rows(db_dsn, "SELECT order_id FROM triggers")
         fake.match(order_id)  # a counterparty takes the rest
@@ -524,7 +528,9 @@ async def test_replay_clob_port_serves_a_fake_clob_for_the_account_it_writes(
         async with _placer(db_dsn, fake, account, enabled=True) as placer:
             placer.submit(trigger_id)
             with trio.fail_after(30):
-                assert await _settled(db_dsn) == "filled"  # signed, checked and filled there
+                assert (
+                    await _settled(db_dsn, placer) == "filled"
+                )  # signed, checked and filled there
     finally:
         process.terminate()
         process.wait(10)
