@@ -30,7 +30,6 @@ from polystream.store.direct import DirectLink, numbered
 from polystream.timing import Slices
 
 __all__ = [
-    "ORDER_COLUMNS",
     "POLL_INTERVAL",
     "TRIGGERS_CHANNEL",
     "TRIGGER_STATEMENTS",
@@ -107,18 +106,16 @@ LEFT JOIN predictions AS r ON r.id = i.prediction_id
 LEFT JOIN markets AS m ON m.id = r.market_id
 """
 
-ORDER_COLUMNS = ("token_id", "size", "stake", "limit", "tick_size", "neg_risk")
+OrderColumns = tuple[str | None, ...]
 """
 What the decision statements return of each trigger written, after its
 dedupe key, id and NOTIFY, for a closing order (text values, as a
-:class:`~polystream.store.direct.DirectLink` reads them): the token (asset)
-id, the position's size in shares, the prediction's stake in USDC and limit
-price, the market's tick size and neg-risk flag (``t``/``f``); NULL where
-unknown or not that kind's.
+:class:`~polystream.store.direct.DirectLink` reads them): ``(token_id,
+size, stake, limit, tick_size, neg_risk)``: the token (asset) id, the
+position's size in shares, the prediction's stake in USDC and limit price,
+the market's tick size and neg-risk flag (``t``/``f``); None where unknown
+or not that kind's.
 """
-
-OrderColumns = tuple[str | None, ...]
-"""One trigger's :data:`ORDER_COLUMNS` values."""
 
 
 def _columns(decisions: list[Decision], names: list[str]) -> dict[str, list[Any]]:
@@ -205,7 +202,7 @@ class Executor:
     run, decisions are only logged. ``mode = "clob"``: as ``outbox``, and each
     trigger written goes to ``on_written`` (the order placer:
     polystream.monitor.orders) as ``(trigger id, decision, order columns or
-    None)`` (:data:`ORDER_COLUMNS`).
+    None)`` (:data:`OrderColumns`).
 
     With ``link`` (the trigger path's own :class:`DirectLink`, statements
     prepared by its ``warm_up``), a decision goes out without waiting behind
@@ -320,7 +317,7 @@ class Executor:
     ) -> None:
         """
         Count what was written now, and hand each trigger written to
-        ``on_written`` (with its :data:`ORDER_COLUMNS` when the statement's
+        ``on_written`` (with its :data:`OrderColumns` when the statement's
         answer was read here, else None); its ``trigger_written`` lines are the
         executor's task's to write (:meth:`_log_written`), not the router's: a
         burst of a hundred lines is a few milliseconds the next frame would wait.

@@ -12,7 +12,7 @@ it works on (no other task or daemon touches them):
 
 1. **facts**: the decision statement that wrote the trigger returned its
    order's facts (position: token, size in shares; prediction: stake in
-   USDC, limit; market: tick size, neg risk; ``executor.ORDER_COLUMNS``),
+   USDC, limit; market: tick size, neg risk; ``executor.OrderColumns``),
    so a new order reads nothing. A trigger taken up later is locked and
    read in one statement. :func:`plan_order` turns the facts into side,
    size and limit.
@@ -133,7 +133,7 @@ class OrderFacts:
         limit: the prediction's limit price, else None.
         tick: the market's tick size, e.g. ``Decimal("0.01")``, or None when unknown.
         neg_risk: the market is neg-risk (Gamma ``negRisk``).
-        order_id, body, attempts, signed_at: what an earlier claim stored
+        order_id, body, signed_at: what an earlier claim stored
             (``signed_at`` unix seconds).
     """
 
@@ -149,7 +149,6 @@ class OrderFacts:
     neg_risk: bool
     order_id: str | None = None
     body: dict[str, Any] | None = None
-    attempts: int = 0
     signed_at: float | None = None
 
 
@@ -161,11 +160,6 @@ class OrderPlan:
     size: Decimal
     price: Decimal
     tick: Decimal
-
-    @property
-    def notional(self) -> Decimal:
-        """USDC at the limit: ``size * price``."""
-        return self.size * self.price
 
 
 def _round(value: Decimal, tick: Decimal, rounding: str) -> Decimal:
@@ -326,7 +320,7 @@ def judge_order(order: Any, size: Decimal) -> Verdict | None:
 _FACTS_OF_IDS = """
 SELECT ids.id, t.kind, t.status, t.price, coalesce(p.token_id, r.token_id),
        p.size, r.stake_usdc, r.limit_price, m.tick_size, coalesce(m.neg_risk, false),
-       t.order_id, t.order_body, t.attempts, extract(epoch FROM t.signed_at)::float8
+       t.order_id, t.order_body, extract(epoch FROM t.signed_at)::float8
 FROM ids
 LEFT JOIN triggers AS t ON t.id = ids.id
 LEFT JOIN positions AS p ON p.id = t.position_id
@@ -415,14 +409,13 @@ def _decimal(text: str | None) -> Decimal | None:
 def _facts_of(row: tuple[str | None, ...]) -> OrderFacts | None:
     """One row of :data:`_LOCKED_FACTS` (text values); None when the trigger is gone."""
     (tid, kind, status, price, token, size, stake, limit, tick, neg_risk) = row[:10]
-    order_id, body, attempts, signed_at = row[10:]
+    order_id, body, signed_at = row[10:]
     if kind is None or status is None or tid is None:
         return None
     return OrderFacts(
         int(tid), kind, status, _decimal(price), token, _decimal(size), _decimal(stake),
         _decimal(limit), _decimal(tick), neg_risk == "t", order_id,
-        orjson.loads(body) if body else None, int(attempts or 0),
-        float(signed_at) if signed_at else None,
+        orjson.loads(body) if body else None, float(signed_at) if signed_at else None,
     )  # fmt: skip
 
 
@@ -514,13 +507,11 @@ async def _claim(
     return {int(tid or 0): (str(written), error) for tid, written, error in rows}
 
 
-async def _record(
-    session: DirectLink, results: list[tuple[int, Verdict, int]], unlock: bool
-) -> None:
+async def _record(session: DirectLink, results: list[tuple[int, Verdict, int]]) -> None:
     """
     The venue's word on each ``(trigger id, verdict, POSTs made)`` in one
-    statement (a filled order closes its position), then, with ``unlock``,
-    their locks released.
+    statement (a filled order closes its position); the locks stay held
+    until the batch is done (:meth:`OrderPlacer._handle`).
     """
     await session.execute(
         _RECORD,
@@ -533,8 +524,6 @@ async def _record(
             [sent for _, _, sent in results],
         ],
     )
-    if unlock:
-        await _unlock(session, [trigger_id for trigger_id, _, _ in results])
 
 
 # ------------------------------------------------------------------ the placer
@@ -580,7 +569,6 @@ class OrderPlacer:
     _bucket: TokenBucket = attrs.field(init=False)
     _bucket_lock: trio.Lock = attrs.field(factory=trio.Lock)
     _resting: set[int] = attrs.field(factory=set)
-    _released: set[int] = attrs.field(factory=set)  # settled: unlocked with the record
     _heartbeat_id: str = ""
     _refusals: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(1.0))
 
@@ -610,7 +598,7 @@ class OrderPlacer:
         """
         The executor's hand-off (``Executor.on_written``): ``decision`` was
         written as trigger ``trigger_id``, with its order columns as the
-        decision statement returned them (``executor.ORDER_COLUMNS``, text;
+        decision statement returned them (``executor.OrderColumns``, text;
         None when not read there). Queues a TP/SL, or a prediction with
         ``execute.predictions``; other kinds are not ordered.
         """
@@ -702,7 +690,8 @@ class OrderPlacer:
     ) -> None:
         """
         Work on a batch: new orders of known facts are locked by their claim;
-        the others' facts are read (and their rows locked) first.
+        the others' facts are read (and their rows locked) first. Every lock
+        the batch took is released once it is done.
         """
         known = [facts for _, facts in batch if facts is not None]
         unknown = [trigger_id for trigger_id, facts in batch if facts is None]
@@ -711,29 +700,24 @@ class OrderPlacer:
         try:
             new = known + [f for f in found if f.status == "pending"]
             if new:
-                held |= await self._place(new, session, held)
+                await self._place(new, session, held)
             for facts in found:
                 if facts.status == "signed":
                     await self._confirm(facts, session)
                 elif facts.status == "placed":
                     await self._follow(facts, session)
         finally:
-            release = sorted(held - self._released)
-            self._released.difference_update(held)
-            if release and session.connected:  # a closed session holds no lock
+            if held and session.connected:  # a closed session holds no lock
                 with trio.CancelScope(shield=True):
-                    await _unlock(session, release)
+                    await _unlock(session, sorted(held))
 
     # -------------------------------------------------------------- new orders
 
-    async def _place(
-        self, new: list[OrderFacts], session: DirectLink, locked: set[int]
-    ) -> set[int]:
+    async def _place(self, new: list[OrderFacts], session: DirectLink, held: set[int]) -> None:
         """
         Plan, sign (on the loop), claim (one statement, one durable commit,
-        locking the rows not in ``locked``) and send (one ``POST /order`` or
-        ``POST /orders``) a batch of new orders. Returns the trigger ids
-        claimed (their rows locked by ``session``).
+        locking the rows not in ``held``, which then holds them too) and send
+        (one ``POST /order`` or ``POST /orders``) a batch of new orders.
         """
         slippage = Decimal(str(self.config.max_slippage))
         planned: list[tuple[OrderFacts, OrderPlan]] = []
@@ -759,11 +743,12 @@ class OrderPlacer:
             for trigger_id, reason in refused:
                 self._count("refused", trigger_id, reason)
         if not claims:
-            return set()
+            return
         status = "signed" if self.config.enabled else "dry_run"
         cap = Decimal(str(self.config.max_daily_notional))
-        to_lock = [c.facts.trigger_id for c in claims if c.facts.trigger_id not in locked]
+        to_lock = [c.facts.trigger_id for c in claims if c.facts.trigger_id not in held]
         claimed = await _claim(session, claims, status, cap, self.member, to_lock)
+        held.update(claimed)
         sending = []
         for claim in claims:
             written, error = claimed.get(claim.facts.trigger_id, (None, None))
@@ -779,7 +764,6 @@ class OrderPlacer:
                 )
         if sending:
             await self._send_batch(sending, session)
-        return set(claimed)
 
     def _sign_all(self, planned: list[tuple[OrderFacts, OrderPlan]]) -> list[SignedOrder | str]:
         """
@@ -788,10 +772,7 @@ class OrderPlacer:
         have to win the GIL back from the busy loop, several ms; letting
         frames in between signatures delays the whole batch by their work).
         """
-        signed: list[SignedOrder | str] = []
-        for facts, plan in planned:
-            signed.append(self._sign(facts, plan))
-        return signed
+        return [self._sign(facts, plan) for facts, plan in planned]
 
     def _sign(self, facts: OrderFacts, plan: OrderPlan) -> SignedOrder | str:
         """One signed order, or why it cannot be signed (never the key)."""
@@ -818,14 +799,13 @@ class OrderPlacer:
             (c.facts.trigger_id, v, 1) for c, v in zip(sending, verdicts, strict=True) if v.status
         ]
         if settled:
-            await _record(session, settled, True)
+            await _record(session, settled)
         for claim, verdict in zip(sending, verdicts, strict=True):
             facts = attrs.evolve(
                 claim.facts, status="signed", order_id=claim.order_id, body=claim.body,
                 signed_at=now,
             )  # fmt: skip
             if verdict.status is not None:
-                self._released.add(facts.trigger_id)
                 self._told(facts, verdict, claim.plan.side)
             else:
                 await self._send_until_settled(
@@ -878,7 +858,7 @@ class OrderPlacer:
             if verdict.status is not None:
                 await self._settle(facts, verdict, session, sent=1, side=side)
                 return
-            await _record(session, [(facts.trigger_id, verdict, 1)], False)
+            await _record(session, [(facts.trigger_id, verdict, 1)])
             self.outcomes["retried"] += 1
             self._log_refusal(facts.trigger_id, verdict.error)
             wait = verdict.retry_after if verdict.retry_after is not None else backoff.next_delay()
@@ -966,8 +946,7 @@ class OrderPlacer:
     async def _settle(
         self, facts: OrderFacts, verdict: Verdict, session: DirectLink, *, sent: int, side: Side
     ) -> None:
-        await _record(session, [(facts.trigger_id, verdict, sent)], True)
-        self._released.add(facts.trigger_id)
+        await _record(session, [(facts.trigger_id, verdict, sent)])
         self._told(facts, verdict, side)
 
     def _told(self, facts: OrderFacts, verdict: Verdict, side: Side) -> None:
@@ -990,7 +969,7 @@ class OrderPlacer:
             return
         if verdict.status == "placed":
             self._resting.add(facts.trigger_id)
-            await _record(session, [(facts.trigger_id, verdict, 0)], False)
+            await _record(session, [(facts.trigger_id, verdict, 0)])
             return
         await self._settle(facts, verdict, session, sent=0, side=side)
 
